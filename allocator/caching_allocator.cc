@@ -1,0 +1,594 @@
+// The caching allocator: the public face (CachingAllocator) and its machinery
+// (CachingAllocatorImpl). The contract is in caching_allocator.h; the growth strategy in
+// caching_allocator_impl.h; block bookkeeping in shard.h.
+#include "allocator/caching_allocator.h"
+
+#include <algorithm>
+#include <atomic>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "allocator/caching_allocator_impl.h"
+#include "allocator/size_policy.h"
+
+namespace tidepool {
+namespace {
+
+size_t RoundUp(size_t bytes, size_t to) { return (bytes + to - 1) / to * to; }
+size_t RoundDown(size_t bytes, size_t to) { return bytes / to * to; }
+
+std::string HumanBytes(size_t bytes) {
+  if (bytes >= (size_t{1} << 30)) return absl::StrFormat("%.2f GiB", bytes / 1073741824.0);
+  if (bytes >= (size_t{1} << 20)) return absl::StrFormat("%.2f MiB", bytes / 1048576.0);
+  if (bytes >= (size_t{1} << 10)) return absl::StrFormat("%.2f KiB", bytes / 1024.0);
+  return absl::StrFormat("%u B", bytes);
+}
+
+const char* StateName(BlockState state) {
+  switch (state) {
+    case BlockState::kFree:
+      return "free";
+    case BlockState::kAllocated:
+      return "allocated";
+    case BlockState::kAwaitingEvents:
+      return "awaiting_events";
+    case BlockState::kUnmapped:
+      return "unmapped";
+  }
+  return "unknown";
+}
+
+std::atomic<uint64_t> next_allocator_serial{1};
+
+// Per-thread cache of stream id -> shard, so the hot path skips the shard table's lock.
+struct ShardCacheEntry {
+  uint64_t serial = 0;
+  StreamId stream_id = 0;
+  Shard* shard = nullptr;
+};
+constexpr int kShardCacheSize = 4;
+thread_local ShardCacheEntry shard_cache[kShardCacheSize];
+thread_local int shard_cache_next = 0;
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// CachingAllocatorImpl
+
+CachingAllocatorImpl::CachingAllocatorImpl(Device* device, const Config& config,
+                                           size_t total_memory)
+    : device_(device),
+      config_(config),
+      total_memory_(total_memory),
+      granularity_(device->granularity()),
+      serial_(next_allocator_serial.fetch_add(1)) {}
+
+CachingAllocatorImpl::~CachingAllocatorImpl() {
+  // Blocks still live at destruction are the caller's bug; their memory is returned anyway, as
+  // every other allocator does, after the device has finished with it.
+  device_->SynchronizeDevice().IgnoreError();
+  MutexLock growth(&growth_mu_);
+  for (const auto& segment : segments_) {
+    if (!segment->live) continue;
+    if (segment->expandable) {
+      for (size_t i = 0; i < segment->chunks.size(); ++i) {
+        if (segment->chunks[i] == 0) continue;
+        device_->Unmap(segment->base + i * granularity_, granularity_).IgnoreError();
+        device_->ReleasePhysical(segment->chunks[i]).IgnoreError();
+      }
+      device_->ReleaseAddressRange(segment->base, segment->size).IgnoreError();
+    } else {
+      device_->FreeSegment(segment->base, segment->size).IgnoreError();
+    }
+  }
+  MutexLock shards(&shards_mu_);
+  shards_.clear();
+}
+
+absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Stream stream) {
+  absl::StatusOr<StreamId> id = device_->GetStreamId(stream);
+  if (!id.ok()) return id.status();
+  for (const ShardCacheEntry& entry : shard_cache) {
+    if (entry.serial == serial_ && entry.stream_id == *id) return entry.shard;
+  }
+  Shard* shard;
+  {
+    MutexLock lock(&shards_mu_);
+    std::unique_ptr<Shard>& slot = shards_[*id];
+    if (slot == nullptr) {
+      slot = std::make_unique<Shard>(device_, *id, stream, config_.max_split_size);
+    }
+    shard = slot.get();
+  }
+  shard_cache[shard_cache_next] = ShardCacheEntry{serial_, *id, shard};
+  shard_cache_next = (shard_cache_next + 1) % kShardCacheSize;
+  return shard;
+}
+
+std::vector<Shard*> CachingAllocatorImpl::AllShards() {
+  MutexLock lock(&shards_mu_);
+  std::vector<Shard*> shards;
+  shards.reserve(shards_.size());
+  for (const auto& [id, shard] : shards_) shards.push_back(shard.get());
+  std::sort(shards.begin(), shards.end(),
+            [](const Shard* a, const Shard* b) { return a->stream_id < b->stream_id; });
+  return shards;
+}
+
+absl::StatusOr<void*> CachingAllocatorImpl::Allocate(size_t bytes, Stream stream) {
+  absl::StatusOr<size_t> rounded = RoundRequest(bytes);
+  if (!rounded.ok()) return rounded.status();
+  absl::StatusOr<Shard*> found = ShardFor(stream);
+  if (!found.ok()) return found.status();
+  Shard& shard = **found;
+  {
+    MutexLock lock(&shard.mu);
+    if (shard.HasPendingEvents()) {
+      if (absl::Status s = shard.HarvestEvents(/*all=*/false); !s.ok()) return s;
+    }
+    if (Block* block = shard.TakeFreeBlock(*rounded, bytes)) {
+      return reinterpret_cast<void*>(block->address);
+    }
+  }
+  // Slow path: look again under the growth lock (another thread may have freed or grown), then
+  // grow; if the device is full, return the whole cache to it and try once more.
+  MutexLock growth(&growth_mu_);
+  MutexLock lock(&shard.mu);
+  if (absl::Status s = shard.HarvestEvents(/*all=*/true); !s.ok()) return s;
+  if (Block* block = shard.TakeFreeBlock(*rounded, bytes)) {
+    return reinterpret_cast<void*>(block->address);
+  }
+  absl::Status grown = Grow(shard, *rounded);
+  if (absl::IsResourceExhausted(grown)) {
+    ++device_stats_.retries;
+    if (absl::Status released = ReleaseCached(&shard); !released.ok()) return released;
+    grown = Grow(shard, *rounded);
+  }
+  if (!grown.ok()) {
+    if (!absl::IsResourceExhausted(grown)) return grown;
+    ++device_stats_.ooms;
+    return absl::ResourceExhaustedError(OutOfMemoryMessage(bytes, *rounded, shard, grown));
+  }
+  Block* block = shard.TakeFreeBlock(*rounded, bytes);
+  if (block == nullptr) {
+    return absl::InternalError(
+        absl::StrFormat("tidepool: grew for %u bytes but found no block to serve them", *rounded));
+  }
+  return reinterpret_cast<void*>(block->address);
+}
+
+absl::StatusOr<Segment*> CachingAllocatorImpl::SegmentOf(uintptr_t address,
+                                                         const char* operation) const {
+  Segment* segment = page_map_.Lookup(address);
+  if (segment == nullptr) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "tidepool: %s of %#x, which tidepool did not allocate (device %d)", operation, address,
+        device_->ordinal()));
+  }
+  return segment;
+}
+
+absl::Status CachingAllocatorImpl::Free(void* ptr) {
+  uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
+  absl::StatusOr<Segment*> segment = SegmentOf(address, "free");
+  if (!segment.ok()) return segment.status();
+  Shard& shard = *(*segment)->shard;
+  MutexLock lock(&shard.mu);
+  if (!(*segment)->live) return SegmentOf(0, "free").status();
+  Block* block = shard.FindLive(address);
+  if (block == nullptr) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: free of %#x, which is not a live allocation (a double free, or a pointer into "
+        "the middle of a block); nothing was changed",
+        address));
+  }
+  return shard.FreeLive(block);
+}
+
+absl::Status CachingAllocatorImpl::RecordStream(void* ptr, Stream stream) {
+  uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
+  absl::StatusOr<StreamId> id = device_->GetStreamId(stream);
+  if (!id.ok()) return id.status();
+  absl::StatusOr<Segment*> segment = SegmentOf(address, "record_stream");
+  if (!segment.ok()) return segment.status();
+  Shard& shard = *(*segment)->shard;
+  MutexLock lock(&shard.mu);
+  Block* block = (*segment)->live ? shard.FindLive(address) : nullptr;
+  if (block == nullptr) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: record_stream on %#x, which is not a live allocation (freed already?)",
+        address));
+  }
+  if (*id == shard.stream_id) return absl::OkStatus();
+  for (const StreamUse& use : block->uses) {
+    if (use.id == *id) return absl::OkStatus();
+  }
+  block->uses.push_back(StreamUse{stream, *id});
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::EmptyCache() {
+  MutexLock growth(&growth_mu_);
+  return ReleaseCached(nullptr);
+}
+
+absl::StatusOr<size_t> CachingAllocatorImpl::BlockSize(const void* ptr) {
+  uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
+  absl::StatusOr<Segment*> segment = SegmentOf(address, "size query");
+  if (!segment.ok()) return segment.status();
+  Shard& shard = *(*segment)->shard;
+  MutexLock lock(&shard.mu);
+  Block* block = (*segment)->live ? shard.FindLive(address) : nullptr;
+  if (block == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("tidepool: %#x is not a live allocation", address));
+  }
+  return block->size;
+}
+
+// --- Growth ----------------------------------------------------------------------------------
+
+absl::Status CachingAllocatorImpl::Grow(Shard& shard, size_t rounded) {
+  return config_.expandable_segments ? GrowExpandable(shard, rounded) : GrowPlain(shard, rounded);
+}
+
+Segment* CachingAllocatorImpl::NewSegment(Shard& shard, uintptr_t base, size_t size,
+                                          bool expandable, bool small) {
+  auto segment = std::make_unique<Segment>();
+  segment->base = base;
+  segment->size = size;
+  segment->expandable = expandable;
+  segment->small = small;
+  segment->shard = &shard;
+  if (expandable) segment->chunks.assign(size / granularity_, 0);
+  segments_.push_back(std::move(segment));
+  device_stats_.segments.Increase(1);
+  return segments_.back().get();
+}
+
+void CachingAllocatorImpl::RetireSegment(Segment* segment) {
+  page_map_.Unregister(segment->base, segment->size, segment);
+  segment->live = false;
+  device_stats_.segments.Decrease(1);
+}
+
+absl::Status CachingAllocatorImpl::GrowPlain(Shard& shard, size_t rounded) {
+  size_t size = PlainSegmentSize(rounded);
+  absl::StatusOr<uintptr_t> base = device_->AllocateSegment(size);
+  if (!base.ok()) return base.status();
+  if (!PageMap<Segment>::Covers(*base, size)) {
+    device_->FreeSegment(*base, size).IgnoreError();
+    return absl::InternalError(
+        absl::StrFormat("tidepool: device address %#x is outside the page map", *base));
+  }
+  ++device_stats_.device_allocations;
+  device_stats_.reserved_bytes.Increase(static_cast<int64_t>(size));
+  Segment* segment = NewSegment(shard, *base, size, /*expandable=*/false, IsSmall(rounded));
+  shard.AddSegment(segment, BlockState::kFree);
+  page_map_.Register(segment->base, segment->size, segment);
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) {
+  const bool small = IsSmall(rounded);
+  const size_t g = granularity_;
+  // Where to map: an unmapped block, extending the free block just before it if there is one;
+  // the candidate that needs the fewest new bytes wins (the index is ordered, so ties go to the
+  // smaller, then lower, unmapped block: deterministic).
+  Block* target = nullptr;
+  size_t to_map = SIZE_MAX;
+  for (Block* unmapped : shard.unmapped(small)) {
+    Block* before = unmapped->prev;
+    size_t have = before != nullptr && before->state == BlockState::kFree ? before->size : 0;
+    if (have >= rounded || have + unmapped->size < rounded) continue;
+    size_t need = RoundUp(rounded - have, g);
+    if (need > unmapped->size) continue;
+    if (need < to_map) {
+      to_map = need;
+      target = unmapped;
+    }
+  }
+  if (target == nullptr) {
+    size_t reserve = config_.expandable_reserve != 0 ? config_.expandable_reserve
+                                                     : RoundUp(total_memory_, g);
+    if (small) reserve = std::max(g, RoundUp(reserve / 16, g));
+    reserve = std::max(reserve, RoundUp(rounded, g));
+    absl::StatusOr<uintptr_t> base = device_->ReserveAddressRange(reserve);
+    if (!base.ok()) return base.status();
+    if (!PageMap<Segment>::Covers(*base, reserve)) {
+      device_->ReleaseAddressRange(*base, reserve).IgnoreError();
+      return absl::InternalError(
+          absl::StrFormat("tidepool: device address %#x is outside the page map", *base));
+    }
+    Segment* segment = NewSegment(shard, *base, reserve, /*expandable=*/true, small);
+    shard.AddSegment(segment, BlockState::kUnmapped);
+    page_map_.Register(segment->base, segment->size, segment);
+    target = segment->first;
+    to_map = RoundUp(rounded, g);
+  }
+
+  const size_t granules = to_map / g;
+  std::vector<PhysicalHandle> handles;
+  handles.reserve(granules);
+  if (config_.release_free_chunks_on_growth) {
+    absl::Status s = ReclaimFreeGranules(shard, small, granules, target->prev, &handles);
+    if (!s.ok()) return s;
+  }
+  // Fail fast when the device plainly lacks the memory, rather than map thousands of chunks
+  // only to give them back.
+  if (absl::StatusOr<MemoryInfo> info = device_->GetMemoryInfo();
+      info.ok() && (granules - handles.size()) * g > info->free_bytes) {
+    return RejectGrowth(target, /*mapped=*/0, handles,
+                        absl::ResourceExhaustedError(absl::StrFormat(
+                            "the device has %u bytes free", info->free_bytes)));
+  }
+  absl::Status status;
+  while (status.ok() && handles.size() < granules) {
+    absl::StatusOr<PhysicalHandle> handle = device_->CreatePhysical(g);
+    status = handle.status();
+    if (!status.ok()) break;
+    ++device_stats_.device_allocations;
+    device_stats_.reserved_bytes.Increase(static_cast<int64_t>(g));
+    handles.push_back(*handle);
+  }
+  Segment* segment = target->segment;
+  size_t mapped = 0;
+  while (status.ok() && mapped < granules) {
+    uintptr_t address = target->address + mapped * g;
+    status = device_->Map(address, g, handles[mapped]);
+    if (!status.ok()) break;
+    segment->chunks[(address - segment->base) / g] = handles[mapped];
+    ++mapped;
+  }
+  if (!status.ok()) return RejectGrowth(target, mapped, handles, status);
+  shard.MarkMapped(target, to_map);
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::RejectGrowth(const Block* target, size_t mapped,
+                                                const std::vector<PhysicalHandle>& handles,
+                                                absl::Status cause) {
+  // Nothing of a failed growth stays mapped, and every chunk it holds goes back to the device
+  // (the reclaimed ones were free memory anyway).
+  Segment* segment = target->segment;
+  for (size_t i = 0; i < handles.size(); ++i) {
+    if (i < mapped) {
+      uintptr_t address = target->address + i * granularity_;
+      device_->Unmap(address, granularity_).IgnoreError();
+      segment->chunks[(address - segment->base) / granularity_] = 0;
+    }
+    if (device_->ReleasePhysical(handles[i]).ok()) {
+      ++device_stats_.device_frees;
+      device_stats_.reserved_bytes.Decrease(static_cast<int64_t>(granularity_));
+    }
+  }
+  return cause;
+}
+
+absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, bool small, size_t wanted,
+                                                       const Block* keep,
+                                                       std::vector<PhysicalHandle>* handles) {
+  const size_t g = granularity_;
+  struct Candidate {
+    Block* block;
+    uintptr_t begin;
+    uintptr_t end;
+  };
+  std::vector<Candidate> candidates;
+  for (Segment* segment : shard.segments()) {
+    if (!segment->expandable || segment->small != small) continue;
+    for (Block* block = segment->first; block != nullptr; block = block->next) {
+      if (block->state != BlockState::kFree || block == keep) continue;
+      uintptr_t begin = RoundUp(block->address, g);
+      uintptr_t end = RoundDown(block->address + block->size, g);
+      if (end > begin) candidates.push_back(Candidate{block, begin, end});
+    }
+  }
+  if (candidates.empty() || wanted == 0) return absl::OkStatus();
+  // Blocks freed in stream order may still be read or written by work queued on the stream.
+  if (absl::Status s = SynchronizeShard(shard); !s.ok()) return s;
+  // Unmapping never merges free blocks, and the only blocks it merges (unmapped neighbours) are
+  // not candidates, so the candidate pointers stay valid throughout.
+  for (const Candidate& candidate : candidates) {
+    if (handles->size() == wanted) break;
+    size_t take = std::min((candidate.end - candidate.begin) / g, wanted - handles->size());
+    Segment* segment = candidate.block->segment;
+    for (size_t i = 0; i < take; ++i) {
+      uintptr_t address = candidate.begin + i * g;
+      if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;
+      size_t index = (address - segment->base) / g;
+      handles->push_back(segment->chunks[index]);
+      segment->chunks[index] = 0;
+    }
+    shard.MarkUnmapped(candidate.block, candidate.begin, candidate.begin + take * g);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::SynchronizeShard(Shard& shard) {
+  absl::StatusOr<StreamId> id = device_->GetStreamId(shard.stream);
+  if (id.ok() && *id == shard.stream_id) return device_->SynchronizeStream(shard.stream);
+  // The stream is gone and its handle may name another stream now: wait for everything.
+  return device_->SynchronizeDevice();
+}
+
+// --- Returning memory ------------------------------------------------------------------------
+
+absl::Status CachingAllocatorImpl::ReleaseCached(Shard* held) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  for (Shard* shard : AllShards()) {
+    absl::Status s;
+    if (shard == held) {
+      s = ReleaseShardCache(*shard);
+    } else {
+      MutexLock lock(&shard->mu);
+      s = ReleaseShardCache(*shard);
+    }
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard) {
+  if (absl::Status s = shard.WaitForEvents(); !s.ok()) return s;
+  const size_t g = granularity_;
+  bool synchronized = false;
+  auto synchronize_once = [&]() -> absl::Status {
+    if (synchronized) return absl::OkStatus();
+    synchronized = true;
+    return SynchronizeShard(shard);
+  };
+  std::vector<Segment*> segments = shard.segments();  // the loop removes from the original
+  for (Segment* segment : segments) {
+    if (!segment->expandable) {
+      Block* only = segment->first;
+      if (only->next != nullptr || only->state != BlockState::kFree) continue;
+      if (absl::Status s = synchronize_once(); !s.ok()) return s;
+      if (absl::Status s = device_->FreeSegment(segment->base, segment->size); !s.ok()) return s;
+      shard.RemoveSegmentIfIdle(segment);
+      ++device_stats_.device_frees;
+      device_stats_.reserved_bytes.Decrease(static_cast<int64_t>(segment->size));
+      RetireSegment(segment);
+      continue;
+    }
+    // Expandable: unmap and release every whole free granule.
+    std::vector<Block*> free_blocks;
+    for (Block* block = segment->first; block != nullptr; block = block->next) {
+      if (block->state == BlockState::kFree) free_blocks.push_back(block);
+    }
+    for (Block* block : free_blocks) {
+      uintptr_t begin = RoundUp(block->address, g);
+      uintptr_t end = RoundDown(block->address + block->size, g);
+      if (end <= begin) continue;
+      if (absl::Status s = synchronize_once(); !s.ok()) return s;
+      for (uintptr_t address = begin; address < end; address += g) {
+        size_t index = (address - segment->base) / g;
+        if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;
+        if (absl::Status s = device_->ReleasePhysical(segment->chunks[index]); !s.ok()) return s;
+        segment->chunks[index] = 0;
+        ++device_stats_.device_frees;
+        device_stats_.reserved_bytes.Decrease(static_cast<int64_t>(g));
+      }
+      shard.MarkUnmapped(block, begin, end);
+    }
+    Block* first = segment->first;
+    if (first->next == nullptr && first->state == BlockState::kUnmapped) {
+      if (absl::Status s = device_->ReleaseAddressRange(segment->base, segment->size); !s.ok()) {
+        return s;
+      }
+      shard.RemoveSegmentIfIdle(segment);
+      RetireSegment(segment);
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::string CachingAllocatorImpl::OutOfMemoryMessage(size_t bytes, size_t rounded,
+                                                     const Shard& shard,
+                                                     const absl::Status& cause)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  // The caller holds growth_mu_ and `shard`'s mutex; other shards are locked one at a time, as
+  // ReleaseCached does (no other thread waits for a second shard lock while holding one).
+  size_t allocated = 0;
+  for (Shard* other : AllShards()) {
+    if (other == &shard) {
+      allocated += static_cast<size_t>(other->stats().allocated_bytes.current);
+    } else {
+      MutexLock lock(&other->mu);
+      allocated += static_cast<size_t>(other->stats().allocated_bytes.current);
+    }
+  }
+  size_t reserved = static_cast<size_t>(device_stats_.reserved_bytes.current);
+  size_t cached = reserved > allocated ? reserved - allocated : 0;
+  std::string device_free = "unknown";
+  if (absl::StatusOr<MemoryInfo> info = device_->GetMemoryInfo(); info.ok()) {
+    device_free = absl::StrCat(HumanBytes(info->free_bytes), " free of ",
+                               HumanBytes(info->total_bytes));
+  }
+  return absl::StrFormat(
+      "tidepool: out of memory on device %d: tried to allocate %s (%u bytes requested, %u "
+      "rounded) on stream %u. tidepool has %u bytes reserved (%s): %u bytes (%s) in live "
+      "blocks and %u bytes (%s) cached but free, too fragmented for this request or awaiting "
+      "events on other streams. By pool: the default pool holds all %u reserved bytes. The "
+      "device has %s. The device said: %s",
+      device_->ordinal(), HumanBytes(bytes), bytes, rounded, shard.stream_id, reserved,
+      HumanBytes(reserved), allocated, HumanBytes(allocated), cached, HumanBytes(cached),
+      reserved, device_free, cause.message());
+}
+
+// --- Observation -----------------------------------------------------------------------------
+
+AllocatorStats CachingAllocatorImpl::GetStats() {
+  AllocatorStats total;
+  {
+    MutexLock growth(&growth_mu_);
+    total = device_stats_;
+  }
+  for (Shard* shard : AllShards()) {
+    MutexLock lock(&shard->mu);
+    total += shard->stats();
+  }
+  return total;
+}
+
+std::string CachingAllocatorImpl::SnapshotJson() {
+  MutexLock growth(&growth_mu_);
+  std::string json = absl::StrFormat(R"({"device":%d,"granularity":%u,"segments":[)",
+                                     device_->ordinal(), granularity_);
+  bool first_segment = true;
+  for (Shard* shard : AllShards()) {
+    MutexLock lock(&shard->mu);
+    for (const Segment* segment : shard->segments()) {
+      absl::StrAppendFormat(
+          &json, R"(%s{"address":%u,"size":%u,"stream":%u,"expandable":%s,"small":%s,"blocks":[)",
+          first_segment ? "" : ",", segment->base, segment->size, shard->stream_id,
+          segment->expandable ? "true" : "false", segment->small ? "true" : "false");
+      first_segment = false;
+      for (const Block* block = segment->first; block != nullptr; block = block->next) {
+        absl::StrAppendFormat(&json, R"(%s{"address":%u,"size":%u,"requested":%u,"state":"%s"})",
+                              block == segment->first ? "" : ",", block->address, block->size,
+                              block->requested, StateName(block->state));
+      }
+      json += "]}";
+    }
+  }
+  json += "]}";
+  return json;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CachingAllocator
+
+absl::StatusOr<std::unique_ptr<CachingAllocator>> CachingAllocator::Create(Device* device,
+                                                                          const Config& config) {
+  if (device == nullptr) return absl::InvalidArgumentError("tidepool: no device");
+  absl::StatusOr<MemoryInfo> info = device->GetMemoryInfo();
+  if (!info.ok()) return info.status();
+  if (device->granularity() == 0 || (device->granularity() & (device->granularity() - 1)) != 0) {
+    return absl::InternalError("tidepool: device granularity is not a power of two");
+  }
+  return std::unique_ptr<CachingAllocator>(new CachingAllocator(
+      std::make_unique<CachingAllocatorImpl>(device, config, info->total_bytes)));
+}
+
+CachingAllocator::CachingAllocator(std::unique_ptr<CachingAllocatorImpl> impl)
+    : impl_(std::move(impl)) {}
+CachingAllocator::~CachingAllocator() = default;
+
+absl::StatusOr<void*> CachingAllocator::Allocate(size_t bytes, Stream stream) {
+  return impl_->Allocate(bytes, stream);
+}
+absl::Status CachingAllocator::Free(void* ptr) { return impl_->Free(ptr); }
+absl::Status CachingAllocator::RecordStream(void* ptr, Stream stream) {
+  return impl_->RecordStream(ptr, stream);
+}
+absl::Status CachingAllocator::EmptyCache() { return impl_->EmptyCache(); }
+absl::StatusOr<size_t> CachingAllocator::BlockSize(const void* ptr) const {
+  return impl_->BlockSize(ptr);
+}
+AllocatorStats CachingAllocator::GetStats() const { return impl_->GetStats(); }
+std::string CachingAllocator::SnapshotJson() const { return impl_->SnapshotJson(); }
+Device* CachingAllocator::device() const { return impl_->device(); }
+const Config& CachingAllocator::config() const { return impl_->config(); }
+
+}  // namespace tidepool

@@ -1,0 +1,79 @@
+// The caching allocator of one device: the core of tidepool.
+//
+// It grows by taking segments (or physical chunks of an expandable segment) from a `Device`,
+// carves them into blocks for callers, and takes blocks back in stream order without
+// synchronizing.
+//
+// THE STREAM-ORDERING CONTRACT (stated once, here):
+//   * A block belongs to the stream it was allocated on. `Free` makes it reusable at once by later
+//     allocations on that same stream: work the caller queues on the stream after the free runs
+//     after the work queued before it, so no event and no synchronization are needed.
+//   * If the caller used the block on other streams, it must say so with `RecordStream` before
+//     freeing. Then, at `Free`, an event is recorded on each of those streams, and the block is
+//     reusable only once all those events have completed. Completed events are harvested without
+//     blocking.
+//   * Memory is returned to the device (`EmptyCache`, out-of-memory recovery, trimming) only after
+//     the streams that may still use it have been synchronized.
+//   * `Free` takes no stream: a block is always freed on the stream it was allocated on.
+//
+// Concurrency: allocations on different streams take different locks (one shard per stream), and
+// a free finds its shard through a lock-free page map, so threads on their own streams do not
+// contend. One device-wide lock serializes growth, trimming and out-of-memory recovery.
+// Lock order: growth_mu_ before any shard's mutex; a shard's mutex is never held while
+// acquiring growth_mu_.
+#ifndef TIDEPOOL_ALLOCATOR_CACHING_ALLOCATOR_H_
+#define TIDEPOOL_ALLOCATOR_CACHING_ALLOCATOR_H_
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "allocator/config.h"
+#include "allocator/device.h"
+#include "allocator/stats.h"
+
+namespace tidepool {
+
+class CachingAllocatorImpl;
+
+class CachingAllocator {
+ public:
+  // `device` must outlive the allocator.
+  static absl::StatusOr<std::unique_ptr<CachingAllocator>> Create(Device* device,
+                                                                  const Config& config);
+  ~CachingAllocator();
+  CachingAllocator(const CachingAllocator&) = delete;
+  CachingAllocator& operator=(const CachingAllocator&) = delete;
+
+  // Returns a block of at least `bytes` usable on `stream`, 512-byte aligned.
+  // INVALID_ARGUMENT for 0 or a size that overflows when rounded; RESOURCE_EXHAUSTED (with the
+  // breakdown of where memory is) when the device is full even after returning the cache.
+  absl::StatusOr<void*> Allocate(size_t bytes, Stream stream);
+  // Returns a block. INVALID_ARGUMENT for a pointer tidepool does not own; FAILED_PRECONDITION
+  // for a pointer inside tidepool's memory that is not a live block (a double free).
+  absl::Status Free(void* ptr);
+  // Marks a live block as used on `stream` (see the contract above).
+  absl::Status RecordStream(void* ptr, Stream stream);
+  // Returns every whole free segment (and every free mapped chunk) to the device.
+  absl::Status EmptyCache();
+
+  // Size of the live block at ptr (its rounded size), or an error as for Free.
+  absl::StatusOr<size_t> BlockSize(const void* ptr) const;
+
+  AllocatorStats GetStats() const;
+  // Every segment and block as JSON.
+  std::string SnapshotJson() const;
+
+  Device* device() const;
+  const Config& config() const;
+
+ private:
+  explicit CachingAllocator(std::unique_ptr<CachingAllocatorImpl> impl);
+  std::unique_ptr<CachingAllocatorImpl> impl_;
+};
+
+}  // namespace tidepool
+
+#endif  // TIDEPOOL_ALLOCATOR_CACHING_ALLOCATOR_H_

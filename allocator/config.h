@@ -1,0 +1,39 @@
+// Configuration of the caching allocator, read once from TIDEPOOL_CONF.
+//
+// The format is "key:value,key:value". Every key is documented in docs/configuration.md; a key
+// that is not known is an error, never silence, so a typo cannot quietly change behaviour.
+#ifndef TIDEPOOL_ALLOCATOR_CONFIG_H_
+#define TIDEPOOL_ALLOCATOR_CONFIG_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace tidepool {
+
+struct Config {
+  // Grow by mapping physical chunks into one large reserved range per stream (true), or by
+  // taking whole segments from the device (false).
+  bool expandable_segments = true;
+  // Blocks larger than this are never split for a smaller request (bytes; SIZE_MAX = no limit).
+  size_t max_split_size = SIZE_MAX;
+  // Address space reserved for each expandable segment (bytes; 0 = the device's total memory).
+  size_t expandable_reserve = 0;
+  // When growing an expandable segment, first unmap whole free chunks elsewhere in the same
+  // shard (after synchronizing its stream), so that reserved memory tracks live memory.
+  bool release_free_chunks_on_growth = true;
+  // Record every allocate / free to this file in the replay CSV format ("" = off).
+  std::string trace_path;
+
+  // Parses "key:value,..." ("" gives the defaults).
+  static absl::StatusOr<Config> Parse(absl::string_view text);
+  // Parses the TIDEPOOL_CONF environment variable.
+  static absl::StatusOr<Config> FromEnvironment();
+};
+
+}  // namespace tidepool
+
+#endif  // TIDEPOOL_ALLOCATOR_CONFIG_H_

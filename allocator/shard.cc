@@ -1,0 +1,273 @@
+// A shard's block bookkeeping: see shard.h.
+#include "allocator/shard.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "allocator/size_policy.h"
+
+namespace tidepool {
+
+Shard::Shard(Device* device, StreamId stream_id, Stream stream, size_t max_split_size)
+    : stream_id(stream_id), stream(stream), device_(device), max_split_size_(max_split_size) {}
+
+Shard::~Shard() {
+  MutexLock lock(&mu);
+  for (Segment* segment : segments_) {
+    for (Block* block = segment->first; block != nullptr;) {
+      Block* next = block->next;
+      delete block;
+      block = next;
+    }
+    segment->first = nullptr;
+  }
+  for (Block* block : spare_blocks_) delete block;
+  for (PendingFree& pending : pending_) {
+    for (Event event : pending.events) device_->DestroyEvent(event).IgnoreError();
+  }
+  for (Event event : spare_events_) device_->DestroyEvent(event).IgnoreError();
+}
+
+Block* Shard::NewBlock() {
+  if (spare_blocks_.empty()) return new Block;
+  Block* block = spare_blocks_.back();
+  spare_blocks_.pop_back();
+  block->requested = 0;
+  block->prev = block->next = nullptr;
+  block->uses.clear();
+  return block;
+}
+
+void Shard::DeleteBlock(Block* block) { spare_blocks_.push_back(block); }
+
+BlockIndex* Shard::IndexFor(const Block* block) {
+  return block->state == BlockState::kUnmapped ? &unmapped_[block->segment->small]
+                                                : &free_[block->segment->small];
+}
+
+Block* Shard::Merge(Block* left, Block* right) {
+  left->size += right->size;
+  left->next = right->next;
+  if (right->next != nullptr) right->next->prev = left;
+  DeleteBlock(right);
+  return left;
+}
+
+Block* Shard::SplitFront(Block* block, size_t bytes) {
+  Block* tail = NewBlock();
+  tail->address = block->address + bytes;
+  tail->size = block->size - bytes;
+  tail->segment = block->segment;
+  tail->state = block->state;
+  tail->prev = block;
+  tail->next = block->next;
+  if (block->next != nullptr) block->next->prev = tail;
+  block->next = tail;
+  block->size = bytes;
+  return tail;
+}
+
+Block* Shard::TakeFreeBlock(size_t rounded, size_t requested) {
+  BlockIndex& index = free_[IsSmall(rounded)];
+  Block key;
+  key.size = rounded;
+  auto it = index.lower_bound(&key);
+  // The index is ordered by size, so the first candidate is the best fit; if the size policy
+  // refuses it, it refuses every larger block too.
+  if (it == index.end() || !MayServe((*it)->size, rounded, max_split_size_)) return nullptr;
+  Block* block = *it;
+  index.erase(it);
+  if (block->size < max_split_size_ && ShouldSplit(block->size, rounded, block->segment->expandable)) {
+    // The tail's right neighbour cannot be free: it would have been merged into `block`.
+    Block* tail = SplitFront(block, rounded);
+    tail->state = BlockState::kFree;
+    index.insert(tail);
+  }
+  block->state = BlockState::kAllocated;
+  block->requested = requested;
+  live_.emplace(block->address, block);
+  stats_.requested_bytes.Increase(static_cast<int64_t>(requested));
+  stats_.allocated_bytes.Increase(static_cast<int64_t>(block->size));
+  stats_.active_blocks.Increase(1);
+  return block;
+}
+
+Block* Shard::FindLive(uintptr_t address) {
+  auto it = live_.find(address);
+  return it == live_.end() ? nullptr : it->second;
+}
+
+absl::StatusOr<Event> Shard::TakeEvent() {
+  if (!spare_events_.empty()) {
+    Event event = spare_events_.back();
+    spare_events_.pop_back();
+    return event;
+  }
+  return device_->CreateEvent();
+}
+
+absl::Status Shard::FreeLive(Block* block) {
+  live_.erase(block->address);
+  stats_.requested_bytes.Decrease(static_cast<int64_t>(block->requested));
+  stats_.allocated_bytes.Decrease(static_cast<int64_t>(block->size));
+  stats_.active_blocks.Decrease(1);
+  block->requested = 0;
+  if (block->uses.empty()) {
+    MakeFree(block);
+    return absl::OkStatus();
+  }
+  PendingFree pending{block, {}};
+  absl::Status status;
+  for (const StreamUse& use : block->uses) {
+    absl::StatusOr<Event> event = TakeEvent();
+    if (event.ok()) {
+      status = device_->RecordEvent(*event, use.stream);
+      if (status.ok()) {
+        pending.events.push_back(*event);
+        continue;
+      }
+      spare_events_.push_back(*event);
+    } else {
+      status = event.status();
+    }
+    break;
+  }
+  block->uses.clear();
+  if (!status.ok()) {
+    // An event could not be recorded (a stream the block was used on is gone, say). The only
+    // safe answer left is to wait for the whole device before the block can be reused.
+    for (Event event : pending.events) spare_events_.push_back(event);
+    if (absl::Status sync = device_->SynchronizeDevice(); !sync.ok()) {
+      block->state = BlockState::kAwaitingEvents;  // never reused: leaked rather than corrupted
+      return absl::InternalError(absl::StrFormat(
+          "tidepool: block %#x kept out of use: recording its stream events failed (%s) and so "
+          "did synchronizing the device (%s)",
+          block->address, status.message(), sync.message()));
+    }
+    MakeFree(block);
+    return absl::OkStatus();
+  }
+  block->state = BlockState::kAwaitingEvents;
+  pending_.push_back(std::move(pending));
+  return absl::OkStatus();
+}
+
+Block* Shard::MakeFree(Block* block) {
+  block->state = BlockState::kFree;
+  BlockIndex& index = free_[block->segment->small];
+  if (block->prev != nullptr && block->prev->state == BlockState::kFree) {
+    index.erase(block->prev);
+    block = Merge(block->prev, block);
+  }
+  if (block->next != nullptr && block->next->state == BlockState::kFree) {
+    index.erase(block->next);
+    block = Merge(block, block->next);
+  }
+  index.insert(block);
+  return block;
+}
+
+Block* Shard::MarkUnmapped(Block* block, uintptr_t begin, uintptr_t end) {
+  BlockIndex& free_index = free_[block->segment->small];
+  BlockIndex& unmapped_index = unmapped_[block->segment->small];
+  free_index.erase(block);
+  Block* middle = block;
+  if (begin > block->address) {
+    middle = SplitFront(block, begin - block->address);
+    free_index.insert(block);
+  }
+  if (end < middle->address + middle->size) {
+    Block* tail = SplitFront(middle, end - middle->address);
+    free_index.insert(tail);
+  }
+  middle->state = BlockState::kUnmapped;
+  if (middle->prev != nullptr && middle->prev->state == BlockState::kUnmapped) {
+    unmapped_index.erase(middle->prev);
+    middle = Merge(middle->prev, middle);
+  }
+  if (middle->next != nullptr && middle->next->state == BlockState::kUnmapped) {
+    unmapped_index.erase(middle->next);
+    middle = Merge(middle, middle->next);
+  }
+  unmapped_index.insert(middle);
+  return middle;
+}
+
+Block* Shard::MarkMapped(Block* unmapped, size_t bytes) {
+  BlockIndex& unmapped_index = unmapped_[unmapped->segment->small];
+  unmapped_index.erase(unmapped);
+  if (bytes < unmapped->size) {
+    Block* rest = SplitFront(unmapped, bytes);
+    unmapped_index.insert(rest);
+  }
+  return MakeFree(unmapped);
+}
+
+absl::StatusOr<bool> Shard::AllDone(Device* device, const PendingFree& pending) {
+  for (Event event : pending.events) {
+    absl::StatusOr<bool> done = device->QueryEvent(event);
+    if (!done.ok()) return done.status();
+    if (!*done) return false;
+  }
+  return true;
+}
+
+void Shard::FinishPending(PendingFree& pending) {
+  for (Event event : pending.events) spare_events_.push_back(event);
+  MakeFree(pending.block);
+}
+
+absl::Status Shard::HarvestEvents(bool all) {
+  for (auto it = pending_.begin(); it != pending_.end();) {
+    absl::StatusOr<bool> done = AllDone(device_, *it);
+    if (!done.ok()) return done.status();
+    if (*done) {
+      FinishPending(*it);
+      it = pending_.erase(it);
+    } else if (all) {
+      ++it;
+    } else {
+      break;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Shard::WaitForEvents() {
+  for (PendingFree& pending : pending_) {
+    for (Event event : pending.events) {
+      if (absl::Status s = device_->SynchronizeEvent(event); !s.ok()) return s;
+    }
+  }
+  return HarvestEvents(/*all=*/true);
+}
+
+void Shard::AddSegment(Segment* segment, BlockState initial) {
+  Block* block = NewBlock();
+  block->address = segment->base;
+  block->size = segment->size;
+  block->segment = segment;
+  block->state = initial;
+  segment->first = block;
+  segment->shard = this;
+  segments_.push_back(segment);
+  IndexFor(block)->insert(block);
+}
+
+bool Shard::RemoveSegmentIfIdle(Segment* segment) {
+  for (Block* block = segment->first; block != nullptr; block = block->next) {
+    if (block->state != BlockState::kFree && block->state != BlockState::kUnmapped) return false;
+  }
+  for (Block* block = segment->first; block != nullptr;) {
+    Block* next = block->next;
+    IndexFor(block)->erase(block);
+    DeleteBlock(block);
+    block = next;
+  }
+  segment->first = nullptr;
+  segments_.erase(std::find(segments_.begin(), segments_.end(), segment));
+  return true;
+}
+
+}  // namespace tidepool

@@ -1,0 +1,115 @@
+// A shard: the cache of one stream.
+//
+// Each stream that allocates gets its own shard, with its own mutex, segments, best-fit indexes
+// and statistics. A cached allocation or free on one stream therefore takes only that stream's
+// lock, and threads that work on their own streams never contend. Everything a shard does is
+// bookkeeping on blocks it owns: finding the best fit, splitting, coalescing, and harvesting the
+// events of blocks that were used on other streams. Talking to the device about memory (growth,
+// trimming) is the allocator's job (caching_allocator_impl.h), done under its growth lock.
+#ifndef TIDEPOOL_ALLOCATOR_SHARD_H_
+#define TIDEPOOL_ALLOCATOR_SHARD_H_
+
+#include <deque>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "allocator/block.h"
+#include "allocator/device.h"
+#include "allocator/mutex.h"
+#include "allocator/stats.h"
+
+namespace tidepool {
+
+class Shard {
+ public:
+  Shard(Device* device, StreamId stream_id, Stream stream, size_t max_split_size);
+  ~Shard();
+  Shard(const Shard&) = delete;
+  Shard& operator=(const Shard&) = delete;
+
+  // Guards everything below. Lock order: the allocator's growth lock, then this.
+  Mutex mu;
+
+  const StreamId stream_id;
+  // The handle the stream had when the shard was made. Handles are reused after a stream is
+  // destroyed, so it is checked against stream_id before it is synchronized.
+  const Stream stream;
+
+  // Takes the best-fitting free block for `rounded` bytes, splits it if worth it, and returns it
+  // allocated and live; nullptr if no free block fits.
+  Block* TakeFreeBlock(size_t rounded, size_t requested) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // The live block at `address`, or nullptr.
+  Block* FindLive(uintptr_t address) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Frees a live block: at once if it was used on this stream only, else after events recorded
+  // now on each stream it was used on.
+  absl::Status FreeLive(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Turns a block not in any index into a free block, coalesced with free neighbours, and
+  // indexes it. Returns the (possibly merged) block.
+  Block* MakeFree(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Turns the granule-aligned part [begin, end) of free block `block` into an unmapped block,
+  // keeping any head and tail as free blocks. The caller has unmapped it on the device.
+  Block* MarkUnmapped(Block* block, uintptr_t begin, uintptr_t end)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Turns [unmapped->address, + bytes) of an unmapped block into a free block (its head; the
+  // rest stays unmapped). The caller has mapped it on the device. Returns the free block.
+  Block* MarkMapped(Block* unmapped, size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+
+  // Harvests completed events without blocking. `all` scans every pending block; otherwise it
+  // stops at the first one still waiting (cheap enough for every allocation).
+  absl::Status HarvestEvents(bool all) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  bool HasPendingEvents() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return !pending_.empty(); }
+  // Blocks until every pending block's events have completed, then frees those blocks. Only for
+  // paths that may block anyway (out-of-memory recovery, EmptyCache).
+  absl::Status WaitForEvents() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+
+  // Segment bookkeeping.
+  void AddSegment(Segment* segment, BlockState initial) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Removes a segment whose blocks are all free or unmapped from the shard's indexes; returns
+  // false (and changes nothing) if any block is live or awaiting events.
+  bool RemoveSegmentIfIdle(Segment* segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  std::vector<Segment*>& segments() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return segments_; }
+  const BlockIndex& unmapped(bool small) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return unmapped_[small];
+  }
+  const BlockIndex& free_blocks(bool small) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return free_[small];
+  }
+
+  // requested / allocated / active_blocks of this shard.
+  const AllocatorStats& stats() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return stats_; }
+  size_t live_count() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return live_.size(); }
+
+ private:
+  struct PendingFree {
+    Block* block;
+    absl::InlinedVector<Event, 1> events;
+  };
+
+  Block* NewBlock() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  void DeleteBlock(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  BlockIndex* IndexFor(const Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Merges `right` into `left` (adjacent, same state); returns left.
+  Block* Merge(Block* left, Block* right) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Splits `bytes` off the front of `block` (not indexed); returns the new tail block.
+  Block* SplitFront(Block* block, size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  absl::StatusOr<Event> TakeEvent() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  void FinishPending(PendingFree& pending) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  static absl::StatusOr<bool> AllDone(Device* device, const PendingFree& pending);
+
+  Device* const device_;
+  const size_t max_split_size_;
+  BlockIndex free_[2] ABSL_GUARDED_BY(mu);      // [small]
+  BlockIndex unmapped_[2] ABSL_GUARDED_BY(mu);  // [small], expandable segments only
+  std::vector<Segment*> segments_ ABSL_GUARDED_BY(mu);
+  absl::flat_hash_map<uintptr_t, Block*> live_ ABSL_GUARDED_BY(mu);
+  std::deque<PendingFree> pending_ ABSL_GUARDED_BY(mu);
+  std::vector<Event> spare_events_ ABSL_GUARDED_BY(mu);
+  std::vector<Block*> spare_blocks_ ABSL_GUARDED_BY(mu);
+  AllocatorStats stats_ ABSL_GUARDED_BY(mu);
+};
+
+}  // namespace tidepool
+
+#endif  // TIDEPOOL_ALLOCATOR_SHARD_H_

@@ -1,0 +1,67 @@
+// The size policy: how requests are rounded, which requests count as small, how big a new
+// segment is, and when a free block is split.
+//
+// Small requests (up to 1 MiB) and large ones live in different segments, so that a long-lived
+// small block never pins a large segment. The figures follow PyTorch's caching allocator, which
+// they were tuned on; tidepool's own weapon against fragmentation is the expandable segment.
+#ifndef TIDEPOOL_ALLOCATOR_SIZE_POLICY_H_
+#define TIDEPOOL_ALLOCATOR_SIZE_POLICY_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_format.h"
+
+namespace tidepool {
+
+inline constexpr size_t kMinBlockSize = 512;             // alignment and rounding of blocks
+inline constexpr size_t kSmallRequest = size_t{1} << 20;  // requests up to this are small
+inline constexpr size_t kSmallSegment = size_t{2} << 20;  // plain segments for small requests
+inline constexpr size_t kMediumSegment = size_t{20} << 20;  // for requests up to 10 MiB
+inline constexpr size_t kMediumRequest = size_t{10} << 20;
+inline constexpr size_t kLargeRounding = size_t{2} << 20;  // larger segments round to this
+// The largest request accepted: far beyond any device, and safe from overflow when rounded.
+inline constexpr size_t kMaxRequest = size_t{1} << 56;
+
+// Rounds a request to its block size, or explains why it cannot be served.
+inline absl::StatusOr<size_t> RoundRequest(size_t bytes) {
+  if (bytes == 0) return absl::InvalidArgumentError("tidepool: allocation of 0 bytes");
+  if (bytes > kMaxRequest) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "tidepool: allocation of %u bytes is larger than any device (limit %u)", bytes,
+        kMaxRequest));
+  }
+  return (bytes + kMinBlockSize - 1) / kMinBlockSize * kMinBlockSize;
+}
+
+inline bool IsSmall(size_t rounded) { return rounded <= kSmallRequest; }
+
+// The size of a new plain segment for a rounded request.
+inline size_t PlainSegmentSize(size_t rounded) {
+  if (IsSmall(rounded)) return kSmallSegment;
+  if (rounded <= kMediumRequest) return kMediumSegment;
+  return (rounded + kLargeRounding - 1) / kLargeRounding * kLargeRounding;
+}
+
+// Whether serving `rounded` from a free block of `block_size` should split off the remainder.
+// In a plain segment a large block keeps a remainder of up to 1 MiB rather than leave a sliver
+// that only small requests (which live elsewhere) could use. In an expandable segment every
+// remainder is split off: it coalesces with its neighbours when they are freed, and growth can
+// unmap the whole granules it holds.
+inline bool ShouldSplit(size_t block_size, size_t rounded, bool expandable) {
+  size_t remainder = block_size - rounded;
+  return IsSmall(rounded) || expandable ? remainder >= kMinBlockSize
+                                        : remainder > kSmallRequest;
+}
+
+// Whether a free block of `block_size` may serve `rounded` at all: blocks above max_split_size
+// are kept for requests of their own class, so a small request cannot fragment them.
+inline bool MayServe(size_t block_size, size_t rounded, size_t max_split_size) {
+  if (rounded < max_split_size) return block_size < max_split_size;
+  return block_size <= rounded + kMediumSegment;
+}
+
+}  // namespace tidepool
+
+#endif  // TIDEPOOL_ALLOCATOR_SIZE_POLICY_H_

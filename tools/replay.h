@@ -1,0 +1,86 @@
+// Trace replay: drives a CachingAllocator through a recorded workload and measures what it held.
+//
+// This is how tidepool's fragmentation is compared with PyTorch's on the same workload: the
+// traces in traces/ were recorded from PyTorch's allocator on an H200, each with PyTorch's own
+// peak reserved bytes beside it, and replaying one here yields tidepool's peak reserved bytes for
+// the exact same sequence of requests. Replay honours the trace's Stream column (one created
+// stream per distinct trace stream, the trace's 0x0 included), maps each trace pointer to the
+// block tidepool handed out for it, and frees it where the trace frees it. Every call is timed.
+//
+// Used by the `tidepool replay` command (tools/tidepool_main.cc) and by GPU tests.
+#ifndef TIDEPOOL_TOOLS_REPLAY_H_
+#define TIDEPOOL_TOOLS_REPLAY_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "allocator/config.h"
+#include "allocator/device.h"
+#include "allocator/stats.h"
+#include "allocator/trace.h"
+
+namespace tidepool {
+
+// Percentiles of the wall time of one kind of call, in nanoseconds.
+struct LatencySummary {
+  int64_t p50_ns = 0;
+  int64_t p99_ns = 0;
+};
+
+struct ReplayResult {
+  int64_t allocations = 0;
+  int64_t frees = 0;
+  // Distinct streams in the trace (each replayed on a stream of its own).
+  int64_t streams = 0;
+  // The highest total of requested bytes live at once, from the trace alone: the floor that
+  // any allocator's reserved bytes are measured against.
+  int64_t peak_live_bytes = 0;
+  // tidepool's statistics after the last event, before the blocks the trace leaves live are
+  // freed. Its peaks are the run's peaks.
+  AllocatorStats stats;
+  LatencySummary malloc_latency;
+  LatencySummary free_latency;
+
+  // Peak reserved bytes over peak live bytes: 1.0 is the floor, lower is better.
+  double reserved_over_live() const;
+};
+
+// Replays `trace` on `device` with a new CachingAllocator configured by `config`. Afterwards
+// (also after a failure) frees the blocks the trace left live, empties the cache, and destroys
+// the streams it created, so a real device is left as it was found. Fails on the first
+// allocator error, or on a trace that frees a pointer it never allocated or allocates one that
+// is still live, naming the trace line.
+absl::StatusOr<ReplayResult> ReplayTrace(const Trace& trace, Device* device, const Config& config);
+
+// PyTorch's figures for the run a trace was recorded from, read from the JSON files beside it.
+struct PytorchReference {
+  // `torch_reserved_over_trace_peak` from TRACE.json (default settings) and
+  // TRACE.expandable.json (expandable_segments:True); empty when the file or key is missing.
+  std::optional<double> reserved_over_live;
+  std::optional<double> expandable_reserved_over_live;
+};
+
+// The trace's name without folders and without ".csv" / ".csv.gz": "traces/gpt2_train.csv.gz"
+// gives "gpt2_train".
+std::string TraceName(const std::string& trace_path);
+
+// Reads the JSON files beside `trace_path` ("traces/gpt2_train.csv.gz" looks for
+// traces/gpt2_train.json and traces/gpt2_train.expandable.json).
+PytorchReference ReadPytorchReference(const std::string& trace_path);
+
+// One row of the replay table.
+struct ReplayRow {
+  std::string trace_name;
+  ReplayResult result;
+  PytorchReference pytorch;
+};
+
+// The replay table, in markdown.
+std::string FormatReplayTable(const std::vector<ReplayRow>& rows);
+
+}  // namespace tidepool
+
+#endif  // TIDEPOOL_TOOLS_REPLAY_H_

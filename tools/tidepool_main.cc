@@ -1,0 +1,144 @@
+// The `tidepool` command. Its one subcommand so far, `replay`, replays allocation traces through
+// tidepool and prints how much memory it reserved next to what PyTorch reserved for the same
+// workload (see tools/replay.h):
+//
+//   tidepool replay TRACE... [--device=sim|cuda] [--conf=key:value,...]
+//
+// --device: `cuda` replays on GPU 0 (real memory, real driver latencies); `sim` on the simulated
+//   device (no GPU needed; reserved bytes are the same, latencies are tidepool's CPU path alone).
+//   By default: cuda when a GPU is usable, sim otherwise.
+// --conf: the allocator configuration, in TIDEPOOL_CONF's format (docs/configuration.md); when
+//   absent, TIDEPOOL_CONF itself is read.
+//
+// Exits 0 when every trace replayed, 1 with the error on the first that did not, 2 on bad usage.
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
+#include "allocator/config.h"
+#include "allocator/cuda_device.h"
+#include "allocator/device.h"
+#include "allocator/simulated_device.h"
+#include "allocator/trace.h"
+#include "tools/replay.h"
+
+namespace tidepool {
+namespace {
+
+constexpr char kUsage[] =
+    "usage: tidepool replay TRACE... [--device=sim|cuda] [--conf=key:value,...]\n"
+    "  Replays allocation traces (Thread,Time,Action,Pointer,Size,Stream CSV, plain or .gz)\n"
+    "  and prints peak reserved bytes against PyTorch's for the same workload.\n"
+    "  --device  cuda (GPU 0) or sim (simulated); default: cuda when a GPU is usable\n"
+    "  --conf    allocator configuration; default: the TIDEPOOL_CONF environment variable\n";
+
+struct ReplayCommand {
+  std::vector<std::string> trace_paths;
+  // "", "sim" or "cuda"; "" picks cuda when a GPU is usable.
+  std::string device;
+  // Set when --conf was given.
+  bool has_conf = false;
+  std::string conf;
+};
+
+absl::StatusOr<ReplayCommand> ParseReplayArguments(int argc, char** argv) {
+  ReplayCommand command;
+  for (int i = 2; i < argc; ++i) {
+    absl::string_view argument = argv[i];
+    if (absl::ConsumePrefix(&argument, "--device=")) {
+      if (argument != "sim" && argument != "cuda") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--device must be sim or cuda, not \"", argument, "\""));
+      }
+      command.device = std::string(argument);
+    } else if (absl::ConsumePrefix(&argument, "--conf=")) {
+      command.has_conf = true;
+      command.conf = std::string(argument);
+    } else if (absl::StartsWith(argument, "-")) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown option ", argument));
+    } else {
+      command.trace_paths.emplace_back(argument);
+    }
+  }
+  if (command.trace_paths.empty()) return absl::InvalidArgumentError("no trace given");
+  return command;
+}
+
+// The device to replay on, and a line saying which it is.
+absl::StatusOr<std::unique_ptr<Device>> OpenDevice(const std::string& requested,
+                                                   std::string* description) {
+  if (requested != "sim") {
+    absl::StatusOr<std::unique_ptr<CudaDevice>> cuda = CudaDevice::Create(0);
+    if (cuda.ok()) {
+      *description = "cuda (GPU 0)";
+      return std::unique_ptr<Device>(*std::move(cuda));
+    }
+    if (requested == "cuda") return cuda.status();
+    *description = absl::StrCat("sim (no usable GPU: ", cuda.status().message(), ")");
+  } else {
+    *description = "sim";
+  }
+  return std::unique_ptr<Device>(std::make_unique<SimulatedDevice>());
+}
+
+absl::Status RunReplay(const ReplayCommand& command) {
+  absl::StatusOr<Config> config =
+      command.has_conf ? Config::Parse(command.conf) : Config::FromEnvironment();
+  if (!config.ok()) return config.status();
+  std::string device_description;
+  absl::StatusOr<std::unique_ptr<Device>> device = OpenDevice(command.device, &device_description);
+  if (!device.ok()) return device.status();
+  std::printf("device: %s\n", device_description.c_str());
+
+  std::vector<ReplayRow> rows;
+  for (const std::string& path : command.trace_paths) {
+    absl::StatusOr<Trace> trace = ReadTrace(path);
+    if (!trace.ok()) return trace.status();
+    absl::StatusOr<ReplayResult> result = ReplayTrace(*trace, device->get(), *config);
+    if (!result.ok()) {
+      return absl::Status(result.status().code(),
+                          absl::StrCat(path, ": ", result.status().message()));
+    }
+    std::fprintf(stderr, "replayed %s: %lld events on %lld streams\n", path.c_str(),
+                 static_cast<long long>(trace->events.size()),
+                 static_cast<long long>(result->streams));
+    rows.push_back(ReplayRow{TraceName(path), *std::move(result), ReadPytorchReference(path)});
+  }
+  std::printf("\n%s", FormatReplayTable(rows).c_str());
+  return absl::OkStatus();
+}
+
+int Main(int argc, char** argv) {
+  if (argc < 2 || absl::string_view(argv[1]) == "--help" || absl::string_view(argv[1]) == "-h") {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  if (absl::string_view(argv[1]) != "replay") {
+    std::fprintf(stderr, "tidepool: unknown command \"%s\"\n%s", argv[1], kUsage);
+    return 2;
+  }
+  absl::StatusOr<ReplayCommand> command = ParseReplayArguments(argc, argv);
+  if (!command.ok()) {
+    std::fprintf(stderr, "tidepool replay: %s\n%s", std::string(command.status().message()).c_str(),
+                 kUsage);
+    return 2;
+  }
+  absl::Status status = RunReplay(*command);
+  if (!status.ok()) {
+    std::fprintf(stderr, "tidepool replay: %s\n", status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace tidepool
+
+int main(int argc, char** argv) { return tidepool::Main(argc, argv); }
