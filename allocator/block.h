@@ -27,6 +27,7 @@ enum class BlockState : uint8_t {
   kAllocated,       // live: handed to a caller
   kAwaitingEvents,  // freed, but used on other streams whose events have not completed yet
   kUnmapped,        // address space of an expandable segment with no physical memory behind it
+  kQuick,           // free, parked uncoalesced in the shard's quick list for its exact size
 };
 
 // Another stream a live block was used on (RecordStream).

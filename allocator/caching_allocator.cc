@@ -35,6 +35,8 @@ const char* StateName(BlockState state) {
       return "awaiting_events";
     case BlockState::kUnmapped:
       return "unmapped";
+    case BlockState::kQuick:
+      return "free_parked";
   }
   return "unknown";
 }
@@ -370,6 +372,7 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, bool small,
                                                        const Block* keep,
                                                        std::vector<PhysicalHandle>* handles) {
   const size_t g = granularity_;
+  shard.FlushQuick();
   struct Candidate {
     Block* block;
     uintptr_t begin;

@@ -68,7 +68,69 @@ Block* Shard::SplitFront(Block* block, size_t bytes) {
   return tail;
 }
 
+Block* Shard::TakeQuick(size_t rounded) {
+  for (QuickSlot& slot : quick_) {
+    if (slot.rounded == rounded && slot.count > 0) {
+      --quick_count_;
+      return slot.blocks[--slot.count];
+    }
+  }
+  return nullptr;
+}
+
+bool Shard::ParkQuick(Block* block, size_t rounded) {
+  QuickSlot* empty = nullptr;
+  for (QuickSlot& slot : quick_) {
+    if (slot.rounded == rounded) {
+      if (slot.count == QuickSlot::kDepth) return false;
+      slot.blocks[slot.count++] = block;
+      block->state = BlockState::kQuick;
+      ++quick_count_;
+      return true;
+    }
+    if (slot.count == 0 && empty == nullptr) empty = &slot;
+  }
+  if (empty == nullptr) {
+    // Every slot holds another size: give the oldest-chosen one back to the index.
+    empty = &quick_[quick_next_victim_];
+    quick_next_victim_ = (quick_next_victim_ + 1) % kQuickSlots;
+    while (empty->count > 0) {
+      --quick_count_;
+      MakeFree(empty->blocks[--empty->count]);
+    }
+  }
+  empty->rounded = rounded;
+  empty->blocks[empty->count++] = block;
+  block->state = BlockState::kQuick;
+  ++quick_count_;
+  return true;
+}
+
+void Shard::FlushQuick() {
+  if (quick_count_ == 0) return;
+  for (QuickSlot& slot : quick_) {
+    while (slot.count > 0) MakeFree(slot.blocks[--slot.count]);
+  }
+  quick_count_ = 0;
+}
+
+void Shard::Activate(Block* block, size_t requested) {
+  block->state = BlockState::kAllocated;
+  block->requested = requested;
+  live_.emplace(block->address, block);
+  stats_.requested_bytes.Increase(static_cast<int64_t>(requested));
+  stats_.allocated_bytes.Increase(static_cast<int64_t>(block->size));
+  stats_.active_blocks.Increase(1);
+}
+
 Block* Shard::TakeFreeBlock(size_t rounded, size_t requested) {
+  if (quick_count_ > 0) {
+    if (Block* block = TakeQuick(rounded)) {
+      Activate(block, requested);
+      return block;
+    }
+    FlushQuick();
+  }
   BlockIndex& index = free_[IsSmall(rounded)];
   Block key;
   key.size = rounded;
@@ -84,12 +146,7 @@ Block* Shard::TakeFreeBlock(size_t rounded, size_t requested) {
     tail->state = BlockState::kFree;
     index.insert(tail);
   }
-  block->state = BlockState::kAllocated;
-  block->requested = requested;
-  live_.emplace(block->address, block);
-  stats_.requested_bytes.Increase(static_cast<int64_t>(requested));
-  stats_.allocated_bytes.Increase(static_cast<int64_t>(block->size));
-  stats_.active_blocks.Increase(1);
+  Activate(block, requested);
   return block;
 }
 
@@ -112,9 +169,10 @@ absl::Status Shard::FreeLive(Block* block) {
   stats_.requested_bytes.Decrease(static_cast<int64_t>(block->requested));
   stats_.allocated_bytes.Decrease(static_cast<int64_t>(block->size));
   stats_.active_blocks.Decrease(1);
+  size_t rounded = (block->requested + kMinBlockSize - 1) / kMinBlockSize * kMinBlockSize;
   block->requested = 0;
   if (block->uses.empty()) {
-    MakeFree(block);
+    if (!ParkQuick(block, rounded)) MakeFree(block);
     return absl::OkStatus();
   }
   PendingFree pending{block, {}};
@@ -235,6 +293,7 @@ absl::Status Shard::HarvestEvents(bool all) {
 }
 
 absl::Status Shard::WaitForEvents() {
+  FlushQuick();
   for (PendingFree& pending : pending_) {
     for (Event event : pending.events) {
       if (absl::Status s = device_->SynchronizeEvent(event); !s.ok()) return s;
@@ -256,6 +315,7 @@ void Shard::AddSegment(Segment* segment, BlockState initial) {
 }
 
 bool Shard::RemoveSegmentIfIdle(Segment* segment) {
+  FlushQuick();
   for (Block* block = segment->first; block != nullptr; block = block->next) {
     if (block->state != BlockState::kFree && block->state != BlockState::kUnmapped) return false;
   }

@@ -4,7 +4,13 @@
 // and statistics. A cached allocation or free on one stream therefore takes only that stream's
 // lock, and threads that work on their own streams never contend. Everything a shard does is
 // bookkeeping on blocks it owns: finding the best fit, splitting, coalescing, and harvesting the
-// events of blocks that were used on other streams. Talking to the device about memory (growth,
+// events of blocks that were used on other streams.
+//
+// The quick list makes the commonest pattern cheap: a block freed and then asked for again at
+// the same size. A freed block is parked, uncoalesced, in a small per-size LIFO; an allocation of
+// exactly that size takes it back without touching the best-fit index. The first allocation the
+// quick list cannot serve flushes it (coalescing every parked block) before searching, so parking
+// never makes the allocator grow where it would not have. Talking to the device about memory (growth,
 // trimming) is the allocator's job (caching_allocator_impl.h), done under its growth lock.
 #ifndef TIDEPOOL_ALLOCATOR_SHARD_H_
 #define TIDEPOOL_ALLOCATOR_SHARD_H_
@@ -45,6 +51,8 @@ class Shard {
   // Frees a live block: at once if it was used on this stream only, else after events recorded
   // now on each stream it was used on.
   absl::Status FreeLive(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Coalesces every parked block into the best-fit index.
+  void FlushQuick() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Turns a block not in any index into a free block, coalesced with free neighbours, and
   // indexes it. Returns the (possibly merged) block.
   Block* MakeFree(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
@@ -87,6 +95,18 @@ class Shard {
     absl::InlinedVector<Event, 1> events;
   };
 
+  // A LIFO of parked blocks that served requests of one rounded size.
+  struct QuickSlot {
+    static constexpr int kDepth = 8;
+    size_t rounded = 0;
+    int count = 0;
+    Block* blocks[kDepth];
+  };
+  static constexpr int kQuickSlots = 8;
+
+  Block* TakeQuick(size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  bool ParkQuick(Block* block, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  void Activate(Block* block, size_t requested) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   Block* NewBlock() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   void DeleteBlock(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   BlockIndex* IndexFor(const Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
@@ -107,6 +127,9 @@ class Shard {
   std::deque<PendingFree> pending_ ABSL_GUARDED_BY(mu);
   std::vector<Event> spare_events_ ABSL_GUARDED_BY(mu);
   std::vector<Block*> spare_blocks_ ABSL_GUARDED_BY(mu);
+  QuickSlot quick_[kQuickSlots] ABSL_GUARDED_BY(mu);
+  int quick_count_ ABSL_GUARDED_BY(mu) = 0;  // blocks parked over all slots
+  int quick_next_victim_ ABSL_GUARDED_BY(mu) = 0;
   AllocatorStats stats_ ABSL_GUARDED_BY(mu);
 };
 
