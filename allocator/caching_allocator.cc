@@ -275,20 +275,30 @@ absl::Status CachingAllocatorImpl::GrowPlain(Shard& shard, size_t rounded) {
 absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) {
   const bool small = IsSmall(rounded);
   const size_t g = granularity_;
-  // Where to map: an unmapped block, extending the free block just before it if there is one;
-  // the candidate that needs the fewest new bytes wins (the index is ordered, so ties go to the
-  // smaller, then lower, unmapped block: deterministic).
+  // Where to map: inside an unmapped block, extending the free block before it, or the one
+  // after it, or bridging both. The placement that needs the fewest new bytes wins; the index
+  // is ordered, so ties go to the smaller, then lower, unmapped block (deterministic).
   Block* target = nullptr;
+  uintptr_t map_at = 0;
   size_t to_map = SIZE_MAX;
+  auto consider = [&](Block* unmapped, size_t have, bool at_end, bool whole) {
+    if (have >= rounded) return;  // a free block that big would have served the request
+    size_t need = whole ? unmapped->size : RoundUp(rounded - have, g);
+    if (need > unmapped->size || need >= to_map) return;
+    to_map = need;
+    target = unmapped;
+    map_at = at_end ? unmapped->address + unmapped->size - need : unmapped->address;
+  };
+  auto free_size = [](const Block* block) {
+    return block != nullptr && block->state == BlockState::kFree ? block->size : 0;
+  };
   for (Block* unmapped : shard.unmapped(small)) {
-    Block* before = unmapped->prev;
-    size_t have = before != nullptr && before->state == BlockState::kFree ? before->size : 0;
-    if (have >= rounded || have + unmapped->size < rounded) continue;
-    size_t need = RoundUp(rounded - have, g);
-    if (need > unmapped->size) continue;
-    if (need < to_map) {
-      to_map = need;
-      target = unmapped;
+    size_t before = free_size(unmapped->prev);
+    size_t after = free_size(unmapped->next);
+    consider(unmapped, before, /*at_end=*/false, /*whole=*/false);
+    consider(unmapped, after, /*at_end=*/true, /*whole=*/false);
+    if (before + unmapped->size + after >= rounded) {
+      consider(unmapped, 0, /*at_end=*/false, /*whole=*/true);
     }
   }
   if (target == nullptr) {
@@ -307,6 +317,7 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
     shard.AddSegment(segment, BlockState::kUnmapped);
     page_map_.Register(segment->base, segment->size, segment);
     target = segment->first;
+    map_at = target->address;
     to_map = RoundUp(rounded, g);
   }
 
@@ -314,14 +325,14 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
   std::vector<PhysicalHandle> handles;
   handles.reserve(granules);
   if (config_.release_free_chunks_on_growth) {
-    absl::Status s = ReclaimFreeGranules(shard, small, granules, target->prev, &handles);
+    absl::Status s = ReclaimAcrossShards(shard, granules, target, &handles);
     if (!s.ok()) return s;
   }
   // Fail fast when the device plainly lacks the memory, rather than map thousands of chunks
   // only to give them back.
   if (absl::StatusOr<MemoryInfo> info = device_->GetMemoryInfo();
       info.ok() && (granules - handles.size()) * g > info->free_bytes) {
-    return RejectGrowth(target, /*mapped=*/0, handles,
+    return RejectGrowth(target, map_at, /*mapped=*/0, handles,
                         absl::ResourceExhaustedError(absl::StrFormat(
                             "the device has %u bytes free", info->free_bytes)));
   }
@@ -337,18 +348,19 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
   Segment* segment = target->segment;
   size_t mapped = 0;
   while (status.ok() && mapped < granules) {
-    uintptr_t address = target->address + mapped * g;
+    uintptr_t address = map_at + mapped * g;
     status = device_->Map(address, g, handles[mapped]);
     if (!status.ok()) break;
     segment->chunks[(address - segment->base) / g] = handles[mapped];
     ++mapped;
   }
-  if (!status.ok()) return RejectGrowth(target, mapped, handles, status);
-  shard.MarkMapped(target, to_map);
+  if (!status.ok()) return RejectGrowth(target, map_at, mapped, handles, status);
+  shard.MarkMapped(target, map_at, to_map);
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::RejectGrowth(const Block* target, size_t mapped,
+absl::Status CachingAllocatorImpl::RejectGrowth(const Block* target, uintptr_t map_at,
+                                                size_t mapped,
                                                 const std::vector<PhysicalHandle>& handles,
                                                 absl::Status cause) {
   // Nothing of a failed growth stays mapped, and every chunk it holds goes back to the device
@@ -356,7 +368,7 @@ absl::Status CachingAllocatorImpl::RejectGrowth(const Block* target, size_t mapp
   Segment* segment = target->segment;
   for (size_t i = 0; i < handles.size(); ++i) {
     if (i < mapped) {
-      uintptr_t address = target->address + i * granularity_;
+      uintptr_t address = map_at + i * granularity_;
       device_->Unmap(address, granularity_).IgnoreError();
       segment->chunks[(address - segment->base) / granularity_] = 0;
     }
@@ -368,7 +380,23 @@ absl::Status CachingAllocatorImpl::RejectGrowth(const Block* target, size_t mapp
   return cause;
 }
 
-absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, bool small, size_t wanted,
+absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t wanted,
+                                                       const Block* keep,
+                                                       std::vector<PhysicalHandle>* handles)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  // The growing shard first (no other stream to wait for), then the others, each locked in turn
+  // while growth_mu_ is held (see the lock order in caching_allocator_impl.h).
+  if (absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles); !s.ok()) return s;
+  for (Shard* other : AllShards()) {
+    if (handles->size() == wanted) break;
+    if (other == &shard) continue;
+    MutexLock lock(&other->mu);
+    if (absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, handles); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t wanted,
                                                        const Block* keep,
                                                        std::vector<PhysicalHandle>* handles) {
   const size_t g = granularity_;
@@ -380,15 +408,16 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, bool small,
   };
   std::vector<Candidate> candidates;
   for (Segment* segment : shard.segments()) {
-    if (!segment->expandable || segment->small != small) continue;
+    if (!segment->expandable) continue;
     for (Block* block = segment->first; block != nullptr; block = block->next) {
-      if (block->state != BlockState::kFree || block == keep) continue;
+      if (block->state != BlockState::kFree) continue;
+      if (keep != nullptr && (block == keep->prev || block == keep->next)) continue;
       uintptr_t begin = RoundUp(block->address, g);
       uintptr_t end = RoundDown(block->address + block->size, g);
       if (end > begin) candidates.push_back(Candidate{block, begin, end});
     }
   }
-  if (candidates.empty() || wanted == 0) return absl::OkStatus();
+  if (candidates.empty() || handles->size() >= wanted) return absl::OkStatus();
   // Blocks freed in stream order may still be read or written by work queued on the stream.
   if (absl::Status s = SynchronizeShard(shard); !s.ok()) return s;
   // Unmapping never merges free blocks, and the only blocks it merges (unmapped neighbours) are

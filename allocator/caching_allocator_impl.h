@@ -59,14 +59,21 @@ class CachingAllocatorImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   absl::Status GrowExpandable(Shard& shard, size_t rounded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
-  // Unmaps up to `wanted` whole free granules of the shard's expandable segments of one size
-  // class (never inside `keep`), appending their physical handles to `handles`.
-  absl::Status ReclaimFreeGranules(Shard& shard, bool small, size_t wanted, const Block* keep,
+  // Unmaps whole free granules of the shard's expandable segments (never in the free blocks next
+  // to `keep`, the unmapped block about to be mapped, which growth extends) until
+  // `handles` holds `wanted` physical chunks, appending theirs. Physical chunks are all alike,
+  // so a chunk freed by one stream or size class can be mapped again for any other.
+  absl::Status ReclaimFreeGranules(Shard& shard, size_t wanted, const Block* keep,
                                    std::vector<PhysicalHandle>* handles)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
-  // Undoes a growth that failed after `mapped` of its chunks were mapped at `target`: unmaps
+  // The same over the growing shard, then every other shard.
+  absl::Status ReclaimAcrossShards(Shard& shard, size_t wanted, const Block* keep,
+                                   std::vector<PhysicalHandle>* handles)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
+  // Undoes a growth that failed after `mapped` of its chunks were mapped at `map_at` inside
+  // unmapped block `target`: unmaps
   // them and releases every handle. Returns `cause`.
-  absl::Status RejectGrowth(const Block* target, size_t mapped,
+  absl::Status RejectGrowth(const Block* target, uintptr_t map_at, size_t mapped,
                             const std::vector<PhysicalHandle>& handles, absl::Status cause)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Returns every whole free segment and free mapped granule of every shard to the device.

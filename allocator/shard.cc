@@ -172,7 +172,7 @@ absl::Status Shard::FreeLive(Block* block) {
   size_t rounded = (block->requested + kMinBlockSize - 1) / kMinBlockSize * kMinBlockSize;
   block->requested = 0;
   if (block->uses.empty()) {
-    if (!ParkQuick(block, rounded)) MakeFree(block);
+    if (!IsSmall(rounded) || !ParkQuick(block, rounded)) MakeFree(block);
     return absl::OkStatus();
   }
   PendingFree pending{block, {}};
@@ -252,14 +252,19 @@ Block* Shard::MarkUnmapped(Block* block, uintptr_t begin, uintptr_t end) {
   return middle;
 }
 
-Block* Shard::MarkMapped(Block* unmapped, size_t bytes) {
+Block* Shard::MarkMapped(Block* unmapped, uintptr_t begin, size_t bytes) {
   BlockIndex& unmapped_index = unmapped_[unmapped->segment->small];
   unmapped_index.erase(unmapped);
-  if (bytes < unmapped->size) {
-    Block* rest = SplitFront(unmapped, bytes);
+  Block* mapped = unmapped;
+  if (begin > unmapped->address) {
+    mapped = SplitFront(unmapped, begin - unmapped->address);
+    unmapped_index.insert(unmapped);
+  }
+  if (bytes < mapped->size) {
+    Block* rest = SplitFront(mapped, bytes);
     unmapped_index.insert(rest);
   }
-  return MakeFree(unmapped);
+  return MakeFree(mapped);
 }
 
 absl::StatusOr<bool> Shard::AllDone(Device* device, const PendingFree& pending) {
