@@ -31,6 +31,11 @@ absl::Status Resolve(GetProcAddressFn get_proc_address, const char* name, int ve
   CUdriverProcAddressQueryResult found = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
   CUresult result =
       get_proc_address(name, &address, version, CU_GET_PROC_ADDRESS_DEFAULT, &found);
+  if (result == CUDA_ERROR_STUB_LIBRARY) {
+    return absl::UnavailableError(
+        "CUDA driver: the library loaded is the CUDA toolkit's stub (lib64/stubs/libcuda.so), "
+        "not the NVIDIA driver's libcuda.so.1");
+  }
   if (result != CUDA_SUCCESS || found != CU_GET_PROC_ADDRESS_SUCCESS || address == nullptr) {
     return absl::UnavailableError(absl::StrFormat(
         "CUDA driver: cuGetProcAddress(\"%s\", version %d) found nothing (CUresult %d, query "
@@ -158,8 +163,9 @@ absl::StatusOr<const CudaDriver*> CudaDriver::Load() {
   void* handle = dlopen(library, RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr) {
     const char* why = dlerror();
+    // dlerror's text names the file already.
     return absl::UnavailableError(absl::StrCat(
-        "CUDA driver: cannot load ", library, ": ", why != nullptr ? why : "unknown error",
+        "CUDA driver: ", why != nullptr ? why : absl::StrCat("cannot load ", library),
         " (is the NVIDIA driver installed? TIDEPOOL_LIBCUDA names another driver library)"));
   }
   // The library stays open even when a step below fails: cuInit may have started the driver's

@@ -44,7 +44,8 @@ enum class TraceAction {
 
 // One row of a trace.
 struct TraceEvent {
-  // The thread that made the call, as the recorder numbered it.
+  // The thread that made the call, as the recorder named it (a small index, or a system thread
+  // id in RMM's logs).
   uint64_t thread = 0;
   // Microseconds since the first event of the trace.
   int64_t time_us = 0;

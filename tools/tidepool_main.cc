@@ -96,6 +96,7 @@ absl::Status RunReplay(const ReplayCommand& command) {
   absl::StatusOr<std::unique_ptr<Device>> device = OpenDevice(command.device, &device_description);
   if (!device.ok()) return device.status();
   std::printf("device: %s\n", device_description.c_str());
+  std::fflush(stdout);  // before the progress lines on stderr
 
   std::vector<ReplayRow> rows;
   for (const std::string& path : command.trace_paths) {

@@ -1,0 +1,222 @@
+// The allocator benchmark: tidepool's cached malloc + free pair against the CUDA anchors, in one
+// binary and one run so that the figures share a machine, a driver and a moment.
+//
+//   allocator_bench [--device=sim|cuda] [--quick]
+//
+// Measured (bench/pair_benchmark.h has the loops and the tables):
+//   * tidepool: a CachingAllocator (configured by TIDEPOOL_CONF) on the chosen device;
+//   * on cuda only, the anchors: cudaMalloc + cudaFree (cuMemAlloc / cuMemFree) and
+//     cudaMallocAsync + cudaFreeAsync (cuMemAllocAsync / cuMemFreeAsync on the device's default
+//     memory pool, its release threshold at UINT64_MAX so that freed memory stays cached).
+// The PyTorch anchor needs PyTorch and is measured by bench/pytorch_anchor.cc on the GPU host.
+//
+// --device: cuda (GPU 0) or sim (the simulated device: tidepool's CPU path alone, no anchors);
+//   by default cuda when a GPU is usable. --quick: fewer repetitions, for a smoke run.
+#include <cuda.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "allocator/caching_allocator.h"
+#include "allocator/config.h"
+#include "allocator/cuda_device.h"
+#include "allocator/cuda_driver.h"
+#include "allocator/device.h"
+#include "allocator/simulated_device.h"
+#include "bench/pair_benchmark.h"
+
+namespace tidepool {
+namespace {
+
+using bench::Effort;
+using bench::Fail;
+
+void CheckOk(const absl::Status& status) {
+  if (!status.ok()) Fail(status.ToString());
+}
+
+// Streams for every allocator measured here come from the device under test.
+class DeviceStreams : public bench::PairAllocator {
+ public:
+  explicit DeviceStreams(Device* device) : device_(device) {}
+
+  void* CreateStream() override {
+    absl::StatusOr<Stream> stream = device_->CreateStream();
+    CheckOk(stream.status());
+    return *stream;
+  }
+  void SynchronizeStream(void* stream) override { CheckOk(device_->SynchronizeStream(stream)); }
+  void DestroyStream(void* stream) override { CheckOk(device_->DestroyStream(stream)); }
+
+ protected:
+  Device* const device_;
+};
+
+class TidepoolPairs : public DeviceStreams {
+ public:
+  TidepoolPairs(Device* device, std::unique_ptr<CachingAllocator> allocator)
+      : DeviceStreams(device), allocator_(std::move(allocator)) {}
+  // Leaves the device as it was found.
+  ~TidepoolPairs() override { CheckOk(allocator_->EmptyCache()); }
+
+  std::string name() const override { return "tidepool"; }
+  bool stream_ordered() const override { return true; }
+  Effort effort(bool quick) const override { return bench::FastAllocatorEffort(quick); }
+  void* Allocate(size_t bytes, void* stream) override {
+    absl::StatusOr<void*> block = allocator_->Allocate(bytes, stream);
+    CheckOk(block.status());
+    return *block;
+  }
+  void Free(void* ptr, void*) override { CheckOk(allocator_->Free(ptr)); }
+
+ private:
+  const std::unique_ptr<CachingAllocator> allocator_;
+};
+
+// The anchors call the driver directly from the benchmark's threads, which need the device's
+// context current (CudaDevice's own methods see to that themselves).
+class CudaAnchor : public DeviceStreams {
+ public:
+  explicit CudaAnchor(CudaDevice* device) : DeviceStreams(device), cuda_(device) {}
+  void PrepareThread() override { CheckOk(cuda_->MakeCurrent()); }
+
+ protected:
+  void Check(CUresult result, absl::string_view what) const {
+    if (result != CUDA_SUCCESS) CheckOk(cuda_->driver().Check(result, what));
+  }
+  const CudaDriver& driver() const { return cuda_->driver(); }
+
+ private:
+  CudaDevice* const cuda_;
+};
+
+class CudaMallocPairs : public CudaAnchor {
+ public:
+  using CudaAnchor::CudaAnchor;
+  std::string name() const override { return "cudaMalloc + cudaFree"; }
+  bool stream_ordered() const override { return false; }
+  Effort effort(bool quick) const override { return bench::SlowAllocatorEffort(quick); }
+  void* Allocate(size_t bytes, void*) override {
+    CUdeviceptr address = 0;
+    Check(driver().cuMemAlloc(&address, bytes), "cuMemAlloc");
+    return reinterpret_cast<void*>(address);
+  }
+  void Free(void* ptr, void*) override {
+    Check(driver().cuMemFree(reinterpret_cast<CUdeviceptr>(ptr)), "cuMemFree");
+  }
+};
+
+class CudaMallocAsyncPairs : public CudaAnchor {
+ public:
+  using CudaAnchor::CudaAnchor;
+  // Keeps every freed byte in the default pool, as PyTorch's cudaMallocAsync backend and RMM's
+  // cuda_async_memory_resource do; with the default threshold of 0 the pool would return memory
+  // to the device at every synchronization and the anchor would measure the driver instead.
+  void KeepFreedMemoryCached(int ordinal) {
+    CUdevice device = 0;
+    Check(driver().cuDeviceGet(&device, ordinal), "cuDeviceGet");
+    CUmemoryPool pool = nullptr;
+    Check(driver().cuDeviceGetDefaultMemPool(&pool, device), "cuDeviceGetDefaultMemPool");
+    cuuint64_t release_threshold = UINT64_MAX;
+    Check(driver().cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                                         &release_threshold),
+          "cuMemPoolSetAttribute(CU_MEMPOOL_ATTR_RELEASE_THRESHOLD)");
+  }
+
+  std::string name() const override { return "cudaMallocAsync + cudaFreeAsync"; }
+  bool stream_ordered() const override { return true; }
+  Effort effort(bool quick) const override { return bench::FastAllocatorEffort(quick); }
+  void* Allocate(size_t bytes, void* stream) override {
+    CUdeviceptr address = 0;
+    Check(driver().cuMemAllocAsync(&address, bytes, static_cast<CUstream>(stream)),
+          "cuMemAllocAsync");
+    return reinterpret_cast<void*>(address);
+  }
+  void Free(void* ptr, void* stream) override {
+    Check(driver().cuMemFreeAsync(reinterpret_cast<CUdeviceptr>(ptr),
+                                  static_cast<CUstream>(stream)),
+          "cuMemFreeAsync");
+  }
+};
+
+struct Flags {
+  std::string device;  // "", "sim" or "cuda"; "" picks cuda when a GPU is usable
+  bool quick = false;
+};
+
+Flags ParseFlags(int argc, char** argv) {
+  constexpr char kUsage[] = "usage: allocator_bench [--device=sim|cuda] [--quick]";
+  Flags flags;
+  for (int i = 1; i < argc; ++i) {
+    const absl::string_view argument = argv[i];
+    if (argument == "--device=sim" || argument == "--device=cuda") {
+      flags.device = std::string(argument.substr(argument.find('=') + 1));
+    } else if (argument == "--quick") {
+      flags.quick = true;
+    } else {
+      Fail(absl::StrCat("unknown argument \"", argument, "\"\n", kUsage));
+    }
+  }
+  return flags;
+}
+
+int Main(int argc, char** argv) {
+  const Flags flags = ParseFlags(argc, argv);
+  absl::StatusOr<Config> config = Config::FromEnvironment();
+  CheckOk(config.status());
+
+  std::unique_ptr<CudaDevice> cuda;
+  std::unique_ptr<SimulatedDevice> simulated;
+  std::string device_description;
+  if (flags.device != "sim") {
+    absl::StatusOr<std::unique_ptr<CudaDevice>> created = CudaDevice::Create(0);
+    if (created.ok()) {
+      cuda = *std::move(created);
+      device_description = "cuda (GPU 0)";
+    } else if (flags.device == "cuda") {
+      Fail(created.status().ToString());
+    } else {
+      device_description =
+          absl::StrCat("sim (no usable GPU: ", created.status().message(), ")");
+    }
+  }
+  if (cuda == nullptr) {
+    simulated = std::make_unique<SimulatedDevice>();
+    if (device_description.empty()) device_description = "sim";
+  }
+  Device* device = cuda != nullptr ? static_cast<Device*>(cuda.get()) : simulated.get();
+
+  std::printf("# tidepool allocator benchmark\n\ndevice: %s%s\n\n", device_description.c_str(),
+              flags.quick ? ", --quick" : "");
+  absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
+      CachingAllocator::Create(device, *config);
+  CheckOk(allocator.status());
+  TidepoolPairs tidepool(device, *std::move(allocator));
+  std::vector<bench::PairAllocator*> measured = {&tidepool};
+
+  std::unique_ptr<CudaMallocPairs> cuda_malloc;
+  std::unique_ptr<CudaMallocAsyncPairs> cuda_malloc_async;
+  if (cuda != nullptr) {
+    cuda_malloc = std::make_unique<CudaMallocPairs>(cuda.get());
+    cuda_malloc_async = std::make_unique<CudaMallocAsyncPairs>(cuda.get());
+    cuda_malloc_async->PrepareThread();
+    cuda_malloc_async->KeepFreedMemoryCached(cuda->ordinal());
+    measured.push_back(cuda_malloc.get());
+    measured.push_back(cuda_malloc_async.get());
+  }
+  bench::RunPairBenchmarks(measured, flags.quick);
+  return 0;
+}
+
+}  // namespace
+}  // namespace tidepool
+
+int main(int argc, char** argv) { return tidepool::Main(argc, argv); }
