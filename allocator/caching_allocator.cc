@@ -43,6 +43,10 @@ const char* StateName(BlockState state) {
 
 std::atomic<uint64_t> next_allocator_serial{1};
 
+// Other threads on the same stream can take a freshly grown block before the growing thread
+// does; past this many growths for one request, something is wrong with growth itself.
+constexpr int kMaxGrowthsPerAllocation = 64;
+
 // Per-thread cache of stream id -> shard, so the hot path skips the shard table's lock.
 struct ShardCacheEntry {
   uint64_t serial = 0;
@@ -84,8 +88,12 @@ CachingAllocatorImpl::~CachingAllocatorImpl() {
       device_->FreeSegment(segment->base, segment->size).IgnoreError();
     }
   }
-  MutexLock shards(&shards_mu_);
-  shards_.clear();
+  // Shards are destroyed outside shards_mu_: a shard's mutex is never taken under it.
+  absl::flat_hash_map<StreamId, std::unique_ptr<Shard>> shards;
+  {
+    MutexLock lock(&shards_mu_);
+    shards.swap(shards_);
+  }
 }
 
 absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Stream stream) {
@@ -133,31 +141,37 @@ absl::StatusOr<void*> CachingAllocatorImpl::Allocate(size_t bytes, Stream stream
       return reinterpret_cast<void*>(block->address);
     }
   }
-  // Slow path: look again under the growth lock (another thread may have freed or grown), then
-  // grow; if the device is full, return the whole cache to it and try once more.
+  // Slow path, under the growth lock: look again (another thread may have freed or grown), grow,
+  // and take. Growth locks shards itself, one at a time, so the shard is not held across it; a
+  // thread on the same stream may take the new block first, and then this one grows again. If
+  // the device is full, the whole cache goes back to it and growth is tried once more.
   MutexLock growth(&growth_mu_);
-  MutexLock lock(&shard.mu);
-  if (absl::Status s = shard.HarvestEvents(/*all=*/true); !s.ok()) return s;
-  if (Block* block = shard.TakeFreeBlock(*rounded, bytes)) {
-    return reinterpret_cast<void*>(block->address);
-  }
-  absl::Status grown = Grow(shard, *rounded);
-  if (absl::IsResourceExhausted(grown)) {
-    ++device_stats_.retries;
-    if (absl::Status released = ReleaseCached(&shard); !released.ok()) return released;
-    grown = Grow(shard, *rounded);
-  }
-  if (!grown.ok()) {
+  bool retried = false;
+  for (int growths = 0;; ++growths) {
+    {
+      MutexLock lock(&shard.mu);
+      if (absl::Status s = shard.HarvestEvents(/*all=*/true); !s.ok()) return s;
+      if (Block* block = shard.TakeFreeBlock(*rounded, bytes)) {
+        return reinterpret_cast<void*>(block->address);
+      }
+    }
+    if (growths == kMaxGrowthsPerAllocation) {
+      return absl::InternalError(absl::StrFormat(
+          "tidepool: grew %d times for %u bytes and found no block to serve them", growths,
+          *rounded));
+    }
+    absl::Status grown = Grow(shard, *rounded);
+    if (grown.ok()) continue;
     if (!absl::IsResourceExhausted(grown)) return grown;
+    if (!retried) {
+      retried = true;
+      ++device_stats_.retries;
+      if (absl::Status released = ReleaseCached(); !released.ok()) return released;
+      continue;
+    }
     ++device_stats_.ooms;
     return absl::ResourceExhaustedError(OutOfMemoryMessage(bytes, *rounded, shard, grown));
   }
-  Block* block = shard.TakeFreeBlock(*rounded, bytes);
-  if (block == nullptr) {
-    return absl::InternalError(
-        absl::StrFormat("tidepool: grew for %u bytes but found no block to serve them", *rounded));
-  }
-  return reinterpret_cast<void*>(block->address);
 }
 
 absl::StatusOr<Segment*> CachingAllocatorImpl::SegmentOf(uintptr_t address,
@@ -212,7 +226,7 @@ absl::Status CachingAllocatorImpl::RecordStream(void* ptr, Stream stream) {
 
 absl::Status CachingAllocatorImpl::EmptyCache() {
   MutexLock growth(&growth_mu_);
-  return ReleaseCached(nullptr);
+  return ReleaseCached();
 }
 
 absl::StatusOr<size_t> CachingAllocatorImpl::BlockSize(const void* ptr) {
@@ -267,7 +281,10 @@ absl::Status CachingAllocatorImpl::GrowPlain(Shard& shard, size_t rounded) {
   ++device_stats_.device_allocations;
   device_stats_.reserved_bytes.Increase(static_cast<int64_t>(size));
   Segment* segment = NewSegment(shard, *base, size, /*expandable=*/false, IsSmall(rounded));
-  shard.AddSegment(segment, BlockState::kFree);
+  {
+    MutexLock lock(&shard.mu);
+    shard.AddSegment(segment, BlockState::kFree);
+  }
   page_map_.Register(segment->base, segment->size, segment);
   return absl::OkStatus();
 }
@@ -292,13 +309,16 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
   auto free_size = [](const Block* block) {
     return block != nullptr && block->state == BlockState::kFree ? block->size : 0;
   };
-  for (Block* unmapped : shard.unmapped(small)) {
-    size_t before = free_size(unmapped->prev);
-    size_t after = free_size(unmapped->next);
-    consider(unmapped, before, /*at_end=*/false, /*whole=*/false);
-    consider(unmapped, after, /*at_end=*/true, /*whole=*/false);
-    if (before + unmapped->size + after >= rounded) {
-      consider(unmapped, 0, /*at_end=*/false, /*whole=*/true);
+  {
+    MutexLock lock(&shard.mu);
+    for (Block* unmapped : shard.unmapped(small)) {
+      size_t before = free_size(unmapped->prev);
+      size_t after = free_size(unmapped->next);
+      consider(unmapped, before, /*at_end=*/false, /*whole=*/false);
+      consider(unmapped, after, /*at_end=*/true, /*whole=*/false);
+      if (before + unmapped->size + after >= rounded) {
+        consider(unmapped, 0, /*at_end=*/false, /*whole=*/true);
+      }
     }
   }
   if (target == nullptr) {
@@ -314,6 +334,7 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
           absl::StrFormat("tidepool: device address %#x is outside the page map", *base));
     }
     Segment* segment = NewSegment(shard, *base, reserve, /*expandable=*/true, small);
+    MutexLock lock(&shard.mu);
     shard.AddSegment(segment, BlockState::kUnmapped);
     page_map_.Register(segment->base, segment->size, segment);
     target = segment->first;
@@ -355,6 +376,7 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
     ++mapped;
   }
   if (!status.ok()) return RejectGrowth(target, map_at, mapped, handles, status);
+  MutexLock lock(&shard.mu);
   shard.MarkMapped(target, map_at, to_map);
   return absl::OkStatus();
 }
@@ -382,11 +404,13 @@ absl::Status CachingAllocatorImpl::RejectGrowth(const Block* target, uintptr_t m
 
 absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t wanted,
                                                        const Block* keep,
-                                                       std::vector<PhysicalHandle>* handles)
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  // The growing shard first (no other stream to wait for), then the others, each locked in turn
-  // while growth_mu_ is held (see the lock order in caching_allocator_impl.h).
-  if (absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles); !s.ok()) return s;
+                                                       std::vector<PhysicalHandle>* handles) {
+  // The growing shard first (its own stream's work is the least to wait for), then the others,
+  // each locked alone.
+  {
+    MutexLock lock(&shard.mu);
+    if (absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles); !s.ok()) return s;
+  }
   for (Shard* other : AllShards()) {
     if (handles->size() == wanted) break;
     if (other == &shard) continue;
@@ -447,16 +471,10 @@ absl::Status CachingAllocatorImpl::SynchronizeShard(Shard& shard) {
 
 // --- Returning memory ------------------------------------------------------------------------
 
-absl::Status CachingAllocatorImpl::ReleaseCached(Shard* held) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+absl::Status CachingAllocatorImpl::ReleaseCached() {
   for (Shard* shard : AllShards()) {
-    absl::Status s;
-    if (shard == held) {
-      s = ReleaseShardCache(*shard);
-    } else {
-      MutexLock lock(&shard->mu);
-      s = ReleaseShardCache(*shard);
-    }
-    if (!s.ok()) return s;
+    MutexLock lock(&shard->mu);
+    if (absl::Status s = ReleaseShardCache(*shard); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
@@ -517,18 +535,11 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard) {
 
 std::string CachingAllocatorImpl::OutOfMemoryMessage(size_t bytes, size_t rounded,
                                                      const Shard& shard,
-                                                     const absl::Status& cause)
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  // The caller holds growth_mu_ and `shard`'s mutex; other shards are locked one at a time, as
-  // ReleaseCached does (no other thread waits for a second shard lock while holding one).
+                                                     const absl::Status& cause) {
   size_t allocated = 0;
   for (Shard* other : AllShards()) {
-    if (other == &shard) {
-      allocated += static_cast<size_t>(other->stats().allocated_bytes.current);
-    } else {
-      MutexLock lock(&other->mu);
-      allocated += static_cast<size_t>(other->stats().allocated_bytes.current);
-    }
+    MutexLock lock(&other->mu);
+    allocated += static_cast<size_t>(other->stats().allocated_bytes.current);
   }
   size_t reserved = static_cast<size_t>(device_stats_.reserved_bytes.current);
   size_t cached = reserved > allocated ? reserved - allocated : 0;

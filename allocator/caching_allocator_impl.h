@@ -53,12 +53,11 @@ class CachingAllocatorImpl {
   // by the caller; an error naming the pointer if tidepool does not own it.
   absl::StatusOr<Segment*> SegmentOf(uintptr_t address, const char* operation) const;
 
-  absl::Status Grow(Shard& shard, size_t rounded)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
-  absl::Status GrowPlain(Shard& shard, size_t rounded)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
+  // Adds free memory for `rounded` bytes to the shard. Takes shard locks itself, one at a time.
+  absl::Status Grow(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status GrowPlain(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status GrowExpandable(Shard& shard, size_t rounded)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Unmaps whole free granules of the shard's expandable segments (never in the free blocks next
   // to `keep`, the unmapped block about to be mapped, which growth extends) until
   // `handles` holds `wanted` physical chunks, appending theirs. Physical chunks are all alike,
@@ -66,10 +65,10 @@ class CachingAllocatorImpl {
   absl::Status ReclaimFreeGranules(Shard& shard, size_t wanted, const Block* keep,
                                    std::vector<PhysicalHandle>* handles)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
-  // The same over the growing shard, then every other shard.
+  // The same over the growing shard, then every other shard, each locked alone.
   absl::Status ReclaimAcrossShards(Shard& shard, size_t wanted, const Block* keep,
                                    std::vector<PhysicalHandle>* handles)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Undoes a growth that failed after `mapped` of its chunks were mapped at `map_at` inside
   // unmapped block `target`: unmaps
   // them and releases every handle. Returns `cause`.
@@ -77,8 +76,7 @@ class CachingAllocatorImpl {
                             const std::vector<PhysicalHandle>& handles, absl::Status cause)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Returns every whole free segment and free mapped granule of every shard to the device.
-  // `held` is a shard whose mutex the caller already holds (or nullptr).
-  absl::Status ReleaseCached(Shard* held) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status ReleaseCached() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status ReleaseShardCache(Shard& shard) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // Waits until the shard's stream has finished all queued work.
   absl::Status SynchronizeShard(Shard& shard);
@@ -99,8 +97,10 @@ class CachingAllocatorImpl {
 
   PageMap<Segment> page_map_;  // written under growth_mu_, read without a lock
 
-  // Serializes growth, trimming and out-of-memory recovery. Lock order: growth_mu_, then a
-  // shard's mu, then shards_mu_ (a leaf).
+  // Serializes growth, trimming and out-of-memory recovery. Lock order: growth_mu_, then one
+  // shard's mu (never two at once), then shards_mu_ (a leaf). Unmapped blocks and the
+  // segments' chunk tables change only under growth_mu_, so growth may drop a shard's lock and
+  // take it again without losing its place.
   Mutex growth_mu_;
   AllocatorStats device_stats_ ABSL_GUARDED_BY(growth_mu_);  // reserved, segments, counters
   std::vector<std::unique_ptr<Segment>> segments_ ABSL_GUARDED_BY(growth_mu_);  // incl. retired
