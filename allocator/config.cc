@@ -57,13 +57,11 @@ absl::StatusOr<Config> Config::Parse(absl::string_view text) {
       auto v = ParseMegabytes(key, value);
       if (!v.ok()) return v.status();
       config.expandable_reserve = *v;
-    } else if (key == "trace") {
-      config.trace_path = std::string(value);
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           "TIDEPOOL_CONF: unknown key '", key,
           "' (known: expandable_segments, max_split_size_mb, expandable_reserve_mb, "
-          "release_free_chunks_on_growth, trace; see docs/configuration.md)"));
+          "release_free_chunks_on_growth; see docs/configuration.md)"));
     }
   }
   return config;

@@ -7,7 +7,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -25,8 +24,6 @@ struct Config {
   // When growing an expandable segment, first unmap whole free chunks elsewhere in the same
   // shard (after synchronizing its stream), so that reserved memory tracks live memory.
   bool release_free_chunks_on_growth = true;
-  // Record every allocate / free to this file in the replay CSV format ("" = off).
-  std::string trace_path;
 
   // Parses "key:value,..." ("" gives the defaults).
   static absl::StatusOr<Config> Parse(absl::string_view text);

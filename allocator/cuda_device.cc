@@ -91,9 +91,10 @@ CUresult CudaDevice::RunRelaxed(Call call) const {
   CUresult exchanged = driver_.cuThreadExchangeStreamCaptureMode(&mode);
   if (exchanged != CUDA_SUCCESS) return exchanged;
   CUresult result = call();
-  // `mode` now holds the thread's previous mode.
-  CUresult restored = driver_.cuThreadExchangeStreamCaptureMode(&mode);
-  return result != CUDA_SUCCESS ? result : restored;
+  // `mode` now holds the thread's previous mode. Restoring it fails only when the driver is shutting
+  // down; the call's own result is what the caller must act on (it may hold new memory).
+  driver_.cuThreadExchangeStreamCaptureMode(&mode);
+  return result;
 }
 
 // --- Plain segments ---------------------------------------------------------------------------

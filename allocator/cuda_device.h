@@ -86,7 +86,8 @@ class CudaDevice : public Device {
   CudaDevice(const CudaDriver& driver, int ordinal, CUdevice device, CUcontext context);
 
   // Runs `call` (a driver call returning CUresult) with the calling thread in relaxed capture
-  // mode, then restores the thread's mode; returns the call's result, or the mode switch's error.
+  // mode, then restores the thread's mode; returns the call's result, or the error of switching
+  // to relaxed mode (then `call` did not run).
   template <typename Call>
   CUresult RunRelaxed(Call call) const;
   // The stream handles that name a context's default stream rather than a stream object; the
