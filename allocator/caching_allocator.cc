@@ -107,7 +107,7 @@ absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Stream stream) {
     MutexLock lock(&shards_mu_);
     std::unique_ptr<Shard>& slot = shards_[*id];
     if (slot == nullptr) {
-      slot = std::make_unique<Shard>(device_, *id, stream, config_.max_split_size);
+      slot = std::make_unique<Shard>(device_, *id, config_.max_split_size);
     }
     shard = slot.get();
   }
@@ -405,23 +405,31 @@ absl::Status CachingAllocatorImpl::RejectGrowth(const Block* target, uintptr_t m
 absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t wanted,
                                                        const Block* keep,
                                                        std::vector<PhysicalHandle>* handles) {
-  // The growing shard first (its own stream's work is the least to wait for), then the others,
-  // each locked alone.
+  // The growing shard first, then the others, each locked alone.
+  bool synchronized = false;
   {
     MutexLock lock(&shard.mu);
-    if (absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles); !s.ok()) return s;
+    absl::Status s = ReclaimFreeGranules(shard, wanted, keep, &synchronized, handles);
+    if (!s.ok()) return s;
   }
   for (Shard* other : AllShards()) {
     if (handles->size() == wanted) break;
     if (other == &shard) continue;
     MutexLock lock(&other->mu);
-    if (absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, handles); !s.ok()) return s;
+    absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, &synchronized, handles);
+    if (!s.ok()) return s;
   }
   return absl::OkStatus();
 }
 
+absl::Status CachingAllocatorImpl::SynchronizeOnce(bool* synchronized) {
+  if (*synchronized) return absl::OkStatus();
+  *synchronized = true;
+  return device_->SynchronizeDevice();
+}
+
 absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t wanted,
-                                                       const Block* keep,
+                                                       const Block* keep, bool* synchronized,
                                                        std::vector<PhysicalHandle>* handles) {
   const size_t g = granularity_;
   shard.FlushQuick();
@@ -443,7 +451,7 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
   }
   if (candidates.empty() || handles->size() >= wanted) return absl::OkStatus();
   // Blocks freed in stream order may still be read or written by work queued on the stream.
-  if (absl::Status s = SynchronizeShard(shard); !s.ok()) return s;
+  if (absl::Status s = SynchronizeOnce(synchronized); !s.ok()) return s;
   // Unmapping never merges free blocks, and the only blocks it merges (unmapped neighbours) are
   // not candidates, so the candidate pointers stay valid throughout.
   for (const Candidate& candidate : candidates) {
@@ -462,38 +470,26 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::SynchronizeShard(Shard& shard) {
-  absl::StatusOr<StreamId> id = device_->GetStreamId(shard.stream);
-  if (id.ok() && *id == shard.stream_id) return device_->SynchronizeStream(shard.stream);
-  // The stream is gone and its handle may name another stream now: wait for everything.
-  return device_->SynchronizeDevice();
-}
-
 // --- Returning memory ------------------------------------------------------------------------
 
 absl::Status CachingAllocatorImpl::ReleaseCached() {
+  bool synchronized = false;
   for (Shard* shard : AllShards()) {
     MutexLock lock(&shard->mu);
-    if (absl::Status s = ReleaseShardCache(*shard); !s.ok()) return s;
+    if (absl::Status s = ReleaseShardCache(*shard, &synchronized); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard) {
+absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, bool* synchronized) {
   if (absl::Status s = shard.WaitForEvents(); !s.ok()) return s;
   const size_t g = granularity_;
-  bool synchronized = false;
-  auto synchronize_once = [&]() -> absl::Status {
-    if (synchronized) return absl::OkStatus();
-    synchronized = true;
-    return SynchronizeShard(shard);
-  };
   std::vector<Segment*> segments = shard.segments();  // the loop removes from the original
   for (Segment* segment : segments) {
     if (!segment->expandable) {
       Block* only = segment->first;
       if (only->next != nullptr || only->state != BlockState::kFree) continue;
-      if (absl::Status s = synchronize_once(); !s.ok()) return s;
+      if (absl::Status s = SynchronizeOnce(synchronized); !s.ok()) return s;
       if (absl::Status s = device_->FreeSegment(segment->base, segment->size); !s.ok()) return s;
       shard.RemoveSegmentIfIdle(segment);
       ++device_stats_.device_frees;
@@ -510,7 +506,7 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard) {
       uintptr_t begin = RoundUp(block->address, g);
       uintptr_t end = RoundDown(block->address + block->size, g);
       if (end <= begin) continue;
-      if (absl::Status s = synchronize_once(); !s.ok()) return s;
+      if (absl::Status s = SynchronizeOnce(synchronized); !s.ok()) return s;
       for (uintptr_t address = begin; address < end; address += g) {
         size_t index = (address - segment->base) / g;
         if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;

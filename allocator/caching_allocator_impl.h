@@ -63,7 +63,7 @@ class CachingAllocatorImpl {
   // `handles` holds `wanted` physical chunks, appending theirs. Physical chunks are all alike,
   // so a chunk freed by one stream or size class can be mapped again for any other.
   absl::Status ReclaimFreeGranules(Shard& shard, size_t wanted, const Block* keep,
-                                   std::vector<PhysicalHandle>* handles)
+                                   bool* synchronized, std::vector<PhysicalHandle>* handles)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // The same over the growing shard, then every other shard, each locked alone.
   absl::Status ReclaimAcrossShards(Shard& shard, size_t wanted, const Block* keep,
@@ -77,9 +77,15 @@ class CachingAllocatorImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Returns every whole free segment and free mapped granule of every shard to the device.
   absl::Status ReleaseCached() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  absl::Status ReleaseShardCache(Shard& shard) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
-  // Waits until the shard's stream has finished all queued work.
-  absl::Status SynchronizeShard(Shard& shard);
+  absl::Status ReleaseShardCache(Shard& shard, bool* synchronized)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
+  // Waits for the whole device, once per `*synchronized` flag. Memory freed in stream order may
+  // still be used by queued work, so it is synchronized before it is unmapped or freed. The
+  // whole device, not the freeing stream: the caller may have destroyed that stream, and a
+  // destroyed stream's handle can be neither touched (the driver reads freed memory: seen
+  // crashing on the H200) nor trusted (it may name a newer stream). Only growth and trimming
+  // come here, never a cached allocation.
+  absl::Status SynchronizeOnce(bool* synchronized);
   Segment* NewSegment(Shard& shard, uintptr_t base, size_t size, bool expandable, bool small)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   void RetireSegment(Segment* segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);

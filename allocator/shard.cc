@@ -9,8 +9,8 @@
 
 namespace tidepool {
 
-Shard::Shard(Device* device, StreamId stream_id, Stream stream, size_t max_split_size)
-    : stream_id(stream_id), stream(stream), device_(device), max_split_size_(max_split_size) {}
+Shard::Shard(Device* device, StreamId stream_id, size_t max_split_size)
+    : stream_id(stream_id), device_(device), max_split_size_(max_split_size) {}
 
 Shard::~Shard() {
   MutexLock lock(&mu);
@@ -78,6 +78,11 @@ Block* Shard::TakeQuick(size_t rounded) {
   return nullptr;
 }
 
+void Shard::Unpark(Block* block) {
+  live_.erase(block->address);
+  MakeFree(block);
+}
+
 bool Shard::ParkQuick(Block* block, size_t rounded) {
   QuickSlot* empty = nullptr;
   for (QuickSlot& slot : quick_) {
@@ -96,7 +101,7 @@ bool Shard::ParkQuick(Block* block, size_t rounded) {
     quick_next_victim_ = (quick_next_victim_ + 1) % kQuickSlots;
     while (empty->count > 0) {
       --quick_count_;
-      MakeFree(empty->blocks[--empty->count]);
+      Unpark(empty->blocks[--empty->count]);
     }
   }
   empty->rounded = rounded;
@@ -109,7 +114,7 @@ bool Shard::ParkQuick(Block* block, size_t rounded) {
 void Shard::FlushQuick() {
   if (quick_count_ == 0) return;
   for (QuickSlot& slot : quick_) {
-    while (slot.count > 0) MakeFree(slot.blocks[--slot.count]);
+    while (slot.count > 0) Unpark(slot.blocks[--slot.count]);
   }
   quick_count_ = 0;
 }
@@ -117,7 +122,6 @@ void Shard::FlushQuick() {
 void Shard::Activate(Block* block, size_t requested) {
   block->state = BlockState::kAllocated;
   block->requested = requested;
-  live_.emplace(block->address, block);
   stats_.requested_bytes.Increase(static_cast<int64_t>(requested));
   stats_.allocated_bytes.Increase(static_cast<int64_t>(block->size));
   stats_.active_blocks.Increase(1);
@@ -126,7 +130,7 @@ void Shard::Activate(Block* block, size_t requested) {
 Block* Shard::TakeFreeBlock(size_t rounded, size_t requested) {
   if (quick_count_ > 0) {
     if (Block* block = TakeQuick(rounded)) {
-      Activate(block, requested);
+      Activate(block, requested);  // a parked block never left live_
       return block;
     }
     FlushQuick();
@@ -146,13 +150,14 @@ Block* Shard::TakeFreeBlock(size_t rounded, size_t requested) {
     tail->state = BlockState::kFree;
     index.insert(tail);
   }
+  live_.emplace(block->address, block);
   Activate(block, requested);
   return block;
 }
 
 Block* Shard::FindLive(uintptr_t address) {
   auto it = live_.find(address);
-  return it == live_.end() ? nullptr : it->second;
+  return it == live_.end() || it->second->state != BlockState::kAllocated ? nullptr : it->second;
 }
 
 absl::StatusOr<Event> Shard::TakeEvent() {
@@ -165,14 +170,17 @@ absl::StatusOr<Event> Shard::TakeEvent() {
 }
 
 absl::Status Shard::FreeLive(Block* block) {
-  live_.erase(block->address);
   stats_.requested_bytes.Decrease(static_cast<int64_t>(block->requested));
   stats_.allocated_bytes.Decrease(static_cast<int64_t>(block->size));
   stats_.active_blocks.Decrease(1);
   size_t rounded = (block->requested + kMinBlockSize - 1) / kMinBlockSize * kMinBlockSize;
   block->requested = 0;
+  if (block->uses.empty() && IsSmall(rounded) && ParkQuick(block, rounded)) {
+    return absl::OkStatus();
+  }
+  live_.erase(block->address);
   if (block->uses.empty()) {
-    if (!IsSmall(rounded) || !ParkQuick(block, rounded)) MakeFree(block);
+    MakeFree(block);
     return absl::OkStatus();
   }
   PendingFree pending{block, {}};

@@ -32,7 +32,7 @@ namespace tidepool {
 
 class Shard {
  public:
-  Shard(Device* device, StreamId stream_id, Stream stream, size_t max_split_size);
+  Shard(Device* device, StreamId stream_id, size_t max_split_size);
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
@@ -41,9 +41,6 @@ class Shard {
   Mutex mu;
 
   const StreamId stream_id;
-  // The handle the stream had when the shard was made. Handles are reused after a stream is
-  // destroyed, so it is checked against stream_id before it is synchronized.
-  const Stream stream;
 
   // Takes the best-fitting free block for `rounded` bytes, splits it if worth it, and returns it
   // allocated and live; nullptr if no free block fits.
@@ -91,7 +88,6 @@ class Shard {
 
   // requested / allocated / active_blocks of this shard.
   const AllocatorStats& stats() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return stats_; }
-  size_t live_count() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return live_.size(); }
 
  private:
   struct PendingFree {
@@ -110,6 +106,8 @@ class Shard {
 
   Block* TakeQuick(size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   bool ParkQuick(Block* block, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Moves a parked block back to the best-fit index.
+  void Unpark(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   void Activate(Block* block, size_t requested) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   Block* NewBlock() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   void DeleteBlock(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
@@ -127,6 +125,8 @@ class Shard {
   BlockIndex free_[2] ABSL_GUARDED_BY(mu);      // [small]
   BlockIndex unmapped_[2] ABSL_GUARDED_BY(mu);  // [small], expandable segments only
   std::vector<Segment*> segments_ ABSL_GUARDED_BY(mu);
+  // Allocated and parked blocks by address (a parked block stays here, so a free followed by an
+  // allocation of the same size costs no map update); FindLive answers allocated ones only.
   absl::flat_hash_map<uintptr_t, Block*> live_ ABSL_GUARDED_BY(mu);
   std::deque<PendingFree> pending_ ABSL_GUARDED_BY(mu);
   std::vector<Event> spare_events_ ABSL_GUARDED_BY(mu);

@@ -83,6 +83,23 @@ class TidepoolPairs : public DeviceStreams {
 
 // The anchors call the driver directly from the benchmark's threads, which need the device's
 // context current (CudaDevice's own methods see to that themselves).
+// Not an allocator: one Device::GetStreamId per pair and nothing else. tidepool asks the device
+// for the stream's unique id on every allocation (handles are reused after a stream is
+// destroyed, ids are not), so this column is the floor under tidepool's column.
+class StreamIdLookups : public DeviceStreams {
+ public:
+  using DeviceStreams::DeviceStreams;
+  std::string name() const override { return "stream id lookup alone"; }
+  bool stream_ordered() const override { return true; }
+  Effort effort(bool quick) const override { return bench::FastAllocatorEffort(quick); }
+  void* Allocate(size_t, void* stream) override {
+    absl::StatusOr<StreamId> id = device_->GetStreamId(stream);
+    CheckOk(id.status());
+    return reinterpret_cast<void*>(static_cast<uintptr_t>(*id) | 1);
+  }
+  void Free(void*, void*) override {}
+};
+
 class CudaAnchor : public DeviceStreams {
  public:
   explicit CudaAnchor(CudaDevice* device) : DeviceStreams(device), cuda_(device) {}
@@ -200,7 +217,8 @@ int Main(int argc, char** argv) {
       CachingAllocator::Create(device, *config);
   CheckOk(allocator.status());
   TidepoolPairs tidepool(device, *std::move(allocator));
-  std::vector<bench::PairAllocator*> measured = {&tidepool};
+  StreamIdLookups stream_ids(device);
+  std::vector<bench::PairAllocator*> measured = {&tidepool, &stream_ids};
 
   std::unique_ptr<CudaMallocPairs> cuda_malloc;
   std::unique_ptr<CudaMallocAsyncPairs> cuda_malloc_async;
