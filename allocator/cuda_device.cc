@@ -254,7 +254,7 @@ absl::Status CudaDevice::SynchronizeStream(Stream stream) {
 
 absl::Status CudaDevice::SynchronizeDevice() {
   if (absl::Status s = MakeCurrent(); !s.ok()) return s;
-  return driver_.Check(driver_.cuCtxSynchronize(), "cuCtxSynchronize");
+  return driver_.Check(driver_.cuCtxSynchronize(context_), "cuCtxSynchronize");
 }
 
 absl::StatusOr<StreamId> CudaDevice::GetStreamId(Stream stream) {

@@ -62,7 +62,11 @@ class CudaDriver {
   decltype(&::cuDevicePrimaryCtxRelease) cuDevicePrimaryCtxRelease = nullptr;
   decltype(&::cuCtxGetCurrent) cuCtxGetCurrent = nullptr;
   decltype(&::cuCtxSetCurrent) cuCtxSetCurrent = nullptr;
-  decltype(&::cuCtxSynchronize) cuCtxSynchronize = nullptr;
+  // Asked for by its base name at CUDA 13.0, the driver returns the CUDA 13 ABI, which cuda.h
+  // declares as cuCtxSynchronize_v2 (it takes the context) with no macro mapping the base name;
+  // calling it through the old declaration passed a garbage context (seen on the H200:
+  // CUDA_ERROR_CONTEXT_IS_DESTROYED).
+  decltype(&::cuCtxSynchronize_v2) cuCtxSynchronize = nullptr;
   // Plain and stream-ordered allocation.
   decltype(&::cuMemAlloc) cuMemAlloc = nullptr;
   decltype(&::cuMemFree) cuMemFree = nullptr;
