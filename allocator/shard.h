@@ -30,7 +30,8 @@
 
 namespace tidepool {
 
-class Shard {
+// Cache-line aligned: shards of different streams are used by different threads at once.
+class alignas(64) Shard {
  public:
   Shard(Device* device, StreamId stream_id, size_t max_split_size);
   ~Shard();

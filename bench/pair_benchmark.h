@@ -50,7 +50,7 @@ struct Effort {
 
 // Enough repetitions for a stable median when a pair costs under a microsecond or so.
 inline Effort FastAllocatorEffort(bool quick) {
-  return quick ? Effort{200, 21, 2000, 3} : Effort{1000, 101, 20000, 5};
+  return quick ? Effort{200, 21, 2000, 3} : Effort{1000, 101, 100000, 3};
 }
 
 // For allocators that go to the driver on every call (tens of microseconds a pair).
