@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Builds everything tidepool runs on a GPU host and puts it in one folder to copy there: the GPU
+# tests (every cc_test under //tests/gpu), the `tidepool` command (//tools:tidepool) and the
+# benchmarks (cc_binary targets under //bench), with traces/ and run_gpu_tests.sh. The GPU host
+# has no Bazel, so the binaries must stand alone; this script checks that they need no shared
+# library beyond the C and C++ runtimes (libcuda is opened at run time).
+#
+#   tools/gather_gpu_tests.sh OUTDIR          e.g. tools/gather_gpu_tests.sh gpu_bundle
+#
+# Layout of OUTDIR: run_gpu_tests.sh, tests/<test>, <program> (tidepool, benchmarks), traces/.
+# On the GPU host: copy OUTDIR over, then `OUTDIR/run_gpu_tests.sh`. The tools and bench targets
+# are taken when they exist and skipped (with a note) when their package or target does not.
+set -euo pipefail
+if [ $# -ne 1 ]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+outdir="$(cd "$1" && pwd)"
+cd "$(dirname "$0")/.."
+
+query_err="$(mktemp)"
+trap 'rm -f "$query_err"' EXIT
+
+# Prints the labels that a query expression names. A package folder without a BUILD file, or a
+# target that does not exist, gives nothing; any other query failure stops the script.
+labels() {
+  local expression="$1" package="$2"
+  if [ ! -f "$package/BUILD.bazel" ] && [ ! -f "$package/BUILD" ]; then
+    echo "gather_gpu_tests: no package $package, skipped" >&2
+    return 0
+  fi
+  if ! bazel query --noshow_progress --output=label "$expression" 2>"$query_err"; then
+    if grep -q "no such target" "$query_err"; then
+      echo "gather_gpu_tests: $expression names no target, skipped" >&2
+      return 0
+    fi
+    cat "$query_err" >&2
+    exit 1
+  fi
+}
+
+# Command substitutions, not process substitutions: a failing query then stops the script.
+test_labels="$(labels 'kind("cc_test rule", //tests/gpu/...)' tests/gpu)"
+program_labels="$(
+  labels 'kind("cc_binary rule", //tools:tidepool)' tools
+  labels 'kind("cc_binary rule", //bench/...)' bench
+)"
+tests=()
+for label in $test_labels; do tests+=("$label"); done
+programs=()
+for label in $program_labels; do programs+=("$label"); done
+if [ ${#tests[@]} -eq 0 ]; then
+  echo "gather_gpu_tests: no cc_test under //tests/gpu" >&2
+  exit 1
+fi
+
+bazel build "${tests[@]}" "${programs[@]}"
+bin_dir="$(bazel info bazel-bin)"
+
+# The shared libraries a binary may need on the GPU host: the C and C++ runtimes only.
+allowed_needed='^(libc\.so\.6|libm\.so\.6|libstdc\+\+\.so\.6|libgcc_s\.so\.1|libdl\.so\.2|libpthread\.so\.0|librt\.so\.1|ld-linux-x86-64\.so\.2)$'
+
+# Copies the binary of `label` to `destination`, refusing one that would not run alone.
+copy_binary() {
+  local label="$1" destination="$2"
+  local path="${label#//}"
+  local source="$bin_dir/${path%%:*}/${path#*:}"
+  if [ ! -f "$source" ]; then
+    echo "gather_gpu_tests: $label built, but $source is missing" >&2
+    exit 1
+  fi
+  if command -v readelf >/dev/null 2>&1; then
+    local needed
+    needed="$(readelf -d "$source" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | grep -Ev "$allowed_needed" || true)"
+    if [ -n "$needed" ]; then
+      echo "gather_gpu_tests: $label needs ${needed//$'\n'/ } and would not run on the GPU host" \
+           "(link it statically: linkstatic = True)" >&2
+      exit 1
+    fi
+  fi
+  if [ -e "$destination" ]; then
+    rm -f "$destination"
+  fi
+  install -m 755 "$source" "$destination"
+}
+
+# A fresh tests/ folder, so a test removed from the tree does not linger in the bundle.
+rm -rf "$outdir/tests"
+mkdir -p "$outdir/tests"
+for label in "${tests[@]}"; do
+  name="${label#*:}"
+  if [ -e "$outdir/tests/$name" ]; then
+    echo "gather_gpu_tests: two GPU tests are named $name; rename one" >&2
+    exit 1
+  fi
+  copy_binary "$label" "$outdir/tests/$name"
+done
+for label in "${programs[@]}"; do
+  copy_binary "$label" "$outdir/${label#*:}"
+done
+rm -rf "$outdir/traces"
+cp -r traces "$outdir/traces"
+install -m 755 tools/run_gpu_tests.sh "$outdir/run_gpu_tests.sh"
+
+echo "gather_gpu_tests: ${#tests[@]} tests and ${#programs[@]} programs in $outdir"
+echo "on the GPU host: $outdir/run_gpu_tests.sh   (or copy the folder there and run it inside)"
