@@ -47,9 +47,10 @@ std::atomic<uint64_t> next_allocator_serial{1};
 // does; past this many growths for one request, something is wrong with growth itself.
 constexpr int kMaxGrowthsPerAllocation = 64;
 
-// Per-thread cache of stream id -> shard, so the hot path skips the shard table's lock.
+// Per-thread cache of (arena, stream id) -> shard, so the hot path skips the shard table's lock.
 struct ShardCacheEntry {
   uint64_t serial = 0;
+  const Arena* arena = nullptr;
   StreamId stream_id = 0;
   Shard* shard = nullptr;
 };
@@ -62,13 +63,29 @@ thread_local int shard_cache_next = 0;
 // ---------------------------------------------------------------------------------------------
 // CachingAllocatorImpl
 
+std::vector<Shard*> Arena::Shards() {
+  MutexLock lock(&shards_mu);
+  std::vector<Shard*> result;
+  result.reserve(shards.size());
+  for (const auto& [id, shard] : shards) result.push_back(shard.get());
+  std::sort(result.begin(), result.end(),
+            [](const Shard* a, const Shard* b) { return a->stream_id < b->stream_id; });
+  return result;
+}
+
 CachingAllocatorImpl::CachingAllocatorImpl(Device* device, const Config& config,
                                            size_t total_memory)
     : device_(device),
       config_(config),
       total_memory_(total_memory),
       granularity_(device->granularity()),
-      serial_(next_allocator_serial.fetch_add(1)) {}
+      serial_(next_allocator_serial.fetch_add(1)),
+      device_segments_(device) {
+  ArenaOptions options;
+  options.label = "default";
+  absl::StatusOr<Arena*> arena = CreateArena(options);
+  default_arena_ = *arena;  // cannot fail: the options are valid
+}
 
 CachingAllocatorImpl::~CachingAllocatorImpl() {
   // Blocks still live at destruction are the caller's bug; their memory is returned anyway, as
@@ -85,51 +102,72 @@ CachingAllocatorImpl::~CachingAllocatorImpl() {
       }
       device_->ReleaseAddressRange(segment->base, segment->size).IgnoreError();
     } else {
-      device_->FreeSegment(segment->base, segment->size).IgnoreError();
+      segment->shard->arena->source->FreeSegment(segment->base, segment->size).IgnoreError();
     }
   }
-  // Shards are destroyed outside shards_mu_: a shard's mutex is never taken under it.
-  absl::flat_hash_map<StreamId, std::unique_ptr<Shard>> shards;
-  {
-    MutexLock lock(&shards_mu_);
-    shards.swap(shards_);
+  // Shards are destroyed outside their arena's shards_mu: a shard's mutex is never taken under
+  // it.
+  for (const auto& arena : arenas_) {
+    absl::flat_hash_map<StreamId, std::unique_ptr<Shard>> shards;
+    {
+      MutexLock lock(&arena->shards_mu);
+      shards.swap(arena->shards);
+    }
   }
 }
 
-absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Stream stream) {
+absl::StatusOr<Arena*> CachingAllocatorImpl::CreateArena(const ArenaOptions& options) {
+  MutexLock growth(&growth_mu_);
+  SegmentSource* source = options.source != nullptr ? options.source : &device_segments_;
+  bool expandable = options.source == nullptr && config_.expandable_segments;
+  uint64_t id = arenas_.size() + 1;
+  arenas_.push_back(std::make_unique<Arena>(id, options, source, expandable));
+  return arenas_.back().get();
+}
+
+std::vector<Arena*> CachingAllocatorImpl::Arenas() {
+  std::vector<Arena*> result;
+  result.reserve(arenas_.size());
+  for (const auto& arena : arenas_) result.push_back(arena.get());
+  return result;
+}
+
+absl::Status CachingAllocatorImpl::CheckArena(const Arena* arena) const {
+  if (arena == nullptr) return absl::InvalidArgumentError("tidepool: no arena");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Arena* arena, Stream stream) {
   absl::StatusOr<StreamId> id = device_->GetStreamId(stream);
   if (!id.ok()) return id.status();
   for (const ShardCacheEntry& entry : shard_cache) {
-    if (entry.serial == serial_ && entry.stream_id == *id) return entry.shard;
+    if (entry.serial == serial_ && entry.arena == arena && entry.stream_id == *id) {
+      return entry.shard;
+    }
   }
   Shard* shard;
   {
-    MutexLock lock(&shards_mu_);
-    std::unique_ptr<Shard>& slot = shards_[*id];
+    MutexLock lock(&arena->shards_mu);
+    std::unique_ptr<Shard>& slot = arena->shards[*id];
     if (slot == nullptr) {
-      slot = std::make_unique<Shard>(device_, *id, config_.max_split_size);
+      slot = std::make_unique<Shard>(device_, arena, *id, config_.max_split_size);
     }
     shard = slot.get();
   }
-  shard_cache[shard_cache_next] = ShardCacheEntry{serial_, *id, shard};
+  shard_cache[shard_cache_next] = ShardCacheEntry{serial_, arena, *id, shard};
   shard_cache_next = (shard_cache_next + 1) % kShardCacheSize;
   return shard;
 }
 
-std::vector<Shard*> CachingAllocatorImpl::AllShards() {
-  MutexLock lock(&shards_mu_);
-  std::vector<Shard*> shards;
-  shards.reserve(shards_.size());
-  for (const auto& [id, shard] : shards_) shards.push_back(shard.get());
-  std::sort(shards.begin(), shards.end(),
-            [](const Shard* a, const Shard* b) { return a->stream_id < b->stream_id; });
-  return shards;
-}
-
-absl::StatusOr<void*> CachingAllocatorImpl::Allocate(size_t bytes, Stream stream) {
+absl::StatusOr<void*> CachingAllocatorImpl::Allocate(Arena* arena, size_t bytes,
+                                                     Stream stream) {
   absl::StatusOr<size_t> rounded = RoundRequest(bytes);
   if (!rounded.ok()) return rounded.status();
-  absl::StatusOr<Shard*> found = ShardFor(stream);
+  if (arena->state.load(std::memory_order_acquire) != Arena::kActive) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: allocation from arena '%s', which has been retired", arena->label));
+  }
+  absl::StatusOr<Shard*> found = ShardFor(arena, stream);
   if (!found.ok()) return found.status();
   Shard& shard = **found;
   {
@@ -165,11 +203,11 @@ absl::StatusOr<void*> CachingAllocatorImpl::Allocate(size_t bytes, Stream stream
     if (!absl::IsResourceExhausted(grown)) return grown;
     if (!retried) {
       retried = true;
-      ++device_stats_.retries;
+      ++arena->device_stats.retries;
       if (absl::Status released = ReleaseCached(); !released.ok()) return released;
       continue;
     }
-    ++device_stats_.ooms;
+    ++arena->device_stats.ooms;
     return absl::ResourceExhaustedError(OutOfMemoryMessage(bytes, *rounded, shard, grown));
   }
 }
@@ -190,16 +228,24 @@ absl::Status CachingAllocatorImpl::Free(void* ptr) {
   absl::StatusOr<Segment*> segment = SegmentOf(address, "free");
   if (!segment.ok()) return segment.status();
   Shard& shard = *(*segment)->shard;
-  MutexLock lock(&shard.mu);
-  if (!(*segment)->live) return SegmentOf(0, "free").status();
-  Block* block = shard.FindLive(address);
-  if (block == nullptr) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "tidepool: free of %#x, which is not a live allocation (a double free, or a pointer into "
-        "the middle of a block); nothing was changed",
-        address));
+  {
+    MutexLock lock(&shard.mu);
+    if (!(*segment)->live) return SegmentOf(0, "free").status();
+    Block* block = shard.FindLive(address);
+    if (block == nullptr) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "tidepool: free of %#x, which is not a live allocation (a double free, or a pointer "
+          "into the middle of a block); nothing was changed",
+          address));
+    }
+    if (absl::Status s = shard.FreeLive(block); !s.ok()) return s;
   }
-  return shard.FreeLive(block);
+  Arena& arena = *shard.arena;
+  if (arena.state.load(std::memory_order_acquire) == Arena::kRetired) {
+    MutexLock growth(&growth_mu_);
+    return FinishIfDrained(arena);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CachingAllocatorImpl::RecordStream(void* ptr, Stream stream) {
@@ -229,6 +275,79 @@ absl::Status CachingAllocatorImpl::EmptyCache() {
   return ReleaseCached();
 }
 
+absl::StatusOr<Arena*> CachingAllocatorImpl::ArenaOf(const void* ptr) {
+  uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
+  absl::StatusOr<Segment*> segment = SegmentOf(address, "arena query");
+  if (!segment.ok()) return segment.status();
+  Shard& shard = *(*segment)->shard;
+  MutexLock lock(&shard.mu);
+  if (!(*segment)->live || shard.FindLive(address) == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("tidepool: %#x is not a live allocation", address));
+  }
+  return shard.arena;
+}
+
+absl::Status CachingAllocatorImpl::TrimArena(Arena* arena) {
+  if (absl::Status s = CheckArena(arena); !s.ok()) return s;
+  MutexLock growth(&growth_mu_);
+  bool synchronized = false;
+  return ReleaseArenaCache(*arena, &synchronized);
+}
+
+absl::StatusOr<bool> CachingAllocatorImpl::RetireArena(Arena* arena) {
+  if (absl::Status s = CheckArena(arena); !s.ok()) return s;
+  if (arena == default_arena_) {
+    return absl::InvalidArgumentError("tidepool: the default arena cannot be retired");
+  }
+  MutexLock growth(&growth_mu_);
+  if (arena->state.load() == Arena::kGone) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("tidepool: arena '%s' is already gone", arena->label));
+  }
+  arena->state.store(Arena::kRetired, std::memory_order_release);
+  bool synchronized = false;
+  if (absl::Status s = ReleaseArenaCache(*arena, &synchronized); !s.ok()) return s;
+  if (absl::Status s = FinishIfDrained(*arena); !s.ok()) return s;
+  return arena->state.load() == Arena::kGone;
+}
+
+absl::Status CachingAllocatorImpl::ReviveArena(Arena* arena) {
+  if (absl::Status s = CheckArena(arena); !s.ok()) return s;
+  MutexLock growth(&growth_mu_);
+  if (arena->state.load() == Arena::kGone) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: arena '%s' is gone: it was retired and its last block freed", arena->label));
+  }
+  arena->state.store(Arena::kActive, std::memory_order_release);
+  return absl::OkStatus();
+}
+
+int64_t CachingAllocatorImpl::LiveBlocks(Arena* arena) {
+  MutexLock growth(&growth_mu_);
+  return LiveBlocksLocked(*arena);
+}
+
+int64_t CachingAllocatorImpl::LiveBlocksLocked(Arena& arena) {
+  int64_t live = 0;
+  for (Shard* shard : arena.Shards()) {
+    MutexLock lock(&shard->mu);
+    live += shard->stats().active_blocks.current;
+  }
+  return live;
+}
+
+// Blocks freed with events pending are not live: ReleaseArenaCache waits for their events.
+absl::Status CachingAllocatorImpl::FinishIfDrained(Arena& arena) {
+  if (arena.state.load() != Arena::kRetired || LiveBlocksLocked(arena) != 0) {
+    return absl::OkStatus();
+  }
+  bool synchronized = false;
+  if (absl::Status s = ReleaseArenaCache(arena, &synchronized); !s.ok()) return s;
+  arena.state.store(Arena::kGone, std::memory_order_release);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<size_t> CachingAllocatorImpl::BlockSize(const void* ptr) {
   uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
   absl::StatusOr<Segment*> segment = SegmentOf(address, "size query");
@@ -246,7 +365,7 @@ absl::StatusOr<size_t> CachingAllocatorImpl::BlockSize(const void* ptr) {
 // --- Growth ----------------------------------------------------------------------------------
 
 absl::Status CachingAllocatorImpl::Grow(Shard& shard, size_t rounded) {
-  return config_.expandable_segments ? GrowExpandable(shard, rounded) : GrowPlain(shard, rounded);
+  return shard.arena->expandable ? GrowExpandable(shard, rounded) : GrowPlain(shard, rounded);
 }
 
 Segment* CachingAllocatorImpl::NewSegment(Shard& shard, uintptr_t base, size_t size,
@@ -259,27 +378,28 @@ Segment* CachingAllocatorImpl::NewSegment(Shard& shard, uintptr_t base, size_t s
   segment->shard = &shard;
   if (expandable) segment->chunks.assign(size / granularity_, 0);
   segments_.push_back(std::move(segment));
-  device_stats_.segments.Increase(1);
+  shard.arena->device_stats.segments.Increase(1);
   return segments_.back().get();
 }
 
 void CachingAllocatorImpl::RetireSegment(Segment* segment) {
   page_map_.Unregister(segment->base, segment->size, segment);
   segment->live = false;
-  device_stats_.segments.Decrease(1);
+  segment->shard->arena->device_stats.segments.Decrease(1);
 }
 
 absl::Status CachingAllocatorImpl::GrowPlain(Shard& shard, size_t rounded) {
+  Arena& arena = *shard.arena;
   size_t size = PlainSegmentSize(rounded);
-  absl::StatusOr<uintptr_t> base = device_->AllocateSegment(size);
+  absl::StatusOr<uintptr_t> base = arena.source->AllocateSegment(size);
   if (!base.ok()) return base.status();
   if (!PageMap<Segment>::Covers(*base, size)) {
-    device_->FreeSegment(*base, size).IgnoreError();
+    arena.source->FreeSegment(*base, size).IgnoreError();
     return absl::InternalError(
         absl::StrFormat("tidepool: device address %#x is outside the page map", *base));
   }
-  ++device_stats_.device_allocations;
-  device_stats_.reserved_bytes.Increase(static_cast<int64_t>(size));
+  ++arena.device_stats.device_allocations;
+  arena.device_stats.reserved_bytes.Increase(static_cast<int64_t>(size));
   Segment* segment = NewSegment(shard, *base, size, /*expandable=*/false, IsSmall(rounded));
   {
     MutexLock lock(&shard.mu);
@@ -290,6 +410,7 @@ absl::Status CachingAllocatorImpl::GrowPlain(Shard& shard, size_t rounded) {
 }
 
 absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) {
+  Arena& arena = *shard.arena;
   const bool small = IsSmall(rounded);
   const size_t g = granularity_;
   // Where to map: inside an unmapped block, extending the free block before it, or the one
@@ -348,12 +469,13 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
   if (config_.release_free_chunks_on_growth) {
     absl::Status s = ReclaimAcrossShards(shard, granules, target, &handles);
     if (!s.ok()) return s;
+    arena.device_stats.reserved_bytes.Increase(static_cast<int64_t>(handles.size() * g));
   }
   // Fail fast when the device plainly lacks the memory, rather than map thousands of chunks
   // only to give them back.
   if (absl::StatusOr<MemoryInfo> info = device_->GetMemoryInfo();
       info.ok() && (granules - handles.size()) * g > info->free_bytes) {
-    return RejectGrowth(target, map_at, /*mapped=*/0, handles,
+    return RejectGrowth(arena, target, map_at, /*mapped=*/0, handles,
                         absl::ResourceExhaustedError(absl::StrFormat(
                             "the device has %u bytes free", info->free_bytes)));
   }
@@ -362,8 +484,8 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
     absl::StatusOr<PhysicalHandle> handle = device_->CreatePhysical(g);
     status = handle.status();
     if (!status.ok()) break;
-    ++device_stats_.device_allocations;
-    device_stats_.reserved_bytes.Increase(static_cast<int64_t>(g));
+    ++arena.device_stats.device_allocations;
+    arena.device_stats.reserved_bytes.Increase(static_cast<int64_t>(g));
     handles.push_back(*handle);
   }
   Segment* segment = target->segment;
@@ -375,13 +497,14 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
     segment->chunks[(address - segment->base) / g] = handles[mapped];
     ++mapped;
   }
-  if (!status.ok()) return RejectGrowth(target, map_at, mapped, handles, status);
+  if (!status.ok()) return RejectGrowth(arena, target, map_at, mapped, handles, status);
   MutexLock lock(&shard.mu);
   shard.MarkMapped(target, map_at, to_map);
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::RejectGrowth(const Block* target, uintptr_t map_at,
+absl::Status CachingAllocatorImpl::RejectGrowth(Arena& arena, const Block* target,
+                                                uintptr_t map_at,
                                                 size_t mapped,
                                                 const std::vector<PhysicalHandle>& handles,
                                                 absl::Status cause) {
@@ -395,8 +518,8 @@ absl::Status CachingAllocatorImpl::RejectGrowth(const Block* target, uintptr_t m
       segment->chunks[(address - segment->base) / granularity_] = 0;
     }
     if (device_->ReleasePhysical(handles[i]).ok()) {
-      ++device_stats_.device_frees;
-      device_stats_.reserved_bytes.Decrease(static_cast<int64_t>(granularity_));
+      ++arena.device_stats.device_frees;
+      arena.device_stats.reserved_bytes.Decrease(static_cast<int64_t>(granularity_));
     }
   }
   return cause;
@@ -412,12 +535,16 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t want
     absl::Status s = ReclaimFreeGranules(shard, wanted, keep, &synchronized, handles);
     if (!s.ok()) return s;
   }
-  for (Shard* other : AllShards()) {
-    if (handles->size() == wanted) break;
-    if (other == &shard) continue;
-    MutexLock lock(&other->mu);
-    absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, &synchronized, handles);
-    if (!s.ok()) return s;
+  for (Arena* arena : Arenas()) {
+    if (!arena->expandable || !arena->shares_free_memory) continue;
+    if (arena != shard.arena && arena->state.load() == Arena::kGone) continue;
+    for (Shard* other : arena->Shards()) {
+      if (handles->size() == wanted) return absl::OkStatus();
+      if (other == &shard) continue;
+      MutexLock lock(&other->mu);
+      absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, &synchronized, handles);
+      if (!s.ok()) return s;
+    }
   }
   return absl::OkStatus();
 }
@@ -465,6 +592,8 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
       handles->push_back(segment->chunks[index]);
       segment->chunks[index] = 0;
     }
+    // The chunks now belong to the growing arena, which counts them when it maps them.
+    shard.arena->device_stats.reserved_bytes.Decrease(static_cast<int64_t>(take * g));
     shard.MarkUnmapped(candidate.block, candidate.begin, candidate.begin + take * g);
   }
   return absl::OkStatus();
@@ -474,15 +603,24 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
 
 absl::Status CachingAllocatorImpl::ReleaseCached() {
   bool synchronized = false;
-  for (Shard* shard : AllShards()) {
+  for (Arena* arena : Arenas()) {
+    if (!arena->shares_free_memory) continue;
+    if (absl::Status s = ReleaseArenaCache(*arena, &synchronized); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::ReleaseArenaCache(Arena& arena, bool* synchronized) {
+  for (Shard* shard : arena.Shards()) {
     MutexLock lock(&shard->mu);
-    if (absl::Status s = ReleaseShardCache(*shard, &synchronized); !s.ok()) return s;
+    if (absl::Status s = ReleaseShardCache(*shard, synchronized); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
 
 absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, bool* synchronized) {
   if (absl::Status s = shard.WaitForEvents(); !s.ok()) return s;
+  Arena& arena = *shard.arena;
   const size_t g = granularity_;
   std::vector<Segment*> segments = shard.segments();  // the loop removes from the original
   for (Segment* segment : segments) {
@@ -490,10 +628,12 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, bool* synchro
       Block* only = segment->first;
       if (only->next != nullptr || only->state != BlockState::kFree) continue;
       if (absl::Status s = SynchronizeOnce(synchronized); !s.ok()) return s;
-      if (absl::Status s = device_->FreeSegment(segment->base, segment->size); !s.ok()) return s;
+      if (absl::Status s = arena.source->FreeSegment(segment->base, segment->size); !s.ok()) {
+        return s;
+      }
       shard.RemoveSegmentIfIdle(segment);
-      ++device_stats_.device_frees;
-      device_stats_.reserved_bytes.Decrease(static_cast<int64_t>(segment->size));
+      ++arena.device_stats.device_frees;
+      arena.device_stats.reserved_bytes.Decrease(static_cast<int64_t>(segment->size));
       RetireSegment(segment);
       continue;
     }
@@ -512,8 +652,8 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, bool* synchro
         if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;
         if (absl::Status s = device_->ReleasePhysical(segment->chunks[index]); !s.ok()) return s;
         segment->chunks[index] = 0;
-        ++device_stats_.device_frees;
-        device_stats_.reserved_bytes.Decrease(static_cast<int64_t>(g));
+        ++arena.device_stats.device_frees;
+        arena.device_stats.reserved_bytes.Decrease(static_cast<int64_t>(g));
       }
       shard.MarkUnmapped(block, begin, end);
     }
@@ -532,12 +672,23 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, bool* synchro
 std::string CachingAllocatorImpl::OutOfMemoryMessage(size_t bytes, size_t rounded,
                                                      const Shard& shard,
                                                      const absl::Status& cause) {
+  size_t reserved = 0;
   size_t allocated = 0;
-  for (Shard* other : AllShards()) {
-    MutexLock lock(&other->mu);
-    allocated += static_cast<size_t>(other->stats().allocated_bytes.current);
+  std::string by_pool;
+  for (Arena* arena : Arenas()) {
+    size_t arena_reserved = static_cast<size_t>(arena->device_stats.reserved_bytes.current);
+    size_t arena_allocated = 0;
+    for (Shard* other : arena->Shards()) {
+      MutexLock lock(&other->mu);
+      arena_allocated += static_cast<size_t>(other->stats().allocated_bytes.current);
+    }
+    reserved += arena_reserved;
+    allocated += arena_allocated;
+    if (arena_reserved == 0) continue;
+    absl::StrAppendFormat(&by_pool, "%s'%s' %u reserved (%s), %u in live blocks", by_pool.empty() ? "" : "; ",
+                          arena->label, arena_reserved, HumanBytes(arena_reserved),
+                          arena_allocated);
   }
-  size_t reserved = static_cast<size_t>(device_stats_.reserved_bytes.current);
   size_t cached = reserved > allocated ? reserved - allocated : 0;
   std::string device_free = "unknown";
   if (absl::StatusOr<MemoryInfo> info = device_->GetMemoryInfo(); info.ok()) {
@@ -546,49 +697,57 @@ std::string CachingAllocatorImpl::OutOfMemoryMessage(size_t bytes, size_t rounde
   }
   return absl::StrFormat(
       "tidepool: out of memory on device %d: tried to allocate %s (%u bytes requested, %u "
-      "rounded) on stream %u. tidepool has %u bytes reserved (%s): %u bytes (%s) in live "
-      "blocks and %u bytes (%s) cached but free, too fragmented for this request or awaiting "
-      "events on other streams. By pool: the default pool holds all %u reserved bytes. The "
-      "device has %s. The device said: %s",
-      device_->ordinal(), HumanBytes(bytes), bytes, rounded, shard.stream_id, reserved,
-      HumanBytes(reserved), allocated, HumanBytes(allocated), cached, HumanBytes(cached),
-      reserved, device_free, cause.message());
+      "rounded) in pool '%s' on stream %u. tidepool has %u bytes reserved (%s): %u bytes (%s) "
+      "in live blocks and %u bytes (%s) cached but free, too fragmented for this request, "
+      "awaiting events on other streams, or held by pools that keep their memory. By pool: %s. "
+      "The device has %s. The device said: %s",
+      device_->ordinal(), HumanBytes(bytes), bytes, rounded, shard.arena->label,
+      shard.stream_id, reserved, HumanBytes(reserved), allocated, HumanBytes(allocated), cached,
+      HumanBytes(cached), by_pool.empty() ? "none" : by_pool, device_free, cause.message());
 }
 
 // --- Observation -----------------------------------------------------------------------------
 
-AllocatorStats CachingAllocatorImpl::GetStats() {
+AllocatorStats CachingAllocatorImpl::GetStats(Arena* only) {
+  MutexLock growth(&growth_mu_);
   AllocatorStats total;
-  {
-    MutexLock growth(&growth_mu_);
-    total = device_stats_;
-  }
-  for (Shard* shard : AllShards()) {
-    MutexLock lock(&shard->mu);
-    total += shard->stats();
+  for (Arena* arena : Arenas()) {
+    if (only != nullptr && arena != only) continue;
+    total += arena->device_stats;
+    for (Shard* shard : arena->Shards()) {
+      MutexLock lock(&shard->mu);
+      total += shard->stats();
+    }
   }
   return total;
 }
 
-std::string CachingAllocatorImpl::SnapshotJson() {
+std::string CachingAllocatorImpl::SnapshotJson(Arena* only) {
   MutexLock growth(&growth_mu_);
   std::string json = absl::StrFormat(R"({"device":%d,"granularity":%u,"segments":[)",
                                      device_->ordinal(), granularity_);
   bool first_segment = true;
-  for (Shard* shard : AllShards()) {
-    MutexLock lock(&shard->mu);
-    for (const Segment* segment : shard->segments()) {
-      absl::StrAppendFormat(
-          &json, R"(%s{"address":%u,"size":%u,"stream":%u,"expandable":%s,"small":%s,"blocks":[)",
-          first_segment ? "" : ",", segment->base, segment->size, shard->stream_id,
-          segment->expandable ? "true" : "false", segment->small ? "true" : "false");
-      first_segment = false;
-      for (const Block* block = segment->first; block != nullptr; block = block->next) {
-        absl::StrAppendFormat(&json, R"(%s{"address":%u,"size":%u,"requested":%u,"state":"%s"})",
-                              block == segment->first ? "" : ",", block->address, block->size,
-                              block->requested, StateName(block->state));
+  for (Arena* arena : Arenas()) {
+    if (only != nullptr && arena != only) continue;
+    for (Shard* shard : arena->Shards()) {
+      MutexLock lock(&shard->mu);
+      for (const Segment* segment : shard->segments()) {
+        absl::StrAppendFormat(
+            &json,
+            R"(%s{"pool":"%s","address":%u,"size":%u,"stream":%u,"expandable":%s,"small":%s,)"
+            R"("blocks":[)",
+            first_segment ? "" : ",", arena->label, segment->base, segment->size,
+            shard->stream_id, segment->expandable ? "true" : "false",
+            segment->small ? "true" : "false");
+        first_segment = false;
+        for (const Block* block = segment->first; block != nullptr; block = block->next) {
+          absl::StrAppendFormat(&json,
+                                R"(%s{"address":%u,"size":%u,"requested":%u,"state":"%s"})",
+                                block == segment->first ? "" : ",", block->address, block->size,
+                                block->requested, StateName(block->state));
+        }
+        json += "]}";
       }
-      json += "]}";
     }
   }
   json += "]}";
@@ -615,7 +774,11 @@ CachingAllocator::CachingAllocator(std::unique_ptr<CachingAllocatorImpl> impl)
 CachingAllocator::~CachingAllocator() = default;
 
 absl::StatusOr<void*> CachingAllocator::Allocate(size_t bytes, Stream stream) {
-  return impl_->Allocate(bytes, stream);
+  return impl_->Allocate(impl_->default_arena(), bytes, stream);
+}
+absl::StatusOr<void*> CachingAllocator::Allocate(Arena* arena, size_t bytes, Stream stream) {
+  if (arena == nullptr) return absl::InvalidArgumentError("tidepool: no arena");
+  return impl_->Allocate(arena, bytes, stream);
 }
 absl::Status CachingAllocator::Free(void* ptr) { return impl_->Free(ptr); }
 absl::Status CachingAllocator::RecordStream(void* ptr, Stream stream) {
@@ -625,8 +788,31 @@ absl::Status CachingAllocator::EmptyCache() { return impl_->EmptyCache(); }
 absl::StatusOr<size_t> CachingAllocator::BlockSize(const void* ptr) const {
   return impl_->BlockSize(ptr);
 }
-AllocatorStats CachingAllocator::GetStats() const { return impl_->GetStats(); }
-std::string CachingAllocator::SnapshotJson() const { return impl_->SnapshotJson(); }
+absl::StatusOr<Arena*> CachingAllocator::CreateArena(const ArenaOptions& options) {
+  return impl_->CreateArena(options);
+}
+Arena* CachingAllocator::default_arena() const { return impl_->default_arena(); }
+absl::StatusOr<Arena*> CachingAllocator::ArenaOf(const void* ptr) const {
+  return impl_->ArenaOf(ptr);
+}
+absl::Status CachingAllocator::TrimArena(Arena* arena) { return impl_->TrimArena(arena); }
+absl::StatusOr<bool> CachingAllocator::RetireArena(Arena* arena) {
+  return impl_->RetireArena(arena);
+}
+absl::Status CachingAllocator::ReviveArena(Arena* arena) { return impl_->ReviveArena(arena); }
+int64_t CachingAllocator::LiveBlocks(const Arena* arena) const {
+  return impl_->LiveBlocks(const_cast<Arena*>(arena));
+}
+bool CachingAllocator::IsGone(const Arena* arena) const {
+  return arena->state.load(std::memory_order_acquire) == Arena::kGone;
+}
+AllocatorStats CachingAllocator::GetStats() const { return impl_->GetStats(nullptr); }
+AllocatorStats CachingAllocator::GetStats(const Arena* arena) const {
+  return impl_->GetStats(const_cast<Arena*>(arena));
+}
+std::string CachingAllocator::SnapshotJson(const Arena* arena) const {
+  return impl_->SnapshotJson(const_cast<Arena*>(arena));
+}
 Device* CachingAllocator::device() const { return impl_->device(); }
 const Config& CachingAllocator::config() const { return impl_->config(); }
 

@@ -16,6 +16,12 @@
 //     the streams that may still use it have been synchronized.
 //   * `Free` takes no stream: a block is always freed on the stream it was allocated on.
 //
+// ARENAS. An arena is a cache of its own: its own segments, free lists per stream, statistics and
+// segment source. Every allocator has a default arena; pools (pool/) are arenas with an identity
+// and a routing rule. A block always returns to the arena it came from. An arena can be retired:
+// its free memory goes back at once, the rest as its last live blocks are freed, and until it is
+// gone it can be revived.
+//
 // Concurrency: allocations on different streams take different locks (one shard per stream), and
 // a free finds its shard through a lock-free page map, so threads on their own streams do not
 // contend. One device-wide lock serializes growth, trimming and out-of-memory recovery.
@@ -32,11 +38,25 @@
 #include "absl/status/statusor.h"
 #include "allocator/config.h"
 #include "allocator/device.h"
+#include "allocator/segment_source.h"
 #include "allocator/stats.h"
 
 namespace tidepool {
 
 class CachingAllocatorImpl;
+class Arena;
+
+struct ArenaOptions {
+  // Where plain segments come from; must outlive the arena. nullptr: the allocator's device,
+  // and then the arena grows by expandable segments when Config::expandable_segments says so.
+  SegmentSource* source = nullptr;
+  // Whether the allocator may take this arena's free memory back: to give its free chunks to
+  // another arena that grows, and on EmptyCache and out-of-memory recovery. False for memory
+  // that must stay where it is (a CUDA graph's private pool); TrimArena still trims it.
+  bool shares_free_memory = true;
+  // For messages and snapshots.
+  std::string label;
+};
 
 class CachingAllocator {
  public:
@@ -47,10 +67,13 @@ class CachingAllocator {
   CachingAllocator(const CachingAllocator&) = delete;
   CachingAllocator& operator=(const CachingAllocator&) = delete;
 
-  // Returns a block of at least `bytes` usable on `stream`, 512-byte aligned.
-  // INVALID_ARGUMENT for 0 or a size that overflows when rounded; RESOURCE_EXHAUSTED (with the
-  // breakdown of where memory is) when the device is full even after returning the cache.
+  // Returns a block of at least `bytes` usable on `stream`, 512-byte aligned, from the default
+  // arena. INVALID_ARGUMENT for 0 or a size that overflows when rounded; RESOURCE_EXHAUSTED
+  // (with the breakdown of where memory is) when the device is full even after returning the
+  // cache.
   absl::StatusOr<void*> Allocate(size_t bytes, Stream stream);
+  // The same from `arena`; FAILED_PRECONDITION if the arena is retired or gone.
+  absl::StatusOr<void*> Allocate(Arena* arena, size_t bytes, Stream stream);
   // Returns a block. INVALID_ARGUMENT for a pointer tidepool does not own; FAILED_PRECONDITION
   // for a pointer inside tidepool's memory that is not a live block (a double free).
   absl::Status Free(void* ptr);
@@ -62,9 +85,26 @@ class CachingAllocator {
   // Size of the live block at ptr (its rounded size), or an error as for Free.
   absl::StatusOr<size_t> BlockSize(const void* ptr) const;
 
+  // --- Arenas ---
+  absl::StatusOr<Arena*> CreateArena(const ArenaOptions& options);
+  Arena* default_arena() const;
+  // The arena of a live block.
+  absl::StatusOr<Arena*> ArenaOf(const void* ptr) const;
+  // Returns the arena's whole free segments and free chunks to where they came from.
+  absl::Status TrimArena(Arena* arena);
+  // Retires an arena (not the default one): see ARENAS above. Returns whether it is gone.
+  absl::StatusOr<bool> RetireArena(Arena* arena);
+  // Makes a retired arena active again; FAILED_PRECONDITION once it is gone.
+  absl::Status ReviveArena(Arena* arena);
+  // Live blocks of one arena.
+  int64_t LiveBlocks(const Arena* arena) const;
+  bool IsGone(const Arena* arena) const;
+
+  // All arenas together, or one.
   AllocatorStats GetStats() const;
-  // Every segment and block as JSON.
-  std::string SnapshotJson() const;
+  AllocatorStats GetStats(const Arena* arena) const;
+  // Every segment and block as JSON (of one arena, or all when `arena` is nullptr).
+  std::string SnapshotJson(const Arena* arena = nullptr) const;
 
   Device* device() const;
   const Config& config() const;

@@ -1,17 +1,19 @@
-// The caching allocator's machinery behind caching_allocator.h: the table of shards, the page
-// map from addresses to segments, and everything that talks to the device about memory
+// The caching allocator's machinery behind caching_allocator.h: arenas and their shards, the
+// page map from addresses to segments, and everything that talks to the device about memory
 // (growth, trimming, out-of-memory recovery).
 //
-// Growth has two forms. A plain segment is one device allocation sized by the size policy. An
-// expandable segment is a large reserved address range per shard and size class, in which
-// physical chunks of the device's granularity are mapped where a request needs them, next to the
-// free block they extend. Before it takes new chunks from the device, growth first unmaps whole
-// free chunks elsewhere in the shard and maps those again where they are needed (after
-// synchronizing the shard's stream, since blocks freed in stream order may still be in use by
-// queued work): reserved memory then follows live memory instead of the history of the heap.
+// Growth has two forms. A plain segment is one allocation from the arena's segment source,
+// sized by the size policy. An expandable segment is a large reserved address range per shard
+// and size class, in which physical chunks of the device's granularity are mapped where a request
+// needs them, next to the free block they extend. Before it takes new chunks from the device,
+// growth first unmaps whole free chunks elsewhere (in any arena that shares its free memory) and
+// maps those again where they are needed, after synchronizing the device, since blocks freed in
+// stream order may still be in use by queued work: reserved memory then follows live memory
+// instead of the history of the heap.
 #ifndef TIDEPOOL_ALLOCATOR_CACHING_ALLOCATOR_IMPL_H_
 #define TIDEPOOL_ALLOCATOR_CACHING_ALLOCATOR_IMPL_H_
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -21,64 +23,116 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "allocator/block.h"
+#include "allocator/caching_allocator.h"
 #include "allocator/config.h"
 #include "allocator/device.h"
 #include "allocator/mutex.h"
 #include "allocator/page_map.h"
+#include "allocator/segment_source.h"
 #include "allocator/shard.h"
 #include "allocator/stats.h"
 
 namespace tidepool {
+
+// One arena: see caching_allocator.h. Never deleted before its allocator (a racing Free may
+// still reach it through the page map), so pointers to it stay valid.
+class Arena {
+ public:
+  enum State : int { kActive, kRetired, kGone };
+
+  Arena(uint64_t id, const ArenaOptions& options, SegmentSource* source, bool expandable)
+      : id(id),
+        label(options.label),
+        source(source),
+        expandable(expandable),
+        shares_free_memory(options.shares_free_memory) {}
+
+  const uint64_t id;
+  const std::string label;
+  SegmentSource* const source;
+  const bool expandable;
+  const bool shares_free_memory;
+  // Written under the allocator's growth lock; read anywhere.
+  std::atomic<int> state{kActive};
+  // Reserved bytes, segments and device counters. Guarded by the allocator's growth lock
+  // (which the annotations cannot name from here).
+  AllocatorStats device_stats;
+
+  // A leaf lock: nothing is acquired while it is held.
+  Mutex shards_mu;
+  absl::flat_hash_map<StreamId, std::unique_ptr<Shard>> shards ABSL_GUARDED_BY(shards_mu);
+
+  // This arena's shards, ordered by stream id.
+  std::vector<Shard*> Shards();
+};
 
 class CachingAllocatorImpl {
  public:
   CachingAllocatorImpl(Device* device, const Config& config, size_t total_memory);
   ~CachingAllocatorImpl();
 
-  absl::StatusOr<void*> Allocate(size_t bytes, Stream stream);
+  absl::StatusOr<void*> Allocate(Arena* arena, size_t bytes, Stream stream);
   absl::Status Free(void* ptr);
   absl::Status RecordStream(void* ptr, Stream stream);
   absl::Status EmptyCache();
   absl::StatusOr<size_t> BlockSize(const void* ptr);
-  AllocatorStats GetStats();
-  std::string SnapshotJson();
+
+  absl::StatusOr<Arena*> CreateArena(const ArenaOptions& options);
+  Arena* default_arena() const { return default_arena_; }
+  absl::StatusOr<Arena*> ArenaOf(const void* ptr);
+  absl::Status TrimArena(Arena* arena);
+  absl::StatusOr<bool> RetireArena(Arena* arena);
+  absl::Status ReviveArena(Arena* arena);
+  int64_t LiveBlocks(Arena* arena);
+
+  AllocatorStats GetStats(Arena* arena);  // nullptr: every arena
+  std::string SnapshotJson(Arena* arena);  // nullptr: every arena
 
   Device* device() const { return device_; }
   const Config& config() const { return config_; }
 
  private:
-  // The shard of `stream`, made on first use. Hot: a per-thread cache answers most calls.
-  absl::StatusOr<Shard*> ShardFor(Stream stream);
-  // The shard and segment of a pointer tidepool handed out, with the shard's mutex to be taken
-  // by the caller; an error naming the pointer if tidepool does not own it.
+  // The shard of `stream` in `arena`, made on first use. Hot: a per-thread cache answers most
+  // calls.
+  absl::StatusOr<Shard*> ShardFor(Arena* arena, Stream stream);
+  // The segment holding an address tidepool handed out, or an error naming the pointer.
   absl::StatusOr<Segment*> SegmentOf(uintptr_t address, const char* operation) const;
+  // Every arena, in creation order.
+  std::vector<Arena*> Arenas() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status CheckArena(const Arena* arena) const;
 
   // Adds free memory for `rounded` bytes to the shard. Takes shard locks itself, one at a time.
   absl::Status Grow(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status GrowPlain(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status GrowExpandable(Shard& shard, size_t rounded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // Undoes a growth that failed after `mapped` of its chunks were mapped at `map_at` inside
+  // unmapped block `target`: unmaps them and releases every handle. Returns `cause`.
+  absl::Status RejectGrowth(Arena& arena, const Block* target, uintptr_t map_at, size_t mapped,
+                            const std::vector<PhysicalHandle>& handles, absl::Status cause)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Unmaps whole free granules of the shard's expandable segments (never in the free blocks next
-  // to `keep`, the unmapped block about to be mapped, which growth extends) until
-  // `handles` holds `wanted` physical chunks, appending theirs. Physical chunks are all alike,
-  // so a chunk freed by one stream or size class can be mapped again for any other.
+  // to `keep`, the unmapped block about to be mapped, which growth extends) until `handles`
+  // holds `wanted` physical chunks, appending theirs. Physical chunks are all alike, so a chunk
+  // freed by one stream, size class or arena can be mapped again for any other.
   absl::Status ReclaimFreeGranules(Shard& shard, size_t wanted, const Block* keep,
                                    bool* synchronized, std::vector<PhysicalHandle>* handles)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
-  // The same over the growing shard, then every other shard, each locked alone.
+  // The same over the growing shard, then every other shard of every expandable arena that
+  // shares its free memory, each locked alone.
   absl::Status ReclaimAcrossShards(Shard& shard, size_t wanted, const Block* keep,
                                    std::vector<PhysicalHandle>* handles)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  // Undoes a growth that failed after `mapped` of its chunks were mapped at `map_at` inside
-  // unmapped block `target`: unmaps
-  // them and releases every handle. Returns `cause`.
-  absl::Status RejectGrowth(const Block* target, uintptr_t map_at, size_t mapped,
-                            const std::vector<PhysicalHandle>& handles, absl::Status cause)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  // Returns every whole free segment and free mapped granule of every shard to the device.
+  // Returns every whole free segment and free mapped granule of every arena that shares its
+  // free memory.
   absl::Status ReleaseCached() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status ReleaseArenaCache(Arena& arena, bool* synchronized)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status ReleaseShardCache(Shard& shard, bool* synchronized)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
+  // A retired arena whose last live block has gone returns everything and is gone.
+  absl::Status FinishIfDrained(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  int64_t LiveBlocksLocked(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Waits for the whole device, once per `*synchronized` flag. Memory freed in stream order may
   // still be used by queued work, so it is synchronized before it is unmapped or freed. The
   // whole device, not the freeing stream: the caller may have destroyed that stream, and a
@@ -92,7 +146,6 @@ class CachingAllocatorImpl {
   std::string OutOfMemoryMessage(size_t bytes, size_t rounded, const Shard& shard,
                                  const absl::Status& cause)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  std::vector<Shard*> AllShards();
 
   Device* const device_;
   const Config config_;
@@ -100,19 +153,18 @@ class CachingAllocatorImpl {
   const size_t granularity_;
   // Identifies this allocator in per-thread caches (addresses of dead allocators are reused).
   const uint64_t serial_;
+  DeviceSegments device_segments_;
 
   PageMap<Segment> page_map_;  // written under growth_mu_, read without a lock
 
-  // Serializes growth, trimming and out-of-memory recovery. Lock order: growth_mu_, then one
-  // shard's mu (never two at once), then shards_mu_ (a leaf). Unmapped blocks and the
-  // segments' chunk tables change only under growth_mu_, so growth may drop a shard's lock and
-  // take it again without losing its place.
+  // Serializes growth, trimming, out-of-memory recovery and arena changes. Lock order:
+  // growth_mu_, then one shard's mu (never two at once), then an arena's shards_mu (a leaf).
+  // Unmapped blocks and the segments' chunk tables change only under growth_mu_, so growth may
+  // drop a shard's lock and take it again without losing its place.
   Mutex growth_mu_;
-  AllocatorStats device_stats_ ABSL_GUARDED_BY(growth_mu_);  // reserved, segments, counters
+  std::vector<std::unique_ptr<Arena>> arenas_ ABSL_GUARDED_BY(growth_mu_);  // incl. gone ones
   std::vector<std::unique_ptr<Segment>> segments_ ABSL_GUARDED_BY(growth_mu_);  // incl. retired
-
-  Mutex shards_mu_;
-  absl::flat_hash_map<StreamId, std::unique_ptr<Shard>> shards_ ABSL_GUARDED_BY(shards_mu_);
+  Arena* default_arena_ = nullptr;  // set once, in the constructor
 };
 
 }  // namespace tidepool

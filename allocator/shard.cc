@@ -9,8 +9,8 @@
 
 namespace tidepool {
 
-Shard::Shard(Device* device, StreamId stream_id, size_t max_split_size)
-    : stream_id(stream_id), device_(device), max_split_size_(max_split_size) {}
+Shard::Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size)
+    : arena(arena), stream_id(stream_id), device_(device), max_split_size_(max_split_size) {}
 
 Shard::~Shard() {
   MutexLock lock(&mu);

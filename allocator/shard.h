@@ -30,10 +30,12 @@
 
 namespace tidepool {
 
+class Arena;
+
 // Cache-line aligned: shards of different streams are used by different threads at once.
 class alignas(64) Shard {
  public:
-  Shard(Device* device, StreamId stream_id, size_t max_split_size);
+  Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size);
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
@@ -41,6 +43,7 @@ class alignas(64) Shard {
   // Guards everything below. Lock order: the allocator's growth lock, then this.
   Mutex mu;
 
+  Arena* const arena;
   const StreamId stream_id;
 
   // Takes the best-fitting free block for `rounded` bytes, splits it if worth it, and returns it

@@ -1,0 +1,345 @@
+// Pools and routing of one device: see pool_manager.h; the rules with their reasons are in
+// docs/pools.md.
+#include "pool/pool_manager.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace tidepool {
+namespace {
+
+std::atomic<uint64_t> next_manager_serial{1};
+
+// Live managers by serial, so that a thread leaving with routes open can end them. Leaked on
+// purpose: threads may exit after static destructors have run. Lock order: registry_mu, then a
+// manager's mu_.
+Mutex registry_mu;
+absl::flat_hash_map<uint64_t, PoolManager*>& Registry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(registry_mu) {
+  static auto* registry = new absl::flat_hash_map<uint64_t, PoolManager*>();
+  return *registry;
+}
+
+// One thread's routing state. Only its own thread reads or writes it.
+struct ThreadRoutes {
+  uint64_t serial = 0;
+  std::vector<PoolManager::Route> routes;  // current-thread entries, oldest first
+};
+struct GlobalSnapshot {
+  uint64_t serial = 0;
+  uint64_t version = 0;
+  std::vector<PoolManager::Route> routes;
+};
+
+struct ThreadState {
+  std::vector<ThreadRoutes> managers;
+  std::vector<GlobalSnapshot> snapshots;
+
+  ThreadRoutes* Find(uint64_t serial) {
+    for (ThreadRoutes& mine : managers) {
+      if (mine.serial == serial) return &mine;
+    }
+    return nullptr;
+  }
+  ThreadRoutes& FindOrAdd(uint64_t serial) {
+    if (ThreadRoutes* mine = Find(serial)) return *mine;
+    managers.push_back(ThreadRoutes{serial, {}});
+    return managers.back();
+  }
+
+  // Thread exit: the routes this thread left open are ended and their references released.
+  ~ThreadState() {
+    for (ThreadRoutes& mine : managers) {
+      if (mine.routes.empty()) continue;
+      MutexLock lock(&registry_mu);
+      auto it = Registry().find(mine.serial);
+      if (it != Registry().end()) it->second->EndThreadRoutes(mine.routes);
+    }
+  }
+};
+
+thread_local ThreadState thread_state;
+
+}  // namespace
+
+PoolManager::PoolManager(CachingAllocator* allocator)
+    : allocator_(allocator), serial_(next_manager_serial.fetch_add(1)) {
+  {
+    MutexLock lock(&mu_);
+    auto pool = std::make_unique<Pool>();
+    pool->id = kDefaultPool;
+    pool->arena.store(allocator_->default_arena());
+    pool_of_arena_[allocator_->default_arena()] = kDefaultPool;
+    pools_[kDefaultPool] = std::move(pool);
+  }
+  MutexLock lock(&registry_mu);
+  Registry()[serial_] = this;
+}
+
+PoolManager::~PoolManager() {
+  MutexLock lock(&registry_mu);
+  Registry().erase(serial_);
+}
+
+PoolManager::Pool* PoolManager::FindPool(PoolId id) {
+  auto it = pools_.find(id);
+  return it == pools_.end() ? nullptr : it->second.get();
+}
+
+absl::StatusOr<PoolManager::Pool*> PoolManager::KnownPool(PoolId id, const char* operation) {
+  Pool* pool = FindPool(id);
+  if (pool == nullptr) {
+    return absl::NotFoundError(absl::StrFormat(
+        "tidepool: %s of pool %s, which device %d has never had", operation, id.ToString(),
+        allocator_->device()->ordinal()));
+  }
+  return pool;
+}
+
+absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
+                                const PoolOptions& options) {
+  MutexLock lock(&mu_);
+  Pool* pool = FindPool(id);
+  auto make_arena = [&](Pool& into) -> absl::Status {
+    ArenaOptions arena_options;
+    arena_options.source = into.options.source;
+    arena_options.shares_free_memory = into.options.shares_free_memory;
+    arena_options.label = absl::StrCat("pool ", id.ToString());
+    absl::StatusOr<Arena*> arena = allocator_->CreateArena(arena_options);
+    if (!arena.ok()) return arena.status();
+    into.arena.store(*arena, std::memory_order_release);
+    pool_of_arena_[*arena] = id;
+    return absl::OkStatus();
+  };
+  if (pool == nullptr) {
+    auto created = std::make_unique<Pool>();
+    created->id = id;
+    created->options = options;
+    if (absl::Status s = make_arena(*created); !s.ok()) return s;
+    pool = created.get();
+    pools_[id] = std::move(created);
+  } else if (!id.is_default() && pool->references == 0) {
+    // Released earlier: revive it while its blocks are still live, else start it afresh.
+    Arena* arena = pool->arena.load();
+    if (allocator_->IsGone(arena) || !allocator_->ReviveArena(arena).ok()) {
+      if (absl::Status s = make_arena(*pool); !s.ok()) return s;
+    }
+  }
+  if (!id.is_default()) ++pool->references;
+  ++pool->routes;
+  Route route{next_sequence_++, filter, pool};
+  if (filter.kind == RouteFilter::Kind::kCurrentThread) {
+    thread_state.FindOrAdd(serial_).routes.push_back(route);
+  } else {
+    global_routes_.push_back(route);
+    global_version_.fetch_add(1, std::memory_order_release);
+  }
+  active_routes_.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::Status PoolManager::End(PoolId id) {
+  MutexLock lock(&mu_);
+  Pool* pool = FindPool(id);
+  if (pool != nullptr) {
+    if (ThreadRoutes* mine = thread_state.Find(serial_)) {
+      for (auto it = mine->routes.rbegin(); it != mine->routes.rend(); ++it) {
+        if (it->pool != pool) continue;
+        mine->routes.erase(std::next(it).base());
+        --pool->routes;
+        active_routes_.fetch_sub(1, std::memory_order_relaxed);
+        return absl::OkStatus();
+      }
+    }
+    for (auto it = global_routes_.rbegin(); it != global_routes_.rend(); ++it) {
+      if (it->pool != pool) continue;
+      global_routes_.erase(std::next(it).base());
+      global_version_.fetch_add(1, std::memory_order_release);
+      --pool->routes;
+      active_routes_.fetch_sub(1, std::memory_order_relaxed);
+      return absl::OkStatus();
+    }
+  }
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "tidepool: end of pool %s on device %d without a matching begin (no route to it from this "
+      "thread, nor for a stream, a capture or everyone); nothing was changed",
+      id.ToString(), allocator_->device()->ordinal()));
+}
+
+absl::Status PoolManager::Release(PoolId id) {
+  MutexLock lock(&mu_);
+  if (id.is_default()) {
+    return absl::InvalidArgumentError("tidepool: the default pool cannot be released");
+  }
+  absl::StatusOr<Pool*> pool = KnownPool(id, "release");
+  if (!pool.ok()) return pool.status();
+  if ((*pool)->references == 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: release of pool %s, which has no references left (a double release); nothing "
+        "was changed",
+        id.ToString()));
+  }
+  if ((*pool)->references == 1 && (*pool)->routes > 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: release of the last reference to pool %s while %d routing entries still send "
+        "allocations to it; end them first. Nothing was changed",
+        id.ToString(), (*pool)->routes));
+  }
+  return DropReference(**pool);
+}
+
+absl::Status PoolManager::DropReference(Pool& pool) {
+  if (--pool.references > 0) return absl::OkStatus();
+  return allocator_->RetireArena(pool.arena.load()).status();
+}
+
+void PoolManager::EndThreadRoutes(const std::vector<Route>& routes) {
+  MutexLock lock(&mu_);
+  for (const Route& route : routes) {
+    --route.pool->routes;
+    active_routes_.fetch_sub(1, std::memory_order_relaxed);
+    if (!route.pool->id.is_default() && route.pool->references > 0) {
+      DropReference(*route.pool).IgnoreError();  // nothing to report to: the thread is gone
+    }
+  }
+}
+
+const std::vector<PoolManager::Route>& PoolManager::GlobalRoutes() {
+  GlobalSnapshot* snapshot = nullptr;
+  for (GlobalSnapshot& candidate : thread_state.snapshots) {
+    if (candidate.serial == serial_) snapshot = &candidate;
+  }
+  if (snapshot == nullptr) {
+    thread_state.snapshots.push_back(GlobalSnapshot{serial_, 0, {}});
+    snapshot = &thread_state.snapshots.back();
+  }
+  if (snapshot->version != global_version_.load(std::memory_order_acquire)) {
+    MutexLock lock(&mu_);
+    snapshot->routes = global_routes_;
+    snapshot->version = global_version_.load(std::memory_order_relaxed);
+  }
+  return snapshot->routes;
+}
+
+absl::StatusOr<PoolManager::Pool*> PoolManager::Choose(Stream stream) {
+  const Route* best = nullptr;
+  if (ThreadRoutes* mine = thread_state.Find(serial_); mine != nullptr && !mine->routes.empty()) {
+    best = &mine->routes.back();
+  }
+  const std::vector<Route>& global = GlobalRoutes();
+  Device* device = allocator_->device();
+  for (auto it = global.rbegin(); it != global.rend(); ++it) {
+    if (best != nullptr && it->sequence < best->sequence) break;
+    bool matches = false;
+    switch (it->filter.kind) {
+      case RouteFilter::Kind::kEveryone:
+        matches = true;
+        break;
+      case RouteFilter::Kind::kStream: {
+        absl::StatusOr<StreamId> id = device->GetStreamId(stream);
+        if (!id.ok()) return id.status();
+        matches = *id == it->filter.stream_id;
+        break;
+      }
+      case RouteFilter::Kind::kCapture: {
+        absl::StatusOr<CaptureInfo> capture = device->GetCaptureInfo(stream);
+        if (!capture.ok()) return capture.status();
+        matches = capture->capturing && capture->capture_id == it->filter.capture_id;
+        break;
+      }
+      case RouteFilter::Kind::kCurrentThread:
+        break;  // kept in thread-local storage, never here
+    }
+    if (matches) {
+      best = &*it;
+      break;
+    }
+  }
+  return best == nullptr ? nullptr : best->pool;
+}
+
+absl::StatusOr<void*> PoolManager::Allocate(size_t bytes, Stream stream) {
+  if (active_routes_.load(std::memory_order_relaxed) == 0) {
+    return allocator_->Allocate(bytes, stream);
+  }
+  absl::StatusOr<Pool*> pool = Choose(stream);
+  if (!pool.ok()) return pool.status();
+  if (*pool == nullptr) return allocator_->Allocate(bytes, stream);
+  absl::StatusOr<void*> block =
+      allocator_->Allocate((*pool)->arena.load(std::memory_order_acquire), bytes, stream);
+  if (!block.ok() && absl::IsFailedPrecondition(block.status())) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: allocation routed to pool %s, which was released while still routed: %s",
+        (*pool)->id.ToString(), block.status().message()));
+  }
+  return block;
+}
+
+absl::StatusOr<PoolId> PoolManager::RouteOf(Stream stream) {
+  if (active_routes_.load(std::memory_order_relaxed) == 0) return kDefaultPool;
+  absl::StatusOr<Pool*> pool = Choose(stream);
+  if (!pool.ok()) return pool.status();
+  return *pool == nullptr ? kDefaultPool : (*pool)->id;
+}
+
+absl::StatusOr<PoolId> PoolManager::PoolOf(const void* ptr) {
+  absl::StatusOr<Arena*> arena = allocator_->ArenaOf(ptr);
+  if (!arena.ok()) return arena.status();
+  MutexLock lock(&mu_);
+  auto it = pool_of_arena_.find(*arena);
+  if (it == pool_of_arena_.end()) {
+    return absl::InternalError("tidepool: a live block in an arena that belongs to no pool");
+  }
+  return it->second;
+}
+
+absl::Status PoolManager::Trim(PoolId id) {
+  MutexLock lock(&mu_);
+  absl::StatusOr<Pool*> pool = KnownPool(id, "trim");
+  if (!pool.ok()) return pool.status();
+  return allocator_->TrimArena((*pool)->arena.load());
+}
+
+absl::StatusOr<AllocatorStats> PoolManager::Stats(PoolId id) {
+  MutexLock lock(&mu_);
+  absl::StatusOr<Pool*> pool = KnownPool(id, "stats");
+  if (!pool.ok()) return pool.status();
+  return allocator_->GetStats((*pool)->arena.load());
+}
+
+absl::StatusOr<std::string> PoolManager::Snapshot(PoolId id) {
+  MutexLock lock(&mu_);
+  absl::StatusOr<Pool*> pool = KnownPool(id, "snapshot");
+  if (!pool.ok()) return pool.status();
+  return allocator_->SnapshotJson((*pool)->arena.load());
+}
+
+absl::StatusOr<PoolInfo> PoolManager::Info(PoolId id) {
+  MutexLock lock(&mu_);
+  absl::StatusOr<Pool*> pool = KnownPool(id, "info");
+  if (!pool.ok()) return pool.status();
+  PoolInfo info;
+  info.references = (*pool)->references;
+  info.routes = (*pool)->routes;
+  info.live_blocks = allocator_->LiveBlocks((*pool)->arena.load());
+  info.released = !id.is_default() && (*pool)->references == 0;
+  return info;
+}
+
+// --- PoolScope -------------------------------------------------------------------------------
+
+PoolScope::PoolScope(PoolManager* manager, PoolId pool, const PoolOptions& options)
+    : manager_(manager),
+      pool_(pool),
+      status_(manager->Begin(pool, RouteFilter::CurrentThread(), options)) {}
+
+PoolScope::~PoolScope() {
+  if (!status_.ok()) return;
+  // Both succeed: this scope's Begin made the route and took the reference they undo.
+  manager_->End(pool_).IgnoreError();
+  if (!pool_.is_default()) manager_->Release(pool_).IgnoreError();
+}
+
+}  // namespace tidepool

@@ -1,0 +1,163 @@
+// The pools of one device, and the routing table that sends each allocation to one of them.
+//
+// A pool is an arena of the device's caching allocator (its own segments, free lists, stats and
+// segment source) with an identity (PoolId) and a reference count. Routing entries say which
+// allocations go to which pool; they are searched newest first, and the first whose filter
+// matches wins; no match means the default pool. The semantics, each rule with its reason, are
+// in docs/pools.md. In short:
+//
+//   Begin(pool, filter)  creates the pool if needed (or revives a released one whose blocks are
+//                        still live), adds a reference, and pushes a routing entry.
+//   End(pool)            pops that entry (the calling thread's own newest one for the pool,
+//                        else the newest other entry for it); the reference stays.
+//   Release(pool)        drops a reference. At zero the pool's free memory goes back to its
+//                        source, and the pool is gone once its last live block is freed.
+//
+// A block always returns to the pool it came from, whatever routing is active when it is
+// freed. Routing never changes reuse rules. Every misuse (End without Begin, Release of an
+// unknown pool or of one with no references left, Release that would drop the last reference
+// while the pool is still routed) returns an error and changes nothing.
+//
+// Cost: with no routing entry anywhere, Allocate pays one relaxed atomic load. Current-thread
+// entries live in thread-local storage and are read without a lock; the other entries are
+// copied to a per-thread snapshot whenever they change (a version counter tells).
+//
+// A thread that exits with current-thread entries still open has them ended, and the reference
+// each Begin took released, as a scope would have done (docs/pools.md).
+//
+// Thread safety: every method may be called from any thread. Lock order: mu_, then the
+// allocator's locks (the allocator never calls back into the manager).
+#ifndef TIDEPOOL_POOL_POOL_MANAGER_H_
+#define TIDEPOOL_POOL_POOL_MANAGER_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "allocator/caching_allocator.h"
+#include "allocator/device.h"
+#include "allocator/mutex.h"
+#include "allocator/segment_source.h"
+#include "allocator/stats.h"
+#include "pool/pool_id.h"
+#include "pool/route.h"
+
+namespace tidepool {
+
+// How a pool is made, when Begin creates it.
+struct PoolOptions {
+  // Where its segments come from (must outlive the pool); nullptr: the device.
+  SegmentSource* source = nullptr;
+  // Whether its free memory may be taken back for other pools, EmptyCache and out-of-memory
+  // recovery (false for a CUDA graph's private pool).
+  bool shares_free_memory = true;
+};
+
+// What Info() says of a pool.
+struct PoolInfo {
+  int64_t references = 0;
+  int64_t routes = 0;       // routing entries pointing at it
+  int64_t live_blocks = 0;
+  bool released = false;    // references reached zero; gone once its last block is freed
+};
+
+class PoolManager {
+ public:
+  // Manages the pools of `allocator`'s device; `allocator` must outlive the manager.
+  explicit PoolManager(CachingAllocator* allocator);
+  ~PoolManager();
+  PoolManager(const PoolManager&) = delete;
+  PoolManager& operator=(const PoolManager&) = delete;
+
+  absl::Status Begin(PoolId pool, const RouteFilter& filter, const PoolOptions& options = {});
+  absl::Status End(PoolId pool);
+  absl::Status Release(PoolId pool);
+
+  // An allocation, routed. A route to a pool released while still routed (by another thread's
+  // Release) gives FAILED_PRECONDITION naming the pool.
+  absl::StatusOr<void*> Allocate(size_t bytes, Stream stream);
+  // The pool Allocate would use for `stream` on this thread now.
+  absl::StatusOr<PoolId> RouteOf(Stream stream);
+  // The pool a live block came from.
+  absl::StatusOr<PoolId> PoolOf(const void* ptr);
+
+  // Returns the pool's whole free segments and chunks to their source.
+  absl::Status Trim(PoolId pool);
+  absl::StatusOr<AllocatorStats> Stats(PoolId pool);
+  absl::StatusOr<std::string> Snapshot(PoolId pool);
+  absl::StatusOr<PoolInfo> Info(PoolId pool);
+
+  CachingAllocator* allocator() const { return allocator_; }
+
+  // Internal (public for the thread-local storage in pool_manager.cc) ----------------------
+  struct Pool {
+    PoolId id;
+    PoolOptions options;
+    // Replaced when a pool that was gone is begun again; read by Allocate without mu_.
+    std::atomic<Arena*> arena{nullptr};
+    int64_t references = 0;  // guarded by mu_
+    int64_t routes = 0;      // guarded by mu_
+  };
+
+  // A routing entry. Pools are never deleted while the manager lives, so the pointer is stable.
+  struct Route {
+    uint64_t sequence;  // newer entries have larger sequences
+    RouteFilter filter;
+    Pool* pool;
+  };
+  // Called at thread exit for the current-thread routes that thread left open.
+  void EndThreadRoutes(const std::vector<Route>& routes);
+
+ private:
+  Pool* FindPool(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Pool*> KnownPool(PoolId id, const char* operation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops one reference; retires the arena at zero.
+  absl::Status DropReference(Pool& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The pool for an allocation on `stream` by this thread, or nullptr for the default pool.
+  absl::StatusOr<Pool*> Choose(Stream stream);
+  const std::vector<Route>& GlobalRoutes();
+
+  CachingAllocator* const allocator_;
+  const uint64_t serial_;  // names this manager in thread-local storage
+
+  // Routing entries of every thread and kind; 0 means Allocate need not look.
+  std::atomic<int64_t> active_routes_{0};
+  // Bumped whenever global_routes_ changes; per-thread snapshots compare against it.
+  std::atomic<uint64_t> global_version_{1};
+
+  Mutex mu_;
+  absl::flat_hash_map<PoolId, std::unique_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<const Arena*, PoolId> pool_of_arena_ ABSL_GUARDED_BY(mu_);
+  // Stream, capture and everyone entries, oldest first.
+  std::vector<Route> global_routes_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_sequence_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+// The re-entrant RAII form of Begin(current thread) / End / Release, for one pool: sglang's
+// pattern. Entering the same pool again inside the scope nests.
+class PoolScope {
+ public:
+  PoolScope(PoolManager* manager, PoolId pool, const PoolOptions& options = {});
+  ~PoolScope();
+  PoolScope(const PoolScope&) = delete;
+  PoolScope& operator=(const PoolScope&) = delete;
+
+  // Whether the scope was entered; if not, it does nothing on exit.
+  const absl::Status& status() const { return status_; }
+
+ private:
+  PoolManager* const manager_;
+  const PoolId pool_;
+  absl::Status status_;
+};
+
+}  // namespace tidepool
+
+#endif  // TIDEPOOL_POOL_POOL_MANAGER_H_

@@ -1,0 +1,48 @@
+// A route's filter: which allocations a routing entry (pool_manager.h) sends to its pool.
+//
+//   * the calling thread: every allocation the thread that began the route makes (sglang's
+//     symmetric-memory context, PyTorch's use_mem_pool);
+//   * a stream: allocations on that stream, by its unique id;
+//   * a capture: allocations on any stream taking part in that CUDA graph capture;
+//   * everyone: every allocation on the device.
+#ifndef TIDEPOOL_POOL_ROUTE_H_
+#define TIDEPOOL_POOL_ROUTE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/strings/str_format.h"
+#include "allocator/device.h"
+
+namespace tidepool {
+
+struct RouteFilter {
+  enum class Kind { kCurrentThread, kStream, kCapture, kEveryone };
+
+  Kind kind = Kind::kCurrentThread;
+  StreamId stream_id = 0;   // kStream
+  uint64_t capture_id = 0;  // kCapture
+
+  static RouteFilter CurrentThread() { return RouteFilter{Kind::kCurrentThread}; }
+  static RouteFilter OnStream(StreamId id) { return RouteFilter{Kind::kStream, id, 0}; }
+  static RouteFilter InCapture(uint64_t id) { return RouteFilter{Kind::kCapture, 0, id}; }
+  static RouteFilter Everyone() { return RouteFilter{Kind::kEveryone}; }
+
+  std::string ToString() const {
+    switch (kind) {
+      case Kind::kCurrentThread:
+        return "current thread";
+      case Kind::kStream:
+        return absl::StrFormat("stream %u", stream_id);
+      case Kind::kCapture:
+        return absl::StrFormat("capture %u", capture_id);
+      case Kind::kEveryone:
+        return "everyone";
+    }
+    return "unknown";
+  }
+};
+
+}  // namespace tidepool
+
+#endif  // TIDEPOOL_POOL_ROUTE_H_
