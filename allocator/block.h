@@ -44,6 +44,9 @@ struct Block {
   Block* prev = nullptr;  // address-order neighbours inside the segment
   Block* next = nullptr;
   BlockState state = BlockState::kFree;
+  // The allocator's free epoch when this memory was last freed (0: never used). Its memory may
+  // go back to the device once a device synchronization has started after that epoch.
+  uint64_t freed_epoch = 0;
   absl::InlinedVector<StreamUse, 1> uses;
 };
 

@@ -150,7 +150,9 @@ absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Arena* arena, Stream strea
     MutexLock lock(&arena->shards_mu);
     std::unique_ptr<Shard>& slot = arena->shards[*id];
     if (slot == nullptr) {
-      slot = std::make_unique<Shard>(device_, arena, *id, config_.max_split_size);
+      slot = std::make_unique<Shard>(device_, arena, *id,
+                                     arena->expandable ? SIZE_MAX : config_.max_split_size,
+                                     &free_epoch_);
     }
     shard = slot.get();
   }
@@ -291,8 +293,7 @@ absl::StatusOr<Arena*> CachingAllocatorImpl::ArenaOf(const void* ptr) {
 absl::Status CachingAllocatorImpl::TrimArena(Arena* arena) {
   if (absl::Status s = CheckArena(arena); !s.ok()) return s;
   MutexLock growth(&growth_mu_);
-  bool synchronized = false;
-  return ReleaseArenaCache(*arena, &synchronized);
+  return ReleaseArenaCache(*arena);
 }
 
 absl::StatusOr<bool> CachingAllocatorImpl::RetireArena(Arena* arena) {
@@ -306,8 +307,7 @@ absl::StatusOr<bool> CachingAllocatorImpl::RetireArena(Arena* arena) {
         absl::StrFormat("tidepool: arena '%s' is already gone", arena->label));
   }
   arena->state.store(Arena::kRetired, std::memory_order_release);
-  bool synchronized = false;
-  if (absl::Status s = ReleaseArenaCache(*arena, &synchronized); !s.ok()) return s;
+  if (absl::Status s = ReleaseArenaCache(*arena); !s.ok()) return s;
   if (absl::Status s = FinishIfDrained(*arena); !s.ok()) return s;
   return arena->state.load() == Arena::kGone;
 }
@@ -342,8 +342,7 @@ absl::Status CachingAllocatorImpl::FinishIfDrained(Arena& arena) {
   if (arena.state.load() != Arena::kRetired || LiveBlocksLocked(arena) != 0) {
     return absl::OkStatus();
   }
-  bool synchronized = false;
-  if (absl::Status s = ReleaseArenaCache(arena, &synchronized); !s.ok()) return s;
+  if (absl::Status s = ReleaseArenaCache(arena); !s.ok()) return s;
   arena.state.store(Arena::kGone, std::memory_order_release);
   return absl::OkStatus();
 }
@@ -363,6 +362,11 @@ absl::StatusOr<size_t> CachingAllocatorImpl::BlockSize(const void* ptr) {
 }
 
 // --- Growth ----------------------------------------------------------------------------------
+
+absl::Status CachingAllocatorImpl::TooLarge(size_t rounded) const {
+  return absl::ResourceExhaustedError(absl::StrFormat(
+      "%u bytes is more than the device's %u bytes of memory", rounded, total_memory_));
+}
 
 absl::Status CachingAllocatorImpl::Grow(Shard& shard, size_t rounded) {
   return shard.arena->expandable ? GrowExpandable(shard, rounded) : GrowPlain(shard, rounded);
@@ -390,7 +394,8 @@ void CachingAllocatorImpl::RetireSegment(Segment* segment) {
 
 absl::Status CachingAllocatorImpl::GrowPlain(Shard& shard, size_t rounded) {
   Arena& arena = *shard.arena;
-  size_t size = PlainSegmentSize(rounded);
+  size_t size = PlainSegmentSize(rounded, config_.max_split_size);
+  if (size > total_memory_) return TooLarge(rounded);
   absl::StatusOr<uintptr_t> base = arena.source->AllocateSegment(size);
   if (!base.ok()) return base.status();
   if (!PageMap<Segment>::Covers(*base, size)) {
@@ -413,6 +418,7 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
   Arena& arena = *shard.arena;
   const bool small = IsSmall(rounded);
   const size_t g = granularity_;
+  if (RoundUp(rounded, g) > total_memory_) return TooLarge(rounded);
   // Where to map: inside an unmapped block, extending the free block before it, or the one
   // after it, or bridging both. The placement that needs the fewest new bytes wins; the index
   // is ordered, so ties go to the smaller, then lower, unmapped block (deterministic).
@@ -442,6 +448,7 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
       }
     }
   }
+  Segment* new_segment = nullptr;
   if (target == nullptr) {
     size_t reserve = config_.expandable_reserve != 0 ? config_.expandable_reserve
                                                      : RoundUp(total_memory_, g);
@@ -454,30 +461,46 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
       return absl::InternalError(
           absl::StrFormat("tidepool: device address %#x is outside the page map", *base));
     }
-    Segment* segment = NewSegment(shard, *base, reserve, /*expandable=*/true, small);
+    new_segment = NewSegment(shard, *base, reserve, /*expandable=*/true, small);
     MutexLock lock(&shard.mu);
-    shard.AddSegment(segment, BlockState::kUnmapped);
-    page_map_.Register(segment->base, segment->size, segment);
-    target = segment->first;
+    shard.AddSegment(new_segment, BlockState::kUnmapped);
+    page_map_.Register(new_segment->base, new_segment->size, new_segment);
+    target = new_segment->first;
     map_at = target->address;
     to_map = RoundUp(rounded, g);
   }
+  // A growth that fails leaves nothing behind: not even the address range it reserved.
+  auto fail = [&](size_t mapped, const std::vector<PhysicalHandle>& handles,
+                  absl::Status cause) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_) {
+    absl::Status status = RejectGrowth(arena, target, map_at, mapped, handles, cause);
+    if (new_segment != nullptr) {
+      bool idle;
+      {
+        MutexLock lock(&shard.mu);
+        idle = shard.RemoveSegmentIfIdle(new_segment);
+      }
+      if (idle && device_->ReleaseAddressRange(new_segment->base, new_segment->size).ok()) {
+        RetireSegment(new_segment);
+      }
+    }
+    return status;
+  };
 
   const size_t granules = to_map / g;
   std::vector<PhysicalHandle> handles;
   handles.reserve(granules);
   if (config_.release_free_chunks_on_growth) {
     absl::Status s = ReclaimAcrossShards(shard, granules, target, &handles);
-    if (!s.ok()) return s;
     arena.device_stats.reserved_bytes.Increase(static_cast<int64_t>(handles.size() * g));
+    if (!s.ok()) return fail(/*mapped=*/0, handles, s);
   }
   // Fail fast when the device plainly lacks the memory, rather than map thousands of chunks
   // only to give them back.
   if (absl::StatusOr<MemoryInfo> info = device_->GetMemoryInfo();
       info.ok() && (granules - handles.size()) * g > info->free_bytes) {
-    return RejectGrowth(arena, target, map_at, /*mapped=*/0, handles,
-                        absl::ResourceExhaustedError(absl::StrFormat(
-                            "the device has %u bytes free", info->free_bytes)));
+    return fail(/*mapped=*/0, handles,
+                absl::ResourceExhaustedError(
+                    absl::StrFormat("the device has %u bytes free", info->free_bytes)));
   }
   absl::Status status;
   while (status.ok() && handles.size() < granules) {
@@ -497,7 +520,7 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
     segment->chunks[(address - segment->base) / g] = handles[mapped];
     ++mapped;
   }
-  if (!status.ok()) return RejectGrowth(arena, target, map_at, mapped, handles, status);
+  if (!status.ok()) return fail(mapped, handles, status);
   MutexLock lock(&shard.mu);
   shard.MarkMapped(target, map_at, to_map);
   return absl::OkStatus();
@@ -529,10 +552,9 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t want
                                                        const Block* keep,
                                                        std::vector<PhysicalHandle>* handles) {
   // The growing shard first, then the others, each locked alone.
-  bool synchronized = false;
   {
     MutexLock lock(&shard.mu);
-    absl::Status s = ReclaimFreeGranules(shard, wanted, keep, &synchronized, handles);
+    absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles);
     if (!s.ok()) return s;
   }
   for (Arena* arena : Arenas()) {
@@ -542,21 +564,25 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t want
       if (handles->size() == wanted) return absl::OkStatus();
       if (other == &shard) continue;
       MutexLock lock(&other->mu);
-      absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, &synchronized, handles);
+      absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, handles);
       if (!s.ok()) return s;
     }
   }
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::SynchronizeOnce(bool* synchronized) {
-  if (*synchronized) return absl::OkStatus();
-  *synchronized = true;
-  return device_->SynchronizeDevice();
+absl::Status CachingAllocatorImpl::WaitForFreedWork(const Block& block) {
+  if (block.freed_epoch < quiet_before_) return absl::OkStatus();
+  // Blocks freed from here on read an epoch >= start; those freed before read less, and the
+  // work their streams queued before freeing them is done once the synchronization returns.
+  const uint64_t start = free_epoch_.fetch_add(1) + 1;
+  if (absl::Status s = device_->SynchronizeDevice(); !s.ok()) return s;
+  quiet_before_ = start;
+  return absl::OkStatus();
 }
 
 absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t wanted,
-                                                       const Block* keep, bool* synchronized,
+                                                       const Block* keep,
                                                        std::vector<PhysicalHandle>* handles) {
   const size_t g = granularity_;
   shard.FlushQuick();
@@ -577,14 +603,14 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
     }
   }
   if (candidates.empty() || handles->size() >= wanted) return absl::OkStatus();
-  // Blocks freed in stream order may still be read or written by work queued on the stream.
-  if (absl::Status s = SynchronizeOnce(synchronized); !s.ok()) return s;
   // Unmapping never merges free blocks, and the only blocks it merges (unmapped neighbours) are
   // not candidates, so the candidate pointers stay valid throughout.
   for (const Candidate& candidate : candidates) {
     if (handles->size() == wanted) break;
     size_t take = std::min((candidate.end - candidate.begin) / g, wanted - handles->size());
     Segment* segment = candidate.block->segment;
+    // Blocks freed in stream order may still be read or written by work queued on the stream.
+    if (absl::Status s = WaitForFreedWork(*candidate.block); !s.ok()) return s;
     for (size_t i = 0; i < take; ++i) {
       uintptr_t address = candidate.begin + i * g;
       if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;
@@ -602,23 +628,22 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
 // --- Returning memory ------------------------------------------------------------------------
 
 absl::Status CachingAllocatorImpl::ReleaseCached() {
-  bool synchronized = false;
   for (Arena* arena : Arenas()) {
     if (!arena->shares_free_memory) continue;
-    if (absl::Status s = ReleaseArenaCache(*arena, &synchronized); !s.ok()) return s;
+    if (absl::Status s = ReleaseArenaCache(*arena); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::ReleaseArenaCache(Arena& arena, bool* synchronized) {
+absl::Status CachingAllocatorImpl::ReleaseArenaCache(Arena& arena) {
   for (Shard* shard : arena.Shards()) {
     MutexLock lock(&shard->mu);
-    if (absl::Status s = ReleaseShardCache(*shard, synchronized); !s.ok()) return s;
+    if (absl::Status s = ReleaseShardCache(*shard); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, bool* synchronized) {
+absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard) {
   if (absl::Status s = shard.WaitForEvents(); !s.ok()) return s;
   Arena& arena = *shard.arena;
   const size_t g = granularity_;
@@ -627,7 +652,7 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, bool* synchro
     if (!segment->expandable) {
       Block* only = segment->first;
       if (only->next != nullptr || only->state != BlockState::kFree) continue;
-      if (absl::Status s = SynchronizeOnce(synchronized); !s.ok()) return s;
+      if (absl::Status s = WaitForFreedWork(*only); !s.ok()) return s;
       if (absl::Status s = arena.source->FreeSegment(segment->base, segment->size); !s.ok()) {
         return s;
       }
@@ -646,7 +671,7 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, bool* synchro
       uintptr_t begin = RoundUp(block->address, g);
       uintptr_t end = RoundDown(block->address + block->size, g);
       if (end <= begin) continue;
-      if (absl::Status s = SynchronizeOnce(synchronized); !s.ok()) return s;
+      if (absl::Status s = WaitForFreedWork(*block); !s.ok()) return s;
       for (uintptr_t address = begin; address < end; address += g) {
         size_t index = (address - segment->base) / g;
         if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;

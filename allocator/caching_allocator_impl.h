@@ -101,6 +101,8 @@ class CachingAllocatorImpl {
   std::vector<Arena*> Arenas() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status CheckArena(const Arena* arena) const;
 
+  // RESOURCE_EXHAUSTED: a request larger than the whole device.
+  absl::Status TooLarge(size_t rounded) const;
   // Adds free memory for `rounded` bytes to the shard. Takes shard locks itself, one at a time.
   absl::Status Grow(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status GrowPlain(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
@@ -116,7 +118,7 @@ class CachingAllocatorImpl {
   // holds `wanted` physical chunks, appending theirs. Physical chunks are all alike, so a chunk
   // freed by one stream, size class or arena can be mapped again for any other.
   absl::Status ReclaimFreeGranules(Shard& shard, size_t wanted, const Block* keep,
-                                   bool* synchronized, std::vector<PhysicalHandle>* handles)
+                                   std::vector<PhysicalHandle>* handles)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // The same over the growing shard, then every other shard of every expandable arena that
   // shares its free memory, each locked alone.
@@ -126,20 +128,19 @@ class CachingAllocatorImpl {
   // Returns every whole free segment and free mapped granule of every arena that shares its
   // free memory.
   absl::Status ReleaseCached() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  absl::Status ReleaseArenaCache(Arena& arena, bool* synchronized)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  absl::Status ReleaseShardCache(Shard& shard, bool* synchronized)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
+  absl::Status ReleaseArenaCache(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status ReleaseShardCache(Shard& shard) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // A retired arena whose last live block has gone returns everything and is gone.
   absl::Status FinishIfDrained(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   int64_t LiveBlocksLocked(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  // Waits for the whole device, once per `*synchronized` flag. Memory freed in stream order may
-  // still be used by queued work, so it is synchronized before it is unmapped or freed. The
-  // whole device, not the freeing stream: the caller may have destroyed that stream, and a
-  // destroyed stream's handle can be neither touched (the driver reads freed memory: seen
-  // crashing on the H200) nor trusted (it may name a newer stream). Only growth and trimming
-  // come here, never a cached allocation.
-  absl::Status SynchronizeOnce(bool* synchronized);
+  // Returns once no work queued before `block` was freed can still use its memory: at once if
+  // a device synchronization has started since, else after one. Memory freed in stream order may
+  // still be used by queued work, so this comes before it is unmapped or given back. The whole
+  // device, not the freeing stream: the caller may have destroyed that stream, and a destroyed
+  // stream's handle can be neither touched (the driver reads freed memory: seen crashing on the
+  // H200) nor trusted (it may name a newer stream). Only growth and trimming come here, never a
+  // cached allocation.
+  absl::Status WaitForFreedWork(const Block& block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   Segment* NewSegment(Shard& shard, uintptr_t base, size_t size, bool expandable, bool small)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   void RetireSegment(Segment* segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
@@ -157,6 +158,10 @@ class CachingAllocatorImpl {
 
   PageMap<Segment> page_map_;  // written under growth_mu_, read without a lock
 
+  // Each Free stamps its block with this epoch (a read on the hot path; written only when
+  // growth or trimming synchronizes the device). See WaitForFreedWork.
+  std::atomic<uint64_t> free_epoch_{1};
+
   // Serializes growth, trimming, out-of-memory recovery and arena changes. Lock order:
   // growth_mu_, then one shard's mu (never two at once), then an arena's shards_mu (a leaf).
   // Unmapped blocks and the segments' chunk tables change only under growth_mu_, so growth may
@@ -165,6 +170,9 @@ class CachingAllocatorImpl {
   std::vector<std::unique_ptr<Arena>> arenas_ ABSL_GUARDED_BY(growth_mu_);  // incl. gone ones
   std::vector<std::unique_ptr<Segment>> segments_ ABSL_GUARDED_BY(growth_mu_);  // incl. retired
   Arena* default_arena_ = nullptr;  // set once, in the constructor
+  // Blocks freed with an epoch below this are idle: a device synchronization started after
+  // their free has completed.
+  uint64_t quiet_before_ ABSL_GUARDED_BY(growth_mu_) = 1;
 };
 
 }  // namespace tidepool

@@ -9,8 +9,13 @@
 
 namespace tidepool {
 
-Shard::Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size)
-    : arena(arena), stream_id(stream_id), device_(device), max_split_size_(max_split_size) {}
+Shard::Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size,
+             const std::atomic<uint64_t>* free_epoch)
+    : arena(arena),
+      stream_id(stream_id),
+      device_(device),
+      max_split_size_(max_split_size),
+      free_epoch_(free_epoch) {}
 
 Shard::~Shard() {
   MutexLock lock(&mu);
@@ -35,6 +40,7 @@ Block* Shard::NewBlock() {
   spare_blocks_.pop_back();
   block->requested = 0;
   block->prev = block->next = nullptr;
+  block->freed_epoch = 0;
   block->uses.clear();
   return block;
 }
@@ -48,6 +54,7 @@ BlockIndex* Shard::IndexFor(const Block* block) {
 
 Block* Shard::Merge(Block* left, Block* right) {
   left->size += right->size;
+  left->freed_epoch = std::max(left->freed_epoch, right->freed_epoch);
   left->next = right->next;
   if (right->next != nullptr) right->next->prev = left;
   DeleteBlock(right);
@@ -60,6 +67,7 @@ Block* Shard::SplitFront(Block* block, size_t bytes) {
   tail->size = block->size - bytes;
   tail->segment = block->segment;
   tail->state = block->state;
+  tail->freed_epoch = block->freed_epoch;
   tail->prev = block;
   tail->next = block->next;
   if (block->next != nullptr) block->next->prev = tail;
@@ -170,6 +178,7 @@ absl::StatusOr<Event> Shard::TakeEvent() {
 }
 
 absl::Status Shard::FreeLive(Block* block) {
+  block->freed_epoch = free_epoch_->load();
   stats_.requested_bytes.Decrease(static_cast<int64_t>(block->requested));
   stats_.allocated_bytes.Decrease(static_cast<int64_t>(block->size));
   stats_.active_blocks.Decrease(1);
@@ -272,6 +281,7 @@ Block* Shard::MarkMapped(Block* unmapped, uintptr_t begin, size_t bytes) {
     Block* rest = SplitFront(mapped, bytes);
     unmapped_index.insert(rest);
   }
+  mapped->freed_epoch = 0;  // fresh memory: no work has ever used it
   return MakeFree(mapped);
 }
 

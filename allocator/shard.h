@@ -17,6 +17,7 @@
 #ifndef TIDEPOOL_ALLOCATOR_SHARD_H_
 #define TIDEPOOL_ALLOCATOR_SHARD_H_
 
+#include <atomic>
 #include <deque>
 #include <vector>
 
@@ -35,7 +36,9 @@ class Arena;
 // Cache-line aligned: shards of different streams are used by different threads at once.
 class alignas(64) Shard {
  public:
-  Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size);
+  // `free_epoch` is the allocator's epoch counter (see CachingAllocatorImpl::free_epoch_).
+  Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size,
+        const std::atomic<uint64_t>* free_epoch);
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
@@ -126,6 +129,7 @@ class alignas(64) Shard {
 
   Device* const device_;
   const size_t max_split_size_;
+  const std::atomic<uint64_t>* const free_epoch_;
   BlockIndex free_[2] ABSL_GUARDED_BY(mu);      // [small]
   BlockIndex unmapped_[2] ABSL_GUARDED_BY(mu);  // [small], expandable segments only
   std::vector<Segment*> segments_ ABSL_GUARDED_BY(mu);

@@ -37,11 +37,13 @@ inline absl::StatusOr<size_t> RoundRequest(size_t bytes) {
 
 inline bool IsSmall(size_t rounded) { return rounded <= kSmallRequest; }
 
-// The size of a new plain segment for a rounded request.
-inline size_t PlainSegmentSize(size_t rounded) {
-  if (IsSmall(rounded)) return kSmallSegment;
-  if (rounded <= kMediumRequest) return kMediumSegment;
-  return (rounded + kLargeRounding - 1) / kLargeRounding * kLargeRounding;
+// The size of a new plain segment for a rounded request. A request below max_split_size never
+// gets a segment at or above it (the segment would be an oversize block it may not use).
+inline size_t PlainSegmentSize(size_t rounded, size_t max_split_size) {
+  const size_t exact = (rounded + kLargeRounding - 1) / kLargeRounding * kLargeRounding;
+  size_t size = IsSmall(rounded) ? kSmallSegment : rounded <= kMediumRequest ? kMediumSegment : exact;
+  if (rounded < max_split_size && size >= max_split_size) size = exact;
+  return size;
 }
 
 // Whether serving `rounded` from a free block of `block_size` should split off the remainder.
@@ -56,8 +58,11 @@ inline bool ShouldSplit(size_t block_size, size_t rounded, bool expandable) {
 }
 
 // Whether a free block of `block_size` may serve `rounded` at all: blocks above max_split_size
-// are kept for requests of their own class, so a small request cannot fragment them.
+// are kept for requests of their own class, so a small request cannot fragment them; but a block
+// no larger than the request rounded to a whole segment granule is never too big for it.
 inline bool MayServe(size_t block_size, size_t rounded, size_t max_split_size) {
+  const size_t exact = (rounded + kLargeRounding - 1) / kLargeRounding * kLargeRounding;
+  if (block_size <= exact) return true;
   if (rounded < max_split_size) return block_size < max_split_size;
   return block_size <= rounded + kMediumSegment;
 }
