@@ -32,6 +32,9 @@
 #include "allocator/device.h"
 #include "allocator/simulated_device.h"
 #include "bench/pair_benchmark.h"
+#include "pool/pool_id.h"
+#include "pool/pool_manager.h"
+#include "pool/route.h"
 
 namespace tidepool {
 namespace {
@@ -83,6 +86,41 @@ class TidepoolPairs : public DeviceStreams {
 
 // The anchors call the driver directly from the benchmark's threads, which need the device's
 // context current (CudaDevice's own methods see to that themselves).
+// tidepool with the calling thread routed to a pool (PoolManager, a current-thread route, as
+// sglang's symmetric-memory scope does): the difference to the `tidepool` column is the cost of
+// the routing decision. Each thread begins its route before its first pair; a thread's route
+// ends, and its reference goes, when the thread exits.
+class RoutedPairs : public DeviceStreams {
+ public:
+  RoutedPairs(Device* device, std::unique_ptr<CachingAllocator> allocator)
+      : DeviceStreams(device),
+        allocator_(std::move(allocator)),
+        manager_(allocator_.get()),
+        pool_(NewUserPoolId()) {}
+  ~RoutedPairs() override { CheckOk(allocator_->EmptyCache()); }
+
+  std::string name() const override { return "tidepool, routed to a pool"; }
+  bool stream_ordered() const override { return true; }
+  Effort effort(bool quick) const override { return bench::FastAllocatorEffort(quick); }
+  void PrepareThread() override {
+    thread_local PoolManager* routed = nullptr;
+    if (routed == &manager_) return;
+    CheckOk(manager_.Begin(pool_, RouteFilter::CurrentThread()));
+    routed = &manager_;
+  }
+  void* Allocate(size_t bytes, void* stream) override {
+    absl::StatusOr<void*> block = manager_.Allocate(bytes, stream);
+    CheckOk(block.status());
+    return *block;
+  }
+  void Free(void* ptr, void*) override { CheckOk(allocator_->Free(ptr)); }
+
+ private:
+  const std::unique_ptr<CachingAllocator> allocator_;
+  PoolManager manager_;
+  const PoolId pool_;
+};
+
 // Not an allocator: one Device::GetStreamId per pair and nothing else. tidepool asks the device
 // for the stream's unique id on every allocation (handles are reused after a stream is
 // destroyed, ids are not), so this column is the floor under tidepool's column.
@@ -217,8 +255,12 @@ int Main(int argc, char** argv) {
       CachingAllocator::Create(device, *config);
   CheckOk(allocator.status());
   TidepoolPairs tidepool(device, *std::move(allocator));
+  absl::StatusOr<std::unique_ptr<CachingAllocator>> routed_allocator =
+      CachingAllocator::Create(device, *config);
+  CheckOk(routed_allocator.status());
+  RoutedPairs routed(device, *std::move(routed_allocator));
   StreamIdLookups stream_ids(device);
-  std::vector<bench::PairAllocator*> measured = {&tidepool, &stream_ids};
+  std::vector<bench::PairAllocator*> measured = {&tidepool, &routed, &stream_ids};
 
   std::unique_ptr<CudaMallocPairs> cuda_malloc;
   std::unique_ptr<CudaMallocAsyncPairs> cuda_malloc_async;
