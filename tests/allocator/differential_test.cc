@@ -60,6 +60,7 @@
 #include "absl/strings/str_join.h"
 #include "allocator/caching_allocator.h"
 #include "allocator/config.h"
+#include "allocator/forwarding_device.h"
 #include "allocator/simulated_device.h"
 #include "allocator/stats.h"
 
@@ -357,64 +358,23 @@ std::string CheckSnapshot(const std::string& snapshot, const AllocatorStats& sta
 // that no live block lies in it and that no work that may still use its bytes is pending. This
 // sees what addresses alone cannot: physical memory moved from one place (or stream) to another.
 
-class WatchedDevice : public Device {
+class WatchedDevice : public ForwardingDevice {
  public:
   using Hook = std::function<void(const char* operation, uintptr_t address, size_t bytes)>;
 
-  explicit WatchedDevice(SimulatedDevice* inner) : inner_(inner) {}
+  explicit WatchedDevice(SimulatedDevice* inner) : ForwardingDevice(inner) {}
   void set_hook(Hook hook) { hook_ = std::move(hook); }
 
-  int ordinal() const override { return inner_->ordinal(); }
-  absl::StatusOr<uintptr_t> AllocateSegment(size_t bytes) override {
-    return inner_->AllocateSegment(bytes);
-  }
   absl::Status FreeSegment(uintptr_t address, size_t bytes) override {
     if (hook_) hook_("FreeSegment", address, bytes);
-    return inner_->FreeSegment(address, bytes);
-  }
-  size_t granularity() const override { return inner_->granularity(); }
-  absl::StatusOr<uintptr_t> ReserveAddressRange(size_t bytes) override {
-    return inner_->ReserveAddressRange(bytes);
-  }
-  absl::Status ReleaseAddressRange(uintptr_t address, size_t bytes) override {
-    return inner_->ReleaseAddressRange(address, bytes);
-  }
-  absl::StatusOr<PhysicalHandle> CreatePhysical(size_t bytes) override {
-    return inner_->CreatePhysical(bytes);
-  }
-  absl::Status ReleasePhysical(PhysicalHandle handle) override {
-    return inner_->ReleasePhysical(handle);
-  }
-  absl::Status Map(uintptr_t address, size_t bytes, PhysicalHandle handle) override {
-    return inner_->Map(address, bytes, handle);
+    return ForwardingDevice::FreeSegment(address, bytes);
   }
   absl::Status Unmap(uintptr_t address, size_t bytes) override {
     if (hook_) hook_("Unmap", address, bytes);
-    return inner_->Unmap(address, bytes);
+    return ForwardingDevice::Unmap(address, bytes);
   }
-  absl::StatusOr<Event> CreateEvent() override { return inner_->CreateEvent(); }
-  absl::Status DestroyEvent(Event event) override { return inner_->DestroyEvent(event); }
-  absl::Status RecordEvent(Event event, Stream stream) override {
-    return inner_->RecordEvent(event, stream);
-  }
-  absl::StatusOr<bool> QueryEvent(Event event) override { return inner_->QueryEvent(event); }
-  absl::Status SynchronizeEvent(Event event) override { return inner_->SynchronizeEvent(event); }
-  absl::Status SynchronizeStream(Stream stream) override {
-    return inner_->SynchronizeStream(stream);
-  }
-  absl::Status SynchronizeDevice() override { return inner_->SynchronizeDevice(); }
-  absl::StatusOr<StreamId> GetStreamId(Stream stream) override {
-    return inner_->GetStreamId(stream);
-  }
-  absl::StatusOr<CaptureInfo> GetCaptureInfo(Stream stream) override {
-    return inner_->GetCaptureInfo(stream);
-  }
-  absl::StatusOr<MemoryInfo> GetMemoryInfo() override { return inner_->GetMemoryInfo(); }
-  absl::StatusOr<Stream> CreateStream() override { return inner_->CreateStream(); }
-  absl::Status DestroyStream(Stream stream) override { return inner_->DestroyStream(stream); }
 
  private:
-  SimulatedDevice* const inner_;
   Hook hook_;
 };
 

@@ -32,6 +32,7 @@
 #include "absl/strings/str_join.h"
 #include "allocator/caching_allocator.h"
 #include "allocator/config.h"
+#include "allocator/forwarding_device.h"
 #include "allocator/simulated_device.h"
 
 namespace tidepool {
@@ -386,71 +387,32 @@ TEST_CASE("memory goes back to the device only after its streams were synchroniz
 // A Device that forwards to a SimulatedDevice and lets a test act at two moments: right after
 // the allocator synchronized (the device or a stream), and right before it unmaps or gives back
 // a range.
-class InterceptingDevice : public Device {
+class InterceptingDevice : public ForwardingDevice {
  public:
-  explicit InterceptingDevice(SimulatedDevice* inner) : inner_(inner) {}
+  explicit InterceptingDevice(SimulatedDevice* inner) : ForwardingDevice(inner) {}
 
   std::function<void()> after_synchronize_device;
   std::function<void()> after_synchronize_stream;
   std::function<void(uintptr_t address, size_t bytes)> before_give_back;
 
-  int ordinal() const override { return inner_->ordinal(); }
-  absl::StatusOr<uintptr_t> AllocateSegment(size_t bytes) override {
-    return inner_->AllocateSegment(bytes);
-  }
   absl::Status FreeSegment(uintptr_t address, size_t bytes) override {
     if (before_give_back) before_give_back(address, bytes);
-    return inner_->FreeSegment(address, bytes);
-  }
-  size_t granularity() const override { return inner_->granularity(); }
-  absl::StatusOr<uintptr_t> ReserveAddressRange(size_t bytes) override {
-    return inner_->ReserveAddressRange(bytes);
-  }
-  absl::Status ReleaseAddressRange(uintptr_t address, size_t bytes) override {
-    return inner_->ReleaseAddressRange(address, bytes);
-  }
-  absl::StatusOr<PhysicalHandle> CreatePhysical(size_t bytes) override {
-    return inner_->CreatePhysical(bytes);
-  }
-  absl::Status ReleasePhysical(PhysicalHandle handle) override {
-    return inner_->ReleasePhysical(handle);
-  }
-  absl::Status Map(uintptr_t address, size_t bytes, PhysicalHandle handle) override {
-    return inner_->Map(address, bytes, handle);
+    return ForwardingDevice::FreeSegment(address, bytes);
   }
   absl::Status Unmap(uintptr_t address, size_t bytes) override {
     if (before_give_back) before_give_back(address, bytes);
-    return inner_->Unmap(address, bytes);
+    return ForwardingDevice::Unmap(address, bytes);
   }
-  absl::StatusOr<Event> CreateEvent() override { return inner_->CreateEvent(); }
-  absl::Status DestroyEvent(Event event) override { return inner_->DestroyEvent(event); }
-  absl::Status RecordEvent(Event event, Stream stream) override {
-    return inner_->RecordEvent(event, stream);
-  }
-  absl::StatusOr<bool> QueryEvent(Event event) override { return inner_->QueryEvent(event); }
-  absl::Status SynchronizeEvent(Event event) override { return inner_->SynchronizeEvent(event); }
   absl::Status SynchronizeStream(Stream stream) override {
-    absl::Status status = inner_->SynchronizeStream(stream);
+    absl::Status status = ForwardingDevice::SynchronizeStream(stream);
     if (after_synchronize_stream) after_synchronize_stream();
     return status;
   }
   absl::Status SynchronizeDevice() override {
-    absl::Status status = inner_->SynchronizeDevice();
+    absl::Status status = ForwardingDevice::SynchronizeDevice();
     if (after_synchronize_device) after_synchronize_device();
     return status;
   }
-  absl::StatusOr<StreamId> GetStreamId(Stream stream) override {
-    return inner_->GetStreamId(stream);
-  }
-  absl::StatusOr<CaptureInfo> GetCaptureInfo(Stream stream) override {
-    return inner_->GetCaptureInfo(stream);
-  }
-  absl::StatusOr<MemoryInfo> GetMemoryInfo() override { return inner_->GetMemoryInfo(); }
-  absl::StatusOr<Stream> CreateStream() override { return inner_->CreateStream(); }
-  absl::Status DestroyStream(Stream stream) override { return inner_->DestroyStream(stream); }
-
- private:
-  SimulatedDevice* const inner_;
 };
 
 struct ReclaimHarness {
