@@ -232,7 +232,12 @@ absl::Status CachingAllocatorImpl::Free(void* ptr) {
   Shard& shard = *(*segment)->shard;
   {
     MutexLock lock(&shard.mu);
-    if (!(*segment)->live) return SegmentOf(0, "free").status();
+    if (!(*segment)->live) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tidepool: free of %#x, whose memory tidepool has already given back to the device "
+          "(device %d): not a live allocation",
+          address, device_->ordinal()));
+    }
     Block* block = shard.FindLive(address);
     if (block == nullptr) {
       return absl::FailedPreconditionError(absl::StrFormat(

@@ -1,0 +1,107 @@
+// The process's runtime: made once, under a lock, published through an atomic pointer so that
+// every later call reads it without the lock. See global_runtime.h.
+#include "integrations/c_api/global_runtime.h"
+
+#include <atomic>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "allocator/config.h"
+#include "allocator/mutex.h"
+#include "allocator/simulated_device.h"
+
+namespace tidepool {
+namespace c_api {
+namespace {
+
+// Where simulated device 0's addresses start, and the distance between two devices' ranges.
+// The start is above every host address (x86-64 user space ends at 2^47 with 4-level page
+// tables), so host memory that a callback pool hands in never lands inside a simulated range.
+// Simulated addresses are never reused, so each device gets 2^48 bytes of them; 64 devices end
+// below 2^55, inside the allocator's 57-bit page map.
+constexpr uintptr_t kFirstSimulatedAddress = uintptr_t{1} << 52;
+constexpr uintptr_t kSimulatedAddressRange = uintptr_t{1} << 48;
+
+struct GlobalState {
+  Mutex mu;
+  // The simulated devices InitSimulated made (they must outlive the runtime, which never goes).
+  std::vector<std::unique_ptr<SimulatedDevice>> simulated_devices ABSL_GUARDED_BY(mu);
+  std::unique_ptr<Runtime> runtime ABSL_GUARDED_BY(mu);
+  // runtime.get() once made; read without mu.
+  std::atomic<Runtime*> published{nullptr};
+};
+
+// Never destroyed (global_runtime.h says why).
+GlobalState& State() {
+  static GlobalState* const state = new GlobalState();
+  return *state;
+}
+
+void Publish(GlobalState& state, std::unique_ptr<Runtime> runtime)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) {
+  state.runtime = std::move(runtime);
+  state.published.store(state.runtime.get(), std::memory_order_release);
+}
+
+}  // namespace
+
+absl::StatusOr<Runtime*> GlobalRuntime() {
+  GlobalState& state = State();
+  if (Runtime* runtime = state.published.load(std::memory_order_acquire)) return runtime;
+  MutexLock lock(&state.mu);
+  if (state.runtime != nullptr) return state.runtime.get();
+  absl::StatusOr<Config> config = Config::FromEnvironment();
+  if (!config.ok()) return config.status();
+  absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::CreateForCuda(*config);
+  if (!runtime.ok()) {
+    return absl::Status(
+        runtime.status().code(),
+        absl::StrCat("tidepool could not start on the CUDA devices: ", runtime.status().message(),
+                     ". Without a GPU, call tidepool_init_simulated before any other call."));
+  }
+  Publish(state, *std::move(runtime));
+  return state.runtime.get();
+}
+
+absl::Status InitSimulated(int device_count, size_t bytes_per_device) {
+  if (device_count < 1 || device_count > kMaxSimulatedDevices) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tidepool: %d simulated devices asked for; 1 to %d can be made",
+                        device_count, kMaxSimulatedDevices));
+  }
+  if (bytes_per_device == 0) {
+    return absl::InvalidArgumentError("tidepool: simulated devices of 0 bytes asked for");
+  }
+  GlobalState& state = State();
+  MutexLock lock(&state.mu);
+  if (state.runtime != nullptr) {
+    return absl::FailedPreconditionError(
+        "tidepool: the runtime exists already (made by an earlier init, or by the first call "
+        "that needed it, from the CUDA devices); tidepool_init_simulated must come first. "
+        "Nothing was changed");
+  }
+  absl::StatusOr<Config> config = Config::FromEnvironment();
+  if (!config.ok()) return config.status();
+  std::vector<std::unique_ptr<SimulatedDevice>> devices;
+  std::vector<Device*> ordered;
+  for (int ordinal = 0; ordinal < device_count; ++ordinal) {
+    SimulatedDevice::Options options;
+    options.ordinal = ordinal;
+    options.capacity = bytes_per_device;
+    options.base_address = kFirstSimulatedAddress + ordinal * kSimulatedAddressRange;
+    devices.push_back(std::make_unique<SimulatedDevice>(options));
+    ordered.push_back(devices.back().get());
+  }
+  absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::Create(ordered, *config);
+  if (!runtime.ok()) return runtime.status();
+  state.simulated_devices = std::move(devices);
+  Publish(state, *std::move(runtime));
+  return absl::OkStatus();
+}
+
+}  // namespace c_api
+}  // namespace tidepool

@@ -1,0 +1,392 @@
+// The C API (tidepool.h) over the process's runtime (global_runtime.h).
+//
+// Each function is a thin translation: C arguments to C++ types, one call into the runtime, its
+// pool manager or its allocator, and the absl::Status that comes back to a tidepool_status code,
+// with the message kept for the calling thread. Nothing here decides semantics; the C++ API
+// does. No C++ exception crosses the boundary: host memory running out inside tidepool is
+// TIDEPOOL_OUT_OF_MEMORY, any other exception TIDEPOOL_INTERNAL.
+#include "integrations/c_api/tidepool.h"
+
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <new>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
+#include "allocator/caching_allocator.h"
+#include "allocator/device.h"
+#include "integrations/c_api/callback_segments.h"
+#include "integrations/c_api/global_runtime.h"
+#include "pool/pool_id.h"
+#include "pool/pool_manager.h"
+#include "pool/route.h"
+#include "pool/runtime.h"
+
+namespace tidepool {
+namespace c_api {
+namespace {
+
+// The calling thread's last error message (tidepool_last_error).
+thread_local std::string last_error;
+
+tidepool_status CodeOf(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kOk:
+      return TIDEPOOL_OK;
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+      return TIDEPOOL_INVALID_ARGUMENT;
+    case absl::StatusCode::kResourceExhausted:
+      return TIDEPOOL_OUT_OF_MEMORY;
+    case absl::StatusCode::kNotFound:
+      return TIDEPOOL_NOT_FOUND;
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kAlreadyExists:
+    case absl::StatusCode::kAborted:
+      return TIDEPOOL_FAILED_PRECONDITION;
+    case absl::StatusCode::kUnavailable:
+      return TIDEPOOL_UNAVAILABLE;
+    default:
+      return TIDEPOOL_INTERNAL;
+  }
+}
+
+// Keeps "<function>: <message>" for the calling thread and returns the status's code. The C++
+// messages start with "tidepool: ", which the function's name makes redundant.
+tidepool_status Fail(const char* function, const absl::Status& status) {
+  absl::string_view message = status.message();
+  absl::ConsumePrefix(&message, "tidepool: ");
+  last_error = absl::StrCat(function, ": ", message);
+  return CodeOf(status);
+}
+
+// Runs one C function's body (which returns an absl::Status) and turns the result into a code,
+// catching every exception at the boundary.
+template <typename Body>
+tidepool_status Guarded(const char* function, Body&& body) noexcept {
+  try {
+    const absl::Status status = body();
+    return status.ok() ? TIDEPOOL_OK : Fail(function, status);
+  } catch (const std::bad_alloc&) {
+    return Fail(function, absl::ResourceExhaustedError("host memory ran out inside tidepool"));
+  } catch (const std::exception& exception) {
+    return Fail(function, absl::InternalError(absl::StrCat("exception: ", exception.what())));
+  } catch (...) {
+    return Fail(function, absl::InternalError("an exception of unknown type"));
+  }
+}
+
+absl::Status NullArgument(const char* name) {
+  return absl::InvalidArgumentError(absl::StrCat(name, " is NULL"));
+}
+
+PoolId ToPoolId(tidepool_pool_id pool) { return PoolId{pool.first, pool.second}; }
+tidepool_pool_id ToC(PoolId pool) { return tidepool_pool_id{pool.first, pool.second}; }
+
+absl::StatusOr<PoolManager*> PoolsOf(int device) {
+  absl::StatusOr<Runtime*> runtime = GlobalRuntime();
+  if (!runtime.ok()) return runtime.status();
+  return (*runtime)->Pools(device);
+}
+
+absl::StatusOr<RouteFilter> ToRouteFilter(PoolManager& pools, int kind, uint64_t value) {
+  switch (kind) {
+    case TIDEPOOL_ROUTE_CURRENT_THREAD:
+    case TIDEPOOL_ROUTE_EVERYONE:
+      if (value != 0) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "filter value %u given for filter kind %d, which takes none (pass 0)", value, kind));
+      }
+      return kind == TIDEPOOL_ROUTE_CURRENT_THREAD ? RouteFilter::CurrentThread()
+                                                   : RouteFilter::Everyone();
+    case TIDEPOOL_ROUTE_STREAM: {
+      Stream stream = reinterpret_cast<Stream>(static_cast<uintptr_t>(value));
+      absl::StatusOr<StreamId> id = pools.allocator()->device()->GetStreamId(stream);
+      if (!id.ok()) return id.status();
+      return RouteFilter::OnStream(*id);
+    }
+    case TIDEPOOL_ROUTE_CAPTURE:
+      if (value == 0) {
+        return absl::InvalidArgumentError("capture id 0 names no capture");
+      }
+      return RouteFilter::InCapture(value);
+    default:
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "filter kind %d is not a tidepool_route_filter (TIDEPOOL_ROUTE_CURRENT_THREAD, _STREAM, "
+          "_CAPTURE or _EVERYONE)",
+          kind));
+  }
+}
+
+// Copies `json` out as tidepool.h's observability calls say.
+absl::Status CopyOut(const std::string& json, char* buffer, size_t capacity, size_t* needed) {
+  const size_t with_nul = json.size() + 1;
+  if (needed != nullptr) *needed = with_nul;
+  if (buffer == nullptr) {
+    if (capacity == 0) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "buffer is NULL but capacity is %u (pass 0 to ask only the size)", capacity));
+  }
+  if (capacity < with_nul) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "a buffer of %u bytes is too small for the %u bytes of JSON (NUL included); nothing "
+        "was written",
+        capacity, with_nul));
+  }
+  std::memcpy(buffer, json.c_str(), with_nul);
+  return absl::OkStatus();
+}
+
+// The JSON of tidepool_stats_json or tidepool_snapshot_json: the device's when `pool` is NULL.
+template <typename OfDevice, typename OfPool>
+absl::Status ObservabilityJson(int device, const tidepool_pool_id* pool, char* buffer,
+                               size_t capacity, size_t* needed, OfDevice of_device,
+                               OfPool of_pool) {
+  absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+  if (!pools.ok()) return pools.status();
+  absl::StatusOr<std::string> json =
+      pool == nullptr ? absl::StatusOr<std::string>(of_device(*(*pools)->allocator()))
+                      : of_pool(**pools, ToPoolId(*pool));
+  if (!json.ok()) return json.status();
+  return CopyOut(*json, buffer, capacity, needed);
+}
+
+}  // namespace
+}  // namespace c_api
+}  // namespace tidepool
+
+using tidepool::BlockHome;
+using tidepool::CachingAllocator;
+using tidepool::CallbackSegments;
+using tidepool::PoolId;
+using tidepool::PoolManager;
+using tidepool::PoolOptions;
+using tidepool::RouteFilter;
+using tidepool::Runtime;
+using tidepool::c_api::Guarded;
+using tidepool::c_api::NullArgument;
+using tidepool::c_api::PoolsOf;
+using tidepool::c_api::ToC;
+using tidepool::c_api::ToPoolId;
+
+extern "C" {
+
+int tidepool_api_version(void) { return TIDEPOOL_API_VERSION; }
+
+const char* tidepool_last_error(void) { return tidepool::c_api::last_error.c_str(); }
+
+const char* tidepool_status_name(tidepool_status status) {
+  switch (status) {
+    case TIDEPOOL_OK:
+      return "TIDEPOOL_OK";
+    case TIDEPOOL_INVALID_ARGUMENT:
+      return "TIDEPOOL_INVALID_ARGUMENT";
+    case TIDEPOOL_OUT_OF_MEMORY:
+      return "TIDEPOOL_OUT_OF_MEMORY";
+    case TIDEPOOL_NOT_FOUND:
+      return "TIDEPOOL_NOT_FOUND";
+    case TIDEPOOL_FAILED_PRECONDITION:
+      return "TIDEPOOL_FAILED_PRECONDITION";
+    case TIDEPOOL_UNAVAILABLE:
+      return "TIDEPOOL_UNAVAILABLE";
+    case TIDEPOOL_INTERNAL:
+      return "TIDEPOOL_INTERNAL";
+  }
+  return "unknown tidepool_status";
+}
+
+tidepool_status tidepool_init_simulated(int device_count, size_t bytes_per_device) {
+  return Guarded("tidepool_init_simulated",
+                 [&] { return tidepool::c_api::InitSimulated(device_count, bytes_per_device); });
+}
+
+tidepool_status tidepool_device_count(int* count) {
+  return Guarded("tidepool_device_count", [&]() -> absl::Status {
+    if (count == nullptr) return NullArgument("count");
+    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    *count = (*runtime)->device_count();
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_malloc(void** ptr, size_t size, int device, void* stream) {
+  return Guarded("tidepool_malloc", [&]() -> absl::Status {
+    if (ptr == nullptr) return NullArgument("ptr");
+    *ptr = nullptr;
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    absl::StatusOr<void*> block = (*pools)->Allocate(size, stream);
+    if (!block.ok()) return block.status();
+    *ptr = *block;
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_free(void* ptr) {
+  return Guarded("tidepool_free", [&]() -> absl::Status {
+    if (ptr == nullptr) return absl::OkStatus();
+    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    return (*runtime)->Free(ptr);
+  });
+}
+
+tidepool_status tidepool_record_stream(void* ptr, void* stream) {
+  return Guarded("tidepool_record_stream", [&]() -> absl::Status {
+    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    return (*runtime)->RecordStream(ptr, stream);
+  });
+}
+
+tidepool_status tidepool_empty_cache(int device) {
+  return Guarded("tidepool_empty_cache", [&]() -> absl::Status {
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    return (*pools)->allocator()->EmptyCache();
+  });
+}
+
+tidepool_status tidepool_new_pool_id(tidepool_pool_id* pool) {
+  return Guarded("tidepool_new_pool_id", [&]() -> absl::Status {
+    if (pool == nullptr) return NullArgument("pool");
+    *pool = ToC(tidepool::NewUserPoolId());
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_new_graph_pool_id(tidepool_pool_id* pool) {
+  return Guarded("tidepool_new_graph_pool_id", [&]() -> absl::Status {
+    if (pool == nullptr) return NullArgument("pool");
+    *pool = ToC(tidepool::NewGraphPoolId());
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_begin_allocate_current_thread_to_pool(int device, tidepool_pool_id pool) {
+  return Guarded("tidepool_begin_allocate_current_thread_to_pool", [&]() -> absl::Status {
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    return (*pools)->Begin(ToPoolId(pool), RouteFilter::CurrentThread());
+  });
+}
+
+tidepool_status tidepool_begin_allocate_to_pool(int device, tidepool_pool_id pool, int filter_kind,
+                                                uint64_t filter_value) {
+  return Guarded("tidepool_begin_allocate_to_pool", [&]() -> absl::Status {
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    absl::StatusOr<RouteFilter> filter =
+        tidepool::c_api::ToRouteFilter(**pools, filter_kind, filter_value);
+    if (!filter.ok()) return filter.status();
+    return (*pools)->Begin(ToPoolId(pool), *filter);
+  });
+}
+
+tidepool_status tidepool_end_allocate_to_pool(int device, tidepool_pool_id pool) {
+  return Guarded("tidepool_end_allocate_to_pool", [&]() -> absl::Status {
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    return (*pools)->End(ToPoolId(pool));
+  });
+}
+
+tidepool_status tidepool_release_pool(int device, tidepool_pool_id pool) {
+  return Guarded("tidepool_release_pool", [&]() -> absl::Status {
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    return (*pools)->Release(ToPoolId(pool));
+  });
+}
+
+tidepool_status tidepool_create_callback_pool(
+    int device, tidepool_pool_id pool,
+    void* (*alloc_segment)(size_t size, int device, void* context),
+    void (*free_segment)(void* ptr, size_t size, int device, void* context), void* context) {
+  return Guarded("tidepool_create_callback_pool", [&]() -> absl::Status {
+    if (alloc_segment == nullptr) return NullArgument("alloc_segment");
+    if (free_segment == nullptr) return NullArgument("free_segment");
+    const PoolId id = ToPoolId(pool);
+    if (id.is_default()) {
+      return absl::InvalidArgumentError(
+          "the default pool {0,0} takes its memory from the device and cannot be given "
+          "callbacks");
+    }
+    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    absl::StatusOr<PoolManager*> pools = (*runtime)->Pools(device);
+    if (!pools.ok()) return pools.status();
+    if ((*pools)->Info(id).ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrFormat("device %d has had pool %s already; a callback pool needs a new id "
+                          "(tidepool_new_pool_id). Nothing was changed",
+                          device, id.ToString()));
+    }
+    auto source = std::make_unique<CallbackSegments>(alloc_segment, free_segment, context, device);
+    PoolOptions options;
+    options.source = source.get();
+    // Begin and End on this thread: the pool exists with one reference and no routing entry.
+    if (absl::Status begun = (*pools)->Begin(id, RouteFilter::CurrentThread(), options);
+        !begun.ok()) {
+      return begun;
+    }
+    (*runtime)->KeepSegmentSource(std::move(source));
+    return (*pools)->End(id);
+  });
+}
+
+tidepool_status tidepool_trim_pool(int device, tidepool_pool_id pool) {
+  return Guarded("tidepool_trim_pool", [&]() -> absl::Status {
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    return (*pools)->Trim(ToPoolId(pool));
+  });
+}
+
+tidepool_status tidepool_pool_of(const void* ptr, int* device, tidepool_pool_id* pool) {
+  return Guarded("tidepool_pool_of", [&]() -> absl::Status {
+    if (device == nullptr) return NullArgument("device");
+    if (pool == nullptr) return NullArgument("pool");
+    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    absl::StatusOr<BlockHome> home = (*runtime)->HomeOf(ptr);
+    if (!home.ok()) return home.status();
+    *device = home->device;
+    *pool = ToC(home->pool);
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_stats_json(int device, const tidepool_pool_id* pool, char* buffer,
+                                    size_t capacity, size_t* needed) {
+  return Guarded("tidepool_stats_json", [&] {
+    return tidepool::c_api::ObservabilityJson(
+        device, pool, buffer, capacity, needed,
+        [](const CachingAllocator& allocator) { return allocator.GetStats().ToJson(); },
+        [](PoolManager& pools, PoolId id) -> absl::StatusOr<std::string> {
+          absl::StatusOr<tidepool::AllocatorStats> stats = pools.Stats(id);
+          if (!stats.ok()) return stats.status();
+          return stats->ToJson();
+        });
+  });
+}
+
+tidepool_status tidepool_snapshot_json(int device, const tidepool_pool_id* pool, char* buffer,
+                                       size_t capacity, size_t* needed) {
+  return Guarded("tidepool_snapshot_json", [&] {
+    return tidepool::c_api::ObservabilityJson(
+        device, pool, buffer, capacity, needed,
+        [](const CachingAllocator& allocator) { return allocator.SnapshotJson(); },
+        [](PoolManager& pools, PoolId id) { return pools.Snapshot(id); });
+  });
+}
+
+}  // extern "C"

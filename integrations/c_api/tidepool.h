@@ -1,0 +1,213 @@
+// tidepool's C API: the stream-ordered caching allocator, its pools and their routing, for any
+// program that can call C (engines, CuPy, custom servers, other languages through their FFI).
+//
+// Pure C99, also valid C++; every symbol starts with `tidepool_` or `TIDEPOOL_`. The library
+// behind it is //integrations/c_api:tidepool_c (static) or libtidepool.so (shared, exporting
+// only these functions). docs/api.md has an example and says where the semantics of each call
+// are written down.
+//
+// Conventions, for every function below:
+//   * It returns a tidepool_status. On anything but TIDEPOOL_OK, tidepool_last_error() gives a
+//     message saying what was wrong, for the calling thread only; nothing was changed, and
+//     output arguments hold nothing usable (a failed tidepool_malloc stores NULL).
+//   * Bad input never aborts the process: a NULL output argument, a pointer tidepool did not
+//     allocate, a double free, an unknown device or pool, an end without a begin each return a
+//     code and a message.
+//   * Every function may be called from any thread.
+//   * `device` is a device ordinal as CUDA numbers them; `stream` is a CUstream / cudaStream_t
+//     of that device (NULL is the legacy default stream).
+//
+// The process has one tidepool runtime: for each device, a caching allocator and its pools. It
+// is made on the first call that needs it, from every GPU the CUDA driver reports and the
+// configuration in the environment variable TIDEPOOL_CONF (docs/configuration.md). If that
+// fails (no driver, no GPU, a bad TIDEPOOL_CONF) the call returns the error and the next call
+// tries again. Tests and programs without a GPU call tidepool_init_simulated before anything
+// else to get simulated devices instead.
+#ifndef TIDEPOOL_INTEGRATIONS_C_API_TIDEPOOL_H_
+#define TIDEPOOL_INTEGRATIONS_C_API_TIDEPOOL_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// The version of this header. It goes up by one whenever a declaration here changes in a way
+// that breaks programs built against the previous one. A program checks at start that
+// tidepool_api_version() == TIDEPOOL_API_VERSION, i.e. that the library it runs with
+// implements the header it was compiled with.
+#define TIDEPOOL_API_VERSION 1
+
+// What a call did. The codes follow the error classes of tidepool's C++ API (absl::Status).
+typedef enum tidepool_status {
+  TIDEPOOL_OK = 0,
+  // Bad input: a NULL output argument, a size of 0, a negative device, a pointer tidepool did
+  // not allocate, a filter kind that does not exist, a buffer too small.
+  TIDEPOOL_INVALID_ARGUMENT = 1,
+  // The device has no memory left for the request, even after tidepool returned its cache.
+  TIDEPOOL_OUT_OF_MEMORY = 2,
+  // A device or a pool that tidepool does not know.
+  TIDEPOOL_NOT_FOUND = 3,
+  // A call out of order: a double free, an end without a begin, a double release, an
+  // allocation routed to a pool released meanwhile, tidepool_init_simulated after the runtime
+  // exists.
+  TIDEPOOL_FAILED_PRECONDITION = 4,
+  // No usable CUDA driver or GPU.
+  TIDEPOOL_UNAVAILABLE = 5,
+  // A fault inside tidepool or the driver; the message says which.
+  TIDEPOOL_INTERNAL = 6
+} tidepool_status;
+
+// A pool's identity: a pair of integers, one-to-one with PyTorch's MempoolId_t. {0, 0} is the
+// default pool of each device, which always exists. Ids from tidepool_new_pool_id are {0, n},
+// those from tidepool_new_graph_pool_id are {n, 0}; the two never collide.
+typedef struct tidepool_pool_id {
+  uint64_t first;
+  uint64_t second;
+} tidepool_pool_id;
+
+// The filters of tidepool_begin_allocate_to_pool: which allocations its routing entry sends to
+// the pool, and what its `filter_value` is.
+typedef enum tidepool_route_filter {
+  // Every allocation by the calling thread; filter_value must be 0.
+  TIDEPOOL_ROUTE_CURRENT_THREAD = 0,
+  // Every allocation on one stream; filter_value is the stream handle, (uint64_t)(uintptr_t)
+  // stream. The stream is resolved to its unique id at the begin, so the entry does not follow
+  // the handle if the stream is destroyed and the handle reused.
+  TIDEPOOL_ROUTE_STREAM = 1,
+  // Every allocation on a stream taking part in one CUDA graph capture; filter_value is the
+  // capture's id (cudaStreamGetCaptureInfo's id), never 0.
+  TIDEPOOL_ROUTE_CAPTURE = 2,
+  // Every allocation on the device; filter_value must be 0.
+  TIDEPOOL_ROUTE_EVERYONE = 3
+} tidepool_route_filter;
+
+// --- Version, errors, start -------------------------------------------------------------------
+
+// TIDEPOOL_API_VERSION as the library was built.
+int tidepool_api_version(void);
+
+// The message of the calling thread's most recent failed call ("" if none failed yet). Calls
+// that succeed leave it as it was. The text stays valid until the thread's next failed call or
+// its exit; other threads' failures never touch it.
+const char* tidepool_last_error(void);
+
+// The name of a code ("TIDEPOOL_OUT_OF_MEMORY"), or "unknown tidepool_status" for a value that
+// is not one. Never NULL.
+const char* tidepool_status_name(tidepool_status status);
+
+// For tests, and for programs without a GPU (replaying traces, dry runs): makes the process's
+// runtime out of `device_count` simulated devices (1 to 64) of `bytes_per_device` each, with
+// TIDEPOOL_CONF's configuration. Simulated memory has no backing: the pointers it gives must
+// never be dereferenced. Streams of a simulated device exist only inside tidepool, so only the
+// NULL stream can be passed from C. Must come before every other call that needs the runtime:
+// FAILED_PRECONDITION once the runtime exists (made by an earlier init or by such a call).
+tidepool_status tidepool_init_simulated(int device_count, size_t bytes_per_device);
+
+// How many devices the runtime has.
+tidepool_status tidepool_device_count(int* count);
+
+// --- Memory -----------------------------------------------------------------------------------
+// The stream-ordering contract (allocator/caching_allocator.h): a block belongs to the stream
+// it was allocated on and is reusable by later work on that stream as soon as it is freed; a
+// block also used on other streams must be declared with tidepool_record_stream before it is
+// freed, and is reusable only once those streams reach the free.
+
+// Stores in *ptr a block of at least `size` bytes (512-byte aligned) usable on `stream` of
+// `device`, from the pool that routing chooses for this thread and stream (the default pool if
+// no routing entry matches). INVALID_ARGUMENT for a size of 0; OUT_OF_MEMORY when the device
+// is full, with a message saying where its memory is.
+tidepool_status tidepool_malloc(void** ptr, size_t size, int device, void* stream);
+
+// Returns a block to the pool it came from, whatever routing is active now, on any device.
+// NULL does nothing (as free(NULL)). INVALID_ARGUMENT for a pointer tidepool did not allocate;
+// FAILED_PRECONDITION for a double free or a pointer into the middle of a block.
+tidepool_status tidepool_free(void* ptr);
+
+// Declares that the live block at `ptr` is used on `stream` (a stream of the block's device)
+// as well as the one it was allocated on.
+tidepool_status tidepool_record_stream(void* ptr, void* stream);
+
+// Returns every whole free segment of `device`, in every pool that lets its free memory be
+// taken back, to where it came from.
+tidepool_status tidepool_empty_cache(int device);
+
+// --- Pools ------------------------------------------------------------------------------------
+// The semantics, each rule with its reason, are in docs/pools.md. In short: begin creates the
+// pool if needed (or revives a released one), adds a reference and pushes a routing entry; end
+// pops the entry and keeps the reference; release drops a reference, and at zero the pool's
+// free memory goes back and the pool is gone once its last block is freed. Entering the same
+// pool again while inside it nests. Routing entries are searched newest first.
+
+// A new id for a pool the program makes: {0, n}.
+tidepool_status tidepool_new_pool_id(tidepool_pool_id* pool);
+// A new id for a CUDA graph's private pool: {n, 0}.
+tidepool_status tidepool_new_graph_pool_id(tidepool_pool_id* pool);
+
+// Begin with the calling-thread filter: every allocation this thread makes on `device` goes to
+// `pool` until the matching end. sglang's and PyTorch's use_mem_pool pattern.
+tidepool_status tidepool_begin_allocate_current_thread_to_pool(int device, tidepool_pool_id pool);
+
+// Begin with any filter: `filter_kind` is a tidepool_route_filter, `filter_value` as that enum
+// says. INVALID_ARGUMENT for a kind that does not exist or a value it does not accept.
+tidepool_status tidepool_begin_allocate_to_pool(int device, tidepool_pool_id pool, int filter_kind,
+                                                uint64_t filter_value);
+
+// Ends the newest routing entry to `pool` that the calling thread began with the current-thread
+// filter, else the newest entry to it of another filter. FAILED_PRECONDITION when there is none
+// (an end without a begin).
+tidepool_status tidepool_end_allocate_to_pool(int device, tidepool_pool_id pool);
+
+// Drops one reference to `pool`. NOT_FOUND for a pool the device never had; FAILED_PRECONDITION
+// for a pool with no references left, or for the last reference while routing entries still
+// send allocations to it; INVALID_ARGUMENT for the default pool.
+tidepool_status tidepool_release_pool(int device, tidepool_pool_id pool);
+
+// Creates `pool` on `device` with its segments from user callbacks, and takes one reference to
+// it, which tidepool_release_pool drops (as torch.cuda.MemPool(allocator=...) does). Route to it
+// with the begin / end calls above. tidepool calls the callbacks only for whole segments, never
+// two at once, and keeps them for as long as the runtime lives (a released pool may be begun
+// again):
+//   * alloc_segment(size, device, context) returns `size` bytes for the device, 512-byte
+//     aligned, or NULL when it has none;
+//   * free_segment(ptr, size, device, context) takes back a segment, with its size, once no
+//     queued work uses it.
+// `context` is passed to both and never read. The id must be new on the device:
+// FAILED_PRECONDITION if the device has had a pool with this id; INVALID_ARGUMENT for the
+// default pool or a NULL callback.
+tidepool_status tidepool_create_callback_pool(
+    int device, tidepool_pool_id pool,
+    void* (*alloc_segment)(size_t size, int device, void* context),
+    void (*free_segment)(void* ptr, size_t size, int device, void* context), void* context);
+
+// Returns the pool's whole free segments to where they came from (even for a pool that keeps
+// its memory through tidepool_empty_cache). NOT_FOUND for a pool the device never had.
+tidepool_status tidepool_trim_pool(int device, tidepool_pool_id pool);
+
+// The device and pool of the live block at `ptr`. INVALID_ARGUMENT for a pointer tidepool did
+// not allocate; FAILED_PRECONDITION for one that is not a live block.
+tidepool_status tidepool_pool_of(const void* ptr, int* device, tidepool_pool_id* pool);
+
+// --- Observability ----------------------------------------------------------------------------
+// Both calls write a NUL-terminated JSON text into `buffer` (of `capacity` bytes) and store in
+// *needed (when `needed` is not NULL) the bytes that text takes, NUL included. With buffer NULL
+// and capacity 0 they only store *needed. A buffer too small gets nothing and the call returns
+// INVALID_ARGUMENT with *needed set; the text can grow between two calls, so loop. `pool`
+// NULL means the whole device, else that pool (NOT_FOUND for a pool the device never had).
+
+// Statistics: current, peak and totals of requested, allocated and reserved bytes, blocks,
+// segments, device allocations and frees, retries, out-of-memory errors (docs/stats.md).
+tidepool_status tidepool_stats_json(int device, const tidepool_pool_id* pool, char* buffer,
+                                    size_t capacity, size_t* needed);
+
+// Every segment (its pool, address, size and stream) with its blocks (address, size, size
+// requested, state).
+tidepool_status tidepool_snapshot_json(int device, const tidepool_pool_id* pool, char* buffer,
+                                       size_t capacity, size_t* needed);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif
+
+#endif  // TIDEPOOL_INTEGRATIONS_C_API_TIDEPOOL_H_

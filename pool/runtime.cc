@@ -1,0 +1,136 @@
+// The per-device registry: see runtime.h for what it holds, how a pointer's device is found, and
+// the order things are destroyed in.
+#include "pool/runtime.h"
+
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "allocator/cuda_device.h"
+#include "allocator/cuda_driver.h"
+
+namespace tidepool {
+namespace {
+
+// "its device" or "any of its 3 devices", for messages about a pointer no device owns.
+std::string AnyDevice(int device_count) {
+  return device_count == 1 ? "its device" : absl::StrFormat("any of its %d devices", device_count);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(std::vector<Device*> devices,
+                                                         const Config& config) {
+  std::unique_ptr<Runtime> runtime(new Runtime());
+  if (absl::Status s = runtime->AddDevices(devices, config); !s.ok()) return s;
+  return runtime;
+}
+
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::CreateForCuda(const Config& config) {
+  absl::StatusOr<const CudaDriver*> driver = CudaDriver::Get();
+  if (!driver.ok()) return driver.status();
+  int count = 0;
+  if (absl::Status s = (*driver)->Check((*driver)->cuDeviceGetCount(&count), "cuDeviceGetCount");
+      !s.ok()) {
+    return s;
+  }
+  if (count == 0) {
+    return absl::UnavailableError("tidepool: the CUDA driver reports no device");
+  }
+  std::unique_ptr<Runtime> runtime(new Runtime());
+  std::vector<Device*> devices;
+  for (int ordinal = 0; ordinal < count; ++ordinal) {
+    absl::StatusOr<std::unique_ptr<CudaDevice>> device = CudaDevice::Create(ordinal);
+    if (!device.ok()) return device.status();
+    devices.push_back(device->get());
+    runtime->owned_devices_.push_back(*std::move(device));
+  }
+  if (absl::Status s = runtime->AddDevices(devices, config); !s.ok()) return s;
+  return runtime;
+}
+
+absl::Status Runtime::AddDevices(const std::vector<Device*>& devices, const Config& config) {
+  if (devices.empty()) {
+    return absl::InvalidArgumentError("tidepool: a runtime needs at least one device");
+  }
+  for (size_t i = 0; i < devices.size(); ++i) {
+    if (devices[i] == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("tidepool: device %d of the runtime is null", i));
+    }
+    if (devices[i]->ordinal() != static_cast<int>(i)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tidepool: the runtime's device %d has ordinal %d; devices must be listed in ordinal "
+          "order from 0",
+          i, devices[i]->ordinal()));
+    }
+  }
+  devices_.reserve(devices.size());
+  for (Device* device : devices) {
+    absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
+        CachingAllocator::Create(device, config);
+    if (!allocator.ok()) return allocator.status();
+    PerDevice per_device;
+    per_device.allocator = *std::move(allocator);
+    per_device.pools = std::make_unique<PoolManager>(per_device.allocator.get());
+    devices_.push_back(std::move(per_device));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PoolManager*> Runtime::Pools(int device) const {
+  if (device >= 0 && device < device_count()) return devices_[device].pools.get();
+  std::string known = device_count() == 1
+                          ? "it has device 0 only"
+                          : absl::StrFormat("it has devices 0 to %d", device_count() - 1);
+  std::string message =
+      absl::StrFormat("tidepool: device %d is not a device tidepool knows: %s", device, known);
+  if (device < 0) return absl::InvalidArgumentError(message);
+  return absl::NotFoundError(message);
+}
+
+absl::StatusOr<int> Runtime::DeviceOf(const void* ptr) const {
+  for (int device = 0; device < device_count(); ++device) {
+    absl::StatusOr<size_t> size = devices_[device].allocator->BlockSize(ptr);
+    if (size.ok()) return device;
+    if (!absl::IsInvalidArgument(size.status())) return size.status();
+  }
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "tidepool: %p was not allocated by tidepool (on %s)", ptr, AnyDevice(device_count())));
+}
+
+absl::StatusOr<BlockHome> Runtime::HomeOf(const void* ptr) const {
+  absl::StatusOr<int> device = DeviceOf(ptr);
+  if (!device.ok()) return device.status();
+  absl::StatusOr<PoolId> pool = devices_[*device].pools->PoolOf(ptr);
+  if (!pool.ok()) return pool.status();
+  return BlockHome{*device, *pool};
+}
+
+absl::Status Runtime::Free(void* ptr) {
+  // Free directly rather than DeviceOf first: on the usual one-device path that is one page-map
+  // lookup instead of two, and an address outside an allocator's memory changes nothing there.
+  for (PerDevice& per_device : devices_) {
+    absl::Status freed = per_device.allocator->Free(ptr);
+    if (!absl::IsInvalidArgument(freed)) return freed;
+  }
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "tidepool: free of %p, which was not allocated by tidepool (on %s); nothing was changed", ptr,
+      AnyDevice(device_count())));
+}
+
+absl::Status Runtime::RecordStream(void* ptr, Stream stream) {
+  // DeviceOf first: RecordStream also answers INVALID_ARGUMENT for a stream its device does not
+  // know, which must not read as "not this device's pointer".
+  absl::StatusOr<int> device = DeviceOf(ptr);
+  if (!device.ok()) return device.status();
+  return devices_[*device].allocator->RecordStream(ptr, stream);
+}
+
+SegmentSource* Runtime::KeepSegmentSource(std::unique_ptr<SegmentSource> source) {
+  MutexLock lock(&sources_mu_);
+  kept_sources_.push_back(std::move(source));
+  return kept_sources_.back().get();
+}
+
+}  // namespace tidepool

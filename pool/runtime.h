@@ -1,0 +1,111 @@
+// The runtime: tidepool's registry of devices, one caching allocator and one pool manager each.
+//
+// A program that serves several GPUs needs, for each device ordinal, the `Device` that drives
+// it, the `CachingAllocator` that caches its memory and the `PoolManager` that routes
+// allocations to its pools; and for a bare pointer (a free or a record_stream from a host that
+// passes nothing else) it needs to find which device's allocator owns it. The runtime holds
+// those and answers that question. The C API (integrations/c_api/) keeps one runtime for the
+// process; C++ programs may make their own.
+//
+// Devices are indexed by ordinal: device i of the runtime has Device::ordinal() == i. An
+// ordinal the runtime does not have is an error (INVALID_ARGUMENT when negative, NOT_FOUND
+// otherwise) whose message names the ordinals it has.
+//
+// Finding a pointer's device: every allocator is asked in turn. An allocator answers
+// INVALID_ARGUMENT for an address outside its memory (a lock-free page-map lookup) and anything
+// else for one inside it, so the first other answer decides; if every allocator says
+// INVALID_ARGUMENT the pointer was not allocated by tidepool.
+//
+// Segment sources that pools take their memory from (user callbacks, ...) can be handed to the
+// runtime to keep: a pool's options live as long as its manager (a released pool may be begun
+// again), and an allocator returns its segments to their source when it is destroyed, so a
+// source must outlive both. The runtime destroys its pool managers, then its allocators, then
+// the sources, then the devices it owns.
+//
+// Thread safety: every method may be called from any thread; the set of devices is fixed at
+// creation.
+#ifndef TIDEPOOL_POOL_RUNTIME_H_
+#define TIDEPOOL_POOL_RUNTIME_H_
+
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "allocator/caching_allocator.h"
+#include "allocator/config.h"
+#include "allocator/device.h"
+#include "allocator/mutex.h"
+#include "allocator/segment_source.h"
+#include "pool/pool_id.h"
+#include "pool/pool_manager.h"
+
+namespace tidepool {
+
+// Where a live block lives: its device and its pool.
+struct BlockHome {
+  int device = 0;
+  PoolId pool;
+};
+
+class Runtime {
+ public:
+  // One allocator and pool manager per device. `devices[i]` must have ordinal i, must not be
+  // null, and must outlive the runtime (it is not owned). INVALID_ARGUMENT for an empty list, a
+  // null device or an ordinal out of place.
+  static absl::StatusOr<std::unique_ptr<Runtime>> Create(std::vector<Device*> devices,
+                                                         const Config& config);
+  // A CudaDevice (owned) for every GPU the driver reports. UNAVAILABLE, with the driver's
+  // reason, on a machine without a usable driver or GPU.
+  static absl::StatusOr<std::unique_ptr<Runtime>> CreateForCuda(const Config& config);
+
+  ~Runtime() = default;
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  int device_count() const { return static_cast<int>(devices_.size()); }
+  // The pool manager of a device (its allocator is `allocator()`, its device
+  // `allocator()->device()`), or the error for an unknown ordinal.
+  absl::StatusOr<PoolManager*> Pools(int device) const;
+
+  // The ordinal of the device whose allocator holds the live block at `ptr`. INVALID_ARGUMENT
+  // when no allocator of the runtime owns the address; FAILED_PRECONDITION when one does but
+  // `ptr` is not a live block (freed already, or inside a block).
+  absl::StatusOr<int> DeviceOf(const void* ptr) const;
+  // The device and pool of the live block at `ptr`; errors as for DeviceOf.
+  absl::StatusOr<BlockHome> HomeOf(const void* ptr) const;
+  // Frees a block of any device (the allocator's Free: see caching_allocator.h); errors as for
+  // DeviceOf, and nothing changes on error.
+  absl::Status Free(void* ptr);
+  // Marks a live block of any device as used on `stream` (a stream of the block's device).
+  absl::Status RecordStream(void* ptr, Stream stream);
+
+  // Keeps `source` alive until the runtime's allocators are gone, and returns it, for
+  // PoolOptions::source.
+  SegmentSource* KeepSegmentSource(std::unique_ptr<SegmentSource> source);
+
+ private:
+  // What one device ordinal has. Members are destroyed in reverse order: the manager, then
+  // the allocator it uses.
+  struct PerDevice {
+    std::unique_ptr<CachingAllocator> allocator;
+    std::unique_ptr<PoolManager> pools;
+  };
+
+  Runtime() = default;
+  // Builds an allocator and a pool manager for each device (checked as Create says).
+  absl::Status AddDevices(const std::vector<Device*>& devices, const Config& config);
+
+  // Members go in the reverse of the order they are declared in, as the file comment says.
+  // Destroyed last: the devices CreateForCuda made.
+  std::vector<std::unique_ptr<Device>> owned_devices_;
+  // Destroyed after the allocators, which return their segments to these.
+  Mutex sources_mu_;
+  std::vector<std::unique_ptr<SegmentSource>> kept_sources_ ABSL_GUARDED_BY(sources_mu_);
+  std::vector<PerDevice> devices_;
+};
+
+}  // namespace tidepool
+
+#endif  // TIDEPOOL_POOL_RUNTIME_H_
