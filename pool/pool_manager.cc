@@ -98,33 +98,51 @@ absl::StatusOr<PoolManager::Pool*> PoolManager::KnownPool(PoolId id, const char*
   return pool;
 }
 
+absl::Status PoolManager::MakeArena(Pool& pool) {
+  ArenaOptions arena_options;
+  arena_options.source = pool.options.source;
+  arena_options.shares_free_memory = pool.options.shares_free_memory;
+  arena_options.label = absl::StrCat("pool ", pool.id.ToString());
+  absl::StatusOr<Arena*> arena = allocator_->CreateArena(arena_options);
+  if (!arena.ok()) return arena.status();
+  pool.arena.store(*arena, std::memory_order_release);
+  pool_of_arena_[*arena] = pool.id;
+  return absl::OkStatus();
+}
+
+absl::Status PoolManager::Create(PoolId id, const PoolOptions& options) {
+  MutexLock lock(&mu_);
+  if (FindPool(id) != nullptr) {
+    return absl::AlreadyExistsError(absl::StrFormat(
+        "tidepool: device %d has had pool %s already; a new pool needs a new id. Nothing was "
+        "changed",
+        allocator_->device()->ordinal(), id.ToString()));
+  }
+  auto created = std::make_unique<Pool>();
+  created->id = id;
+  created->options = options;
+  if (absl::Status s = MakeArena(*created); !s.ok()) return s;
+  created->references = 1;
+  pools_[id] = std::move(created);
+  return absl::OkStatus();
+}
+
 absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
                                 const PoolOptions& options) {
   MutexLock lock(&mu_);
   Pool* pool = FindPool(id);
-  auto make_arena = [&](Pool& into) -> absl::Status {
-    ArenaOptions arena_options;
-    arena_options.source = into.options.source;
-    arena_options.shares_free_memory = into.options.shares_free_memory;
-    arena_options.label = absl::StrCat("pool ", id.ToString());
-    absl::StatusOr<Arena*> arena = allocator_->CreateArena(arena_options);
-    if (!arena.ok()) return arena.status();
-    into.arena.store(*arena, std::memory_order_release);
-    pool_of_arena_[*arena] = id;
-    return absl::OkStatus();
-  };
   if (pool == nullptr) {
     auto created = std::make_unique<Pool>();
     created->id = id;
     created->options = options;
-    if (absl::Status s = make_arena(*created); !s.ok()) return s;
+    if (absl::Status s = MakeArena(*created); !s.ok()) return s;
     pool = created.get();
     pools_[id] = std::move(created);
   } else if (!id.is_default() && pool->references == 0) {
     // Released earlier: revive it while its blocks are still live, else start it afresh.
     Arena* arena = pool->arena.load();
     if (allocator_->IsGone(arena) || !allocator_->ReviveArena(arena).ok()) {
-      if (absl::Status s = make_arena(*pool); !s.ok()) return s;
+      if (absl::Status s = MakeArena(*pool); !s.ok()) return s;
     }
   }
   if (!id.is_default()) ++pool->references;

@@ -75,6 +75,9 @@ class PoolManager {
   PoolManager(const PoolManager&) = delete;
   PoolManager& operator=(const PoolManager&) = delete;
 
+  // Creates a new pool with `options` and one reference, and no routing entry (PyTorch's
+  // MemPool(allocator=...)); ALREADY_EXISTS if the device has had this pool id.
+  absl::Status Create(PoolId pool, const PoolOptions& options);
   absl::Status Begin(PoolId pool, const RouteFilter& filter, const PoolOptions& options = {});
   absl::Status End(PoolId pool);
   absl::Status Release(PoolId pool);
@@ -116,6 +119,8 @@ class PoolManager {
 
  private:
   Pool* FindPool(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives `pool` a new arena made from its options.
+  absl::Status MakeArena(Pool& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Pool*> KnownPool(PoolId id, const char* operation)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops one reference; retires the arena at zero.

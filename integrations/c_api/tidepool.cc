@@ -324,22 +324,18 @@ tidepool_status tidepool_create_callback_pool(
     if (!runtime.ok()) return runtime.status();
     absl::StatusOr<PoolManager*> pools = (*runtime)->Pools(device);
     if (!pools.ok()) return pools.status();
-    if ((*pools)->Info(id).ok()) {
-      return absl::FailedPreconditionError(
-          absl::StrFormat("device %d has had pool %s already; a callback pool needs a new id "
-                          "(tidepool_new_pool_id). Nothing was changed",
-                          device, id.ToString()));
-    }
     auto source = std::make_unique<CallbackSegments>(alloc_segment, free_segment, context, device);
     PoolOptions options;
     options.source = source.get();
-    // Begin and End on this thread: the pool exists with one reference and no routing entry.
-    if (absl::Status begun = (*pools)->Begin(id, RouteFilter::CurrentThread(), options);
-        !begun.ok()) {
-      return begun;
+    // One reference, no routing entry; refused (changing nothing) for an id the device has had.
+    absl::Status created = (*pools)->Create(id, options);
+    if (absl::IsAlreadyExists(created)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          created.message(), " (a callback pool needs a new id: tidepool_new_pool_id)"));
     }
+    if (!created.ok()) return created;
     (*runtime)->KeepSegmentSource(std::move(source));
-    return (*pools)->End(id);
+    return absl::OkStatus();
   });
 }
 
