@@ -50,17 +50,31 @@ struct ThreadState {
   }
 
   // Thread exit: the routes this thread left open are ended and their references released.
-  ~ThreadState() {
-    for (ThreadRoutes& mine : managers) {
-      if (mine.routes.empty()) continue;
-      MutexLock lock(&registry_mu);
-      auto it = Registry().find(mine.serial);
-      if (it != Registry().end()) it->second->EndThreadRoutes(mine.routes);
-    }
-  }
+  ~ThreadState();
 };
 
-thread_local ThreadState thread_state;
+// The hot path reads current_thread_state, a plain pointer (trivial thread-local storage: no
+// initialization guard); the object it points to lives in a thread_local with a destructor,
+// touched only to create it.
+thread_local ThreadState* current_thread_state = nullptr;
+
+ThreadState::~ThreadState() {
+  current_thread_state = nullptr;  // later thread-exit code sees no routes, not freed ones
+  for (ThreadRoutes& mine : managers) {
+    if (mine.routes.empty()) continue;
+    MutexLock lock(&registry_mu);
+    auto it = Registry().find(mine.serial);
+    if (it != Registry().end()) it->second->EndThreadRoutes(mine.routes);
+  }
+}
+
+ThreadState& MyThreadState() {
+  if (current_thread_state == nullptr) {
+    thread_local ThreadState state;
+    current_thread_state = &state;
+  }
+  return *current_thread_state;
+}
 
 }  // namespace
 
@@ -149,10 +163,11 @@ absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
   ++pool->routes;
   Route route{next_sequence_++, filter, pool};
   if (filter.kind == RouteFilter::Kind::kCurrentThread) {
-    thread_state.FindOrAdd(serial_).routes.push_back(route);
+    MyThreadState().FindOrAdd(serial_).routes.push_back(route);
   } else {
     global_routes_.push_back(route);
     global_version_.fetch_add(1, std::memory_order_release);
+    global_route_count_.fetch_add(1, std::memory_order_release);
   }
   active_routes_.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
@@ -162,7 +177,7 @@ absl::Status PoolManager::End(PoolId id) {
   MutexLock lock(&mu_);
   Pool* pool = FindPool(id);
   if (pool != nullptr) {
-    if (ThreadRoutes* mine = thread_state.Find(serial_)) {
+    if (ThreadRoutes* mine = MyThreadState().Find(serial_)) {
       for (auto it = mine->routes.rbegin(); it != mine->routes.rend(); ++it) {
         if (it->pool != pool) continue;
         mine->routes.erase(std::next(it).base());
@@ -175,6 +190,7 @@ absl::Status PoolManager::End(PoolId id) {
       if (it->pool != pool) continue;
       global_routes_.erase(std::next(it).base());
       global_version_.fetch_add(1, std::memory_order_release);
+      global_route_count_.fetch_sub(1, std::memory_order_release);
       --pool->routes;
       active_routes_.fetch_sub(1, std::memory_order_relaxed);
       return absl::OkStatus();
@@ -226,6 +242,7 @@ void PoolManager::EndThreadRoutes(const std::vector<Route>& routes) {
 
 const std::vector<PoolManager::Route>& PoolManager::GlobalRoutes() {
   GlobalSnapshot* snapshot = nullptr;
+  ThreadState& thread_state = MyThreadState();
   for (GlobalSnapshot& candidate : thread_state.snapshots) {
     if (candidate.serial == serial_) snapshot = &candidate;
   }
@@ -243,8 +260,13 @@ const std::vector<PoolManager::Route>& PoolManager::GlobalRoutes() {
 
 absl::StatusOr<PoolManager::Pool*> PoolManager::Choose(Stream stream) {
   const Route* best = nullptr;
-  if (ThreadRoutes* mine = thread_state.Find(serial_); mine != nullptr && !mine->routes.empty()) {
-    best = &mine->routes.back();
+  if (ThreadState* state = current_thread_state; state != nullptr) {
+    if (ThreadRoutes* mine = state->Find(serial_); mine != nullptr && !mine->routes.empty()) {
+      best = &mine->routes.back();
+    }
+  }
+  if (global_route_count_.load(std::memory_order_acquire) == 0) {
+    return best == nullptr ? nullptr : best->pool;
   }
   const std::vector<Route>& global = GlobalRoutes();
   Device* device = allocator_->device();

@@ -136,6 +136,8 @@ class PoolManager {
   std::atomic<int64_t> active_routes_{0};
   // Bumped whenever global_routes_ changes; per-thread snapshots compare against it.
   std::atomic<uint64_t> global_version_{1};
+  // Entries in global_routes_: 0 lets a routed allocation skip them altogether.
+  std::atomic<int64_t> global_route_count_{0};
 
   Mutex mu_;
   absl::flat_hash_map<PoolId, std::unique_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);
