@@ -298,7 +298,7 @@ absl::StatusOr<Arena*> CachingAllocatorImpl::ArenaOf(const void* ptr) {
 absl::Status CachingAllocatorImpl::TrimArena(Arena* arena) {
   if (absl::Status s = CheckArena(arena); !s.ok()) return s;
   MutexLock growth(&growth_mu_);
-  return ReleaseArenaCache(*arena);
+  return ReleaseArenaCache(*arena, AddressRanges::kRelease);
 }
 
 absl::StatusOr<bool> CachingAllocatorImpl::RetireArena(Arena* arena) {
@@ -312,7 +312,7 @@ absl::StatusOr<bool> CachingAllocatorImpl::RetireArena(Arena* arena) {
         absl::StrFormat("tidepool: arena '%s' is already gone", arena->label));
   }
   arena->state.store(Arena::kRetired, std::memory_order_release);
-  if (absl::Status s = ReleaseArenaCache(*arena); !s.ok()) return s;
+  if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kKeep); !s.ok()) return s;
   if (absl::Status s = FinishIfDrained(*arena); !s.ok()) return s;
   return arena->state.load() == Arena::kGone;
 }
@@ -320,10 +320,6 @@ absl::StatusOr<bool> CachingAllocatorImpl::RetireArena(Arena* arena) {
 absl::Status CachingAllocatorImpl::ReviveArena(Arena* arena) {
   if (absl::Status s = CheckArena(arena); !s.ok()) return s;
   MutexLock growth(&growth_mu_);
-  if (arena->state.load() == Arena::kGone) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "tidepool: arena '%s' is gone: it was retired and its last block freed", arena->label));
-  }
   arena->state.store(Arena::kActive, std::memory_order_release);
   return absl::OkStatus();
 }
@@ -347,7 +343,7 @@ absl::Status CachingAllocatorImpl::FinishIfDrained(Arena& arena) {
   if (arena.state.load() != Arena::kRetired || LiveBlocksLocked(arena) != 0) {
     return absl::OkStatus();
   }
-  if (absl::Status s = ReleaseArenaCache(arena); !s.ok()) return s;
+  if (absl::Status s = ReleaseArenaCache(arena, AddressRanges::kKeep); !s.ok()) return s;
   arena.state.store(Arena::kGone, std::memory_order_release);
   return absl::OkStatus();
 }
@@ -394,6 +390,7 @@ Segment* CachingAllocatorImpl::NewSegment(Shard& shard, uintptr_t base, size_t s
 void CachingAllocatorImpl::RetireSegment(Segment* segment) {
   page_map_.Unregister(segment->base, segment->size, segment);
   segment->live = false;
+  std::vector<PhysicalHandle>().swap(segment->chunks);  // the record stays; its table need not
   segment->shard->arena->device_stats.segments.Decrease(1);
 }
 
@@ -635,20 +632,20 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
 absl::Status CachingAllocatorImpl::ReleaseCached() {
   for (Arena* arena : Arenas()) {
     if (!arena->shares_free_memory) continue;
-    if (absl::Status s = ReleaseArenaCache(*arena); !s.ok()) return s;
+    if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kRelease); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::ReleaseArenaCache(Arena& arena) {
+absl::Status CachingAllocatorImpl::ReleaseArenaCache(Arena& arena, AddressRanges ranges) {
   for (Shard* shard : arena.Shards()) {
     MutexLock lock(&shard->mu);
-    if (absl::Status s = ReleaseShardCache(*shard); !s.ok()) return s;
+    if (absl::Status s = ReleaseShardCache(*shard, ranges); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard) {
+absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, AddressRanges ranges) {
   if (absl::Status s = shard.WaitForEvents(); !s.ok()) return s;
   Arena& arena = *shard.arena;
   const size_t g = granularity_;
@@ -688,7 +685,8 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard) {
       shard.MarkUnmapped(block, begin, end);
     }
     Block* first = segment->first;
-    if (first->next == nullptr && first->state == BlockState::kUnmapped) {
+    if (ranges == AddressRanges::kRelease && first->next == nullptr &&
+        first->state == BlockState::kUnmapped) {
       if (absl::Status s = device_->ReleaseAddressRange(segment->base, segment->size); !s.ok()) {
         return s;
       }
@@ -832,6 +830,9 @@ absl::StatusOr<bool> CachingAllocator::RetireArena(Arena* arena) {
 absl::Status CachingAllocator::ReviveArena(Arena* arena) { return impl_->ReviveArena(arena); }
 int64_t CachingAllocator::LiveBlocks(const Arena* arena) const {
   return impl_->LiveBlocks(const_cast<Arena*>(arena));
+}
+bool CachingAllocator::IsActive(const Arena* arena) const {
+  return arena->state.load(std::memory_order_acquire) == Arena::kActive;
 }
 bool CachingAllocator::IsGone(const Arena* arena) const {
   return arena->state.load(std::memory_order_acquire) == Arena::kGone;

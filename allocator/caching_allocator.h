@@ -19,8 +19,8 @@
 // ARENAS. An arena is a cache of its own: its own segments, free lists per stream, statistics and
 // segment source. Every allocator has a default arena; pools (pool/) are arenas with an identity
 // and a routing rule. A block always returns to the arena it came from. An arena can be retired:
-// its free memory goes back at once, the rest as its last live blocks are freed, and until it is
-// gone it can be revived.
+// its free memory goes back at once, the rest as its last live blocks are freed (it is then
+// gone), and it can be revived at any time, with the same segments and address ranges.
 //
 // Concurrency: allocations on different streams take different locks (one shard per stream), and
 // a free finds its shard through a lock-free page map, so threads on their own streams do not
@@ -94,10 +94,11 @@ class CachingAllocator {
   absl::Status TrimArena(Arena* arena);
   // Retires an arena (not the default one): see ARENAS above. Returns whether it is gone.
   absl::StatusOr<bool> RetireArena(Arena* arena);
-  // Makes a retired arena active again; FAILED_PRECONDITION once it is gone.
+  // Makes a retired (or gone) arena active again.
   absl::Status ReviveArena(Arena* arena);
   // Live blocks of one arena.
   int64_t LiveBlocks(const Arena* arena) const;
+  bool IsActive(const Arena* arena) const;
   bool IsGone(const Arena* arena) const;
 
   // All arenas together, or one.

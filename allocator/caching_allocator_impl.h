@@ -128,8 +128,15 @@ class CachingAllocatorImpl {
   // Returns every whole free segment and free mapped granule of every arena that shares its
   // free memory.
   absl::Status ReleaseCached() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  absl::Status ReleaseArenaCache(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  absl::Status ReleaseShardCache(Shard& shard) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
+  // Whether an expandable segment whose chunks are all unmapped also gives back its address
+  // range. A retired arena keeps its ranges (they hold no memory), so that a pool begun again and
+  // again reuses the same segments instead of making new ones each time; EmptyCache, Trim and
+  // out-of-memory recovery release them.
+  enum class AddressRanges { kKeep, kRelease };
+  absl::Status ReleaseArenaCache(Arena& arena, AddressRanges ranges)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status ReleaseShardCache(Shard& shard, AddressRanges ranges)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // A retired arena whose last live block has gone returns everything and is gone.
   absl::Status FinishIfDrained(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   int64_t LiveBlocksLocked(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);

@@ -153,11 +153,8 @@ absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
     pool = created.get();
     pools_[id] = std::move(created);
   } else if (!id.is_default() && pool->references == 0) {
-    // Released earlier: revive it while its blocks are still live, else start it afresh.
-    Arena* arena = pool->arena.load();
-    if (allocator_->IsGone(arena) || !allocator_->ReviveArena(arena).ok()) {
-      if (absl::Status s = MakeArena(*pool); !s.ok()) return s;
-    }
+    // Released earlier (its blocks may still be live, or all gone): the same arena serves again.
+    if (absl::Status s = allocator_->ReviveArena(pool->arena.load()); !s.ok()) return s;
   }
   if (!id.is_default()) ++pool->references;
   ++pool->routes;
@@ -215,11 +212,15 @@ absl::Status PoolManager::Release(PoolId id) {
         "was changed",
         id.ToString()));
   }
-  if ((*pool)->references == 1 && (*pool)->routes > 0) {
+  // Every Begin takes a reference and makes a route, so a pool keeps at least as many
+  // references as routes as long as routes are ended before their references are released.
+  // Holding that line means no route ever outlives its pool, whoever releases and in what order
+  // (a thread's exit ends its routes and releases their references).
+  if ((*pool)->references - 1 < (*pool)->routes) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "tidepool: release of the last reference to pool %s while %d routing entries still send "
-        "allocations to it; end them first. Nothing was changed",
-        id.ToString(), (*pool)->routes));
+        "tidepool: release of pool %s would leave it %d references for %d routing entries that "
+        "still send allocations to it; end them first. Nothing was changed",
+        id.ToString(), (*pool)->references - 1, (*pool)->routes));
   }
   return DropReference(**pool);
 }
@@ -309,7 +310,7 @@ absl::StatusOr<void*> PoolManager::Allocate(size_t bytes, Stream stream) {
   if (*pool == nullptr) return allocator_->Allocate(bytes, stream);
   absl::StatusOr<void*> block =
       allocator_->Allocate((*pool)->arena.load(std::memory_order_acquire), bytes, stream);
-  if (!block.ok() && absl::IsFailedPrecondition(block.status())) {
+  if (!block.ok() && !allocator_->IsActive((*pool)->arena.load(std::memory_order_acquire))) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "tidepool: allocation routed to pool %s, which was released while still routed: %s",
         (*pool)->id.ToString(), block.status().message()));
