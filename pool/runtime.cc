@@ -133,4 +133,22 @@ SegmentSource* Runtime::KeepSegmentSource(std::unique_ptr<SegmentSource> source)
   return kept_sources_.back().get();
 }
 
+absl::Status Runtime::BeginAllocateCurrentThreadToPool(int device, PoolId pool) {
+  absl::StatusOr<PoolManager*> pools = Pools(device);
+  if (!pools.ok()) return pools.status();
+  return (*pools)->Begin(pool, RouteFilter::CurrentThread());
+}
+
+absl::Status Runtime::EndAllocateToPool(int device, PoolId pool) {
+  absl::StatusOr<PoolManager*> pools = Pools(device);
+  if (!pools.ok()) return pools.status();
+  return (*pools)->End(pool);
+}
+
+absl::Status Runtime::ReleasePool(int device, PoolId pool) {
+  absl::StatusOr<PoolManager*> pools = Pools(device);
+  if (!pools.ok()) return pools.status();
+  return (*pools)->Release(pool);
+}
+
 }  // namespace tidepool

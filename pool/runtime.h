@@ -81,6 +81,13 @@ class Runtime {
   // Marks a live block of any device as used on `stream` (a stream of the block's device).
   absl::Status RecordStream(void* ptr, Stream stream);
 
+  // sglang's three primitives, by device ordinal (the C API's tidepool_begin_allocate_...):
+  // route this thread's allocations on `device` to `pool` (creating it, or adding a reference),
+  // stop routing (the reference stays), drop a reference. docs/pools.md has the rules.
+  absl::Status BeginAllocateCurrentThreadToPool(int device, PoolId pool);
+  absl::Status EndAllocateToPool(int device, PoolId pool);
+  absl::Status ReleasePool(int device, PoolId pool);
+
   // Keeps `source` alive until the runtime's allocators are gone, and returns it, for
   // PoolOptions::source.
   SegmentSource* KeepSegmentSource(std::unique_ptr<SegmentSource> source);

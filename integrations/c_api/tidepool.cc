@@ -273,9 +273,9 @@ tidepool_status tidepool_new_graph_pool_id(tidepool_pool_id* pool) {
 
 tidepool_status tidepool_begin_allocate_current_thread_to_pool(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_begin_allocate_current_thread_to_pool", [&]() -> absl::Status {
-    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
-    if (!pools.ok()) return pools.status();
-    return (*pools)->Begin(ToPoolId(pool), RouteFilter::CurrentThread());
+    absl::StatusOr<Runtime*> runtime = GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    return (*runtime)->BeginAllocateCurrentThreadToPool(device, ToPoolId(pool));
   });
 }
 
@@ -293,17 +293,17 @@ tidepool_status tidepool_begin_allocate_to_pool(int device, tidepool_pool_id poo
 
 tidepool_status tidepool_end_allocate_to_pool(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_end_allocate_to_pool", [&]() -> absl::Status {
-    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
-    if (!pools.ok()) return pools.status();
-    return (*pools)->End(ToPoolId(pool));
+    absl::StatusOr<Runtime*> runtime = GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    return (*runtime)->EndAllocateToPool(device, ToPoolId(pool));
   });
 }
 
 tidepool_status tidepool_release_pool(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_release_pool", [&]() -> absl::Status {
-    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
-    if (!pools.ok()) return pools.status();
-    return (*pools)->Release(ToPoolId(pool));
+    absl::StatusOr<Runtime*> runtime = GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    return (*runtime)->ReleasePool(device, ToPoolId(pool));
   });
 }
 
