@@ -273,7 +273,7 @@ tidepool_status tidepool_new_graph_pool_id(tidepool_pool_id* pool) {
 
 tidepool_status tidepool_begin_allocate_current_thread_to_pool(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_begin_allocate_current_thread_to_pool", [&]() -> absl::Status {
-    absl::StatusOr<Runtime*> runtime = GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     return (*runtime)->BeginAllocateCurrentThreadToPool(device, ToPoolId(pool));
   });
@@ -293,7 +293,7 @@ tidepool_status tidepool_begin_allocate_to_pool(int device, tidepool_pool_id poo
 
 tidepool_status tidepool_end_allocate_to_pool(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_end_allocate_to_pool", [&]() -> absl::Status {
-    absl::StatusOr<Runtime*> runtime = GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     return (*runtime)->EndAllocateToPool(device, ToPoolId(pool));
   });
@@ -301,7 +301,7 @@ tidepool_status tidepool_end_allocate_to_pool(int device, tidepool_pool_id pool)
 
 tidepool_status tidepool_release_pool(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_release_pool", [&]() -> absl::Status {
-    absl::StatusOr<Runtime*> runtime = GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     return (*runtime)->ReleasePool(device, ToPoolId(pool));
   });
