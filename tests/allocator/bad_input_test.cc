@@ -22,6 +22,7 @@
 #include "allocator/config.h"
 #include "allocator/simulated_device.h"
 #include "allocator/stats.h"
+#include "tests/testing/sim_harness.h"
 
 namespace tidepool {
 namespace {
@@ -46,22 +47,11 @@ void CheckSameStat(const Stat& before, const Stat& after, const char* name) {
 
 class Fixture {
  public:
-  explicit Fixture(bool expandable) {
-    SimulatedDevice::Options options;
-    options.capacity = size_t{8} << 30;
-    device_ = std::make_unique<SimulatedDevice>(options);
-    Config config;
-    config.expandable_segments = expandable;
-    absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-        CachingAllocator::Create(device_.get(), config);
-    REQUIRE(made.ok());
-    allocator_ = std::move(*made);
-    absl::StatusOr<Stream> stream = device_->CreateStream();
-    absl::StatusOr<Stream> other = device_->CreateStream();
-    REQUIRE(stream.ok());
-    REQUIRE(other.ok());
-    stream_ = *stream;
-    other_ = *other;
+  explicit Fixture(bool expandable)
+      : device_(testing::MakeDevice(size_t{8} << 30)),
+        allocator_(testing::MakeAllocator(device_.get(), testing::ExpandableConfig(expandable))),
+        stream_(testing::NewStream(device_.get())),
+        other_(testing::NewStream(device_.get())) {
     // Live blocks of every size class on two streams, and a cached free block among them.
     for (size_t size : {size_t{512}, 100 * kKiB, kMiB, 3 * kMiB, 24 * kMiB}) {
       live_.push_back(AllocateOk(size, stream_));

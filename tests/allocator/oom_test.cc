@@ -23,6 +23,7 @@
 #include "allocator/caching_allocator.h"
 #include "allocator/config.h"
 #include "allocator/simulated_device.h"
+#include "tests/testing/sim_harness.h"
 
 namespace tidepool {
 namespace {
@@ -44,42 +45,19 @@ const char* GrowthName(Growth growth) {
   return "?";
 }
 
-struct Harness {
-  explicit Harness(Growth growth) {
-    SimulatedDevice::Options options;
-    options.capacity = kCapacity;
-    device = std::make_unique<SimulatedDevice>(options);
-    Config config;
-    config.expandable_segments = growth != Growth::kPlain;
-    config.release_free_chunks_on_growth = growth == Growth::kExpandableReclaiming;
-    absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-        CachingAllocator::Create(device.get(), config);
-    REQUIRE(made.ok());
-    allocator = std::move(*made);
-    absl::StatusOr<Stream> made_stream = device->CreateStream();
-    REQUIRE(made_stream.ok());
-    stream = *made_stream;
-  }
+Config GrowthConfig(Growth growth) {
+  Config config;
+  config.expandable_segments = growth != Growth::kPlain;
+  config.release_free_chunks_on_growth = growth == Growth::kExpandableReclaiming;
+  return config;
+}
 
-  void* Allocate(size_t bytes) {
-    absl::StatusOr<void*> ptr = allocator->Allocate(bytes, stream);
-    INFO("Allocate(" << bytes << "): " << ptr.status().ToString());
-    REQUIRE(ptr.ok());
-    return *ptr;
-  }
+// The shared simulated-device harness on a kCapacity device, with checks of its own.
+struct Harness : testing::SimHarness {
+  explicit Harness(Growth growth) : SimHarness(GrowthConfig(growth), kCapacity) {}
 
   // A live block and the size it answers with now, for CheckIntact.
-  std::pair<void*, size_t> Live(void* ptr) {
-    absl::StatusOr<size_t> size = allocator->BlockSize(ptr);
-    REQUIRE(size.ok());
-    return {ptr, *size};
-  }
-
-  void Free(void* ptr) {
-    absl::Status status = allocator->Free(ptr);
-    INFO("Free: " << status.ToString());
-    REQUIRE(status.ok());
-  }
+  std::pair<void*, size_t> Live(void* ptr) { return {ptr, SizeOf(ptr)}; }
 
   // Live blocks still answer with the size they had, and the books agree with the device.
   void CheckIntact(const std::vector<std::pair<void*, size_t>>& live) {
@@ -97,18 +75,12 @@ struct Harness {
   void FreeAllAndRequireClean(std::vector<std::pair<void*, size_t>>& live) {
     for (const auto& entry : live) Free(entry.first);
     live.clear();
-    REQUIRE(allocator->EmptyCache().ok());
-    CHECK(device->used_bytes() == 0);
-    CHECK(device->live_segments() == 0);
+    RequireClean();
     AllocatorStats stats = allocator->GetStats();
     CHECK(stats.reserved_bytes.current == 0);
     CHECK(stats.allocated_bytes.current == 0);
     CHECK(stats.active_blocks.current == 0);
   }
-
-  std::unique_ptr<SimulatedDevice> device;
-  std::unique_ptr<CachingAllocator> allocator;
-  Stream stream = nullptr;
 };
 
 bool Overlaps(const void* a, size_t a_size, const void* b, size_t b_size) {

@@ -20,6 +20,7 @@
 #include "allocator/caching_allocator.h"
 #include "allocator/config.h"
 #include "allocator/simulated_device.h"
+#include "tests/testing/sim_harness.h"
 
 namespace tidepool {
 namespace {
@@ -28,56 +29,9 @@ constexpr size_t kKiB = size_t{1} << 10;
 constexpr size_t kMiB = size_t{1} << 20;
 constexpr size_t kAlignment = 512;
 
-struct Harness {
-  explicit Harness(const Config& config) {
-    SimulatedDevice::Options options;
-    options.capacity = size_t{1} << 30;
-    device = std::make_unique<SimulatedDevice>(options);
-    absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-        CachingAllocator::Create(device.get(), config);
-    REQUIRE(made.ok());
-    allocator = std::move(*made);
-    absl::StatusOr<Stream> made_stream = device->CreateStream();
-    REQUIRE(made_stream.ok());
-    stream = *made_stream;
-  }
+using Harness = testing::SimHarness;
 
-  void* Allocate(size_t bytes) {
-    absl::StatusOr<void*> ptr = allocator->Allocate(bytes, stream);
-    INFO("Allocate(" << bytes << "): " << ptr.status().ToString());
-    REQUIRE(ptr.ok());
-    return *ptr;
-  }
-
-  size_t SizeOf(void* ptr) {
-    absl::StatusOr<size_t> size = allocator->BlockSize(ptr);
-    REQUIRE(size.ok());
-    return *size;
-  }
-
-  void Free(void* ptr) {
-    absl::Status status = allocator->Free(ptr);
-    INFO("Free: " << status.ToString());
-    REQUIRE(status.ok());
-  }
-
-  // After the test: everything freed, the cache emptied, nothing left on the device.
-  void RequireClean() {
-    REQUIRE(allocator->EmptyCache().ok());
-    CHECK(device->used_bytes() == 0);
-    CHECK(device->live_segments() == 0);
-  }
-
-  std::unique_ptr<SimulatedDevice> device;
-  std::unique_ptr<CachingAllocator> allocator;
-  Stream stream = nullptr;
-};
-
-Config ModeConfig(bool expandable) {
-  Config config;
-  config.expandable_segments = expandable;
-  return config;
-}
+Config ModeConfig(bool expandable) { return testing::ExpandableConfig(expandable); }
 
 uintptr_t Address(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); }
 

@@ -19,6 +19,7 @@
 #include "allocator/caching_allocator.h"
 #include "allocator/config.h"
 #include "allocator/simulated_device.h"
+#include "tests/testing/sim_harness.h"
 #include "allocator/stats.h"
 
 namespace tidepool {
@@ -94,19 +95,12 @@ TEST_CASE("statistics agree with a shadow model through random traffic on three 
   SimulatedDevice::Options options;
   options.capacity = size_t{4} << 30;
   SimulatedDevice device(options);
-  Config config;
-  config.expandable_segments = expandable;
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-      CachingAllocator::Create(&device, config);
-  REQUIRE(made.ok());
-  CachingAllocator& allocator = **made;
+  std::unique_ptr<CachingAllocator> made =
+      testing::MakeAllocator(&device, testing::ExpandableConfig(expandable));
+  CachingAllocator& allocator = *made;
 
   std::vector<Stream> streams;
-  for (int i = 0; i < 3; ++i) {
-    absl::StatusOr<Stream> stream = device.CreateStream();
-    REQUIRE(stream.ok());
-    streams.push_back(*stream);
-  }
+  for (int i = 0; i < 3; ++i) streams.push_back(testing::NewStream(&device));
 
   std::mt19937_64 random(seed);
   std::vector<LiveBlock> live;
@@ -173,12 +167,9 @@ TEST_CASE("with a single stream every peak is exact") {
   const bool expandable = GENERATE(true, false);
   INFO("expandable_segments=" << expandable);
   SimulatedDevice device;
-  Config config;
-  config.expandable_segments = expandable;
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-      CachingAllocator::Create(&device, config);
-  REQUIRE(made.ok());
-  CachingAllocator& allocator = **made;
+  std::unique_ptr<CachingAllocator> made =
+      testing::MakeAllocator(&device, testing::ExpandableConfig(expandable));
+  CachingAllocator& allocator = *made;
   absl::StatusOr<Stream> stream = device.CreateStream();
   REQUIRE(stream.ok());
 
@@ -218,12 +209,9 @@ TEST_CASE("a cached free block counts as reserved, not allocated") {
   const bool expandable = GENERATE(true, false);
   INFO("expandable_segments=" << expandable);
   SimulatedDevice device;
-  Config config;
-  config.expandable_segments = expandable;
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-      CachingAllocator::Create(&device, config);
-  REQUIRE(made.ok());
-  CachingAllocator& allocator = **made;
+  std::unique_ptr<CachingAllocator> made =
+      testing::MakeAllocator(&device, testing::ExpandableConfig(expandable));
+  CachingAllocator& allocator = *made;
 
   absl::StatusOr<void*> ptr = allocator.Allocate(3 * kMiB + 100, nullptr);
   REQUIRE(ptr.ok());
@@ -260,12 +248,9 @@ TEST_CASE("a block freed while used on another stream leaves the live figures at
   const bool expandable = GENERATE(true, false);
   INFO("expandable_segments=" << expandable);
   SimulatedDevice device;
-  Config config;
-  config.expandable_segments = expandable;
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-      CachingAllocator::Create(&device, config);
-  REQUIRE(made.ok());
-  CachingAllocator& allocator = **made;
+  std::unique_ptr<CachingAllocator> made =
+      testing::MakeAllocator(&device, testing::ExpandableConfig(expandable));
+  CachingAllocator& allocator = *made;
   absl::StatusOr<Stream> a = device.CreateStream();
   absl::StatusOr<Stream> b = device.CreateStream();
   REQUIRE(a.ok());

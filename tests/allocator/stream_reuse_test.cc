@@ -34,6 +34,7 @@
 #include "allocator/config.h"
 #include "allocator/forwarding_device.h"
 #include "allocator/simulated_device.h"
+#include "tests/testing/sim_harness.h"
 
 namespace tidepool {
 namespace {
@@ -41,46 +42,11 @@ namespace {
 constexpr size_t kKiB = size_t{1} << 10;
 constexpr size_t kMiB = size_t{1} << 20;
 
-struct Harness {
-  explicit Harness(bool expandable) {
-    SimulatedDevice::Options options;
-    options.capacity = size_t{1} << 30;
-    device = std::make_unique<SimulatedDevice>(options);
-    Config config;
-    config.expandable_segments = expandable;
-    absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-        CachingAllocator::Create(device.get(), config);
-    REQUIRE(made.ok());
-    allocator = std::move(*made);
-  }
-
-  Stream NewStream() {
-    absl::StatusOr<Stream> stream = device->CreateStream();
-    REQUIRE(stream.ok());
-    return *stream;
-  }
-
-  void* Allocate(size_t bytes, Stream stream) {
-    absl::StatusOr<void*> ptr = allocator->Allocate(bytes, stream);
-    INFO("Allocate(" << bytes << "): " << ptr.status().ToString());
-    REQUIRE(ptr.ok());
-    return *ptr;
-  }
-
-  size_t SizeOf(void* ptr) {
-    absl::StatusOr<size_t> size = allocator->BlockSize(ptr);
-    REQUIRE(size.ok());
-    return *size;
-  }
-
-  void Free(void* ptr) {
-    absl::Status status = allocator->Free(ptr);
-    INFO("Free: " << status.ToString());
-    REQUIRE(status.ok());
-  }
-
-  std::unique_ptr<SimulatedDevice> device;
-  std::unique_ptr<CachingAllocator> allocator;
+// The shared simulated-device harness, without a stream of its own: each case makes its streams.
+struct Harness : testing::SimHarness {
+  explicit Harness(bool expandable)
+      : SimHarness(testing::ExpandableConfig(expandable), testing::kGiB, {},
+                   /*with_stream=*/false) {}
 };
 
 bool Overlaps(const void* a, size_t a_size, const void* b, size_t b_size) {
@@ -420,15 +386,8 @@ struct ReclaimHarness {
     Config config;
     config.expandable_segments = expandable;
     config.release_free_chunks_on_growth = true;
-    absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-        CachingAllocator::Create(&intercepting, config);
-    REQUIRE(made.ok());
-    allocator = std::move(*made);
-    for (Stream* stream : {&t, &s, &u}) {
-      absl::StatusOr<Stream> made_stream = device.CreateStream();
-      REQUIRE(made_stream.ok());
-      *stream = *made_stream;
-    }
+    allocator = testing::MakeAllocator(&intercepting, config);
+    for (Stream* stream : {&t, &s, &u}) *stream = testing::NewStream(&device);
   }
   static SimulatedDevice::Options Options() {
     SimulatedDevice::Options options;

@@ -18,22 +18,12 @@
 #include "tests/gpu/gpu_test_util.h"
 
 namespace tidepool {
+namespace gpu_test {
 namespace {
 
-using gpu_test::CountMismatches;
-using gpu_test::FillPattern;
-using gpu_test::RequireDevice;
-using gpu_test::RequireFreeBytes;
-using gpu_test::RequireStream;
-using gpu_test::SpinKernel;
-
-constexpr size_t kMiB = size_t{1} << 20;
-constexpr size_t kGiB = size_t{1} << 30;
 // Long enough that the host certainly looks before the GPU finishes, short enough to keep the
 // test quick.
 constexpr uint64_t kSpinNanoseconds = 300'000'000;
-
-CUstream ToCuStream(Stream stream) { return static_cast<CUstream>(stream); }
 
 TEST_CASE("the driver loads, names the device, and reports errors in words") {
   std::unique_ptr<CudaDevice> device = RequireDevice();
@@ -370,4 +360,5 @@ TEST_CASE("another thread can take device memory while a capture runs, without i
 }
 
 }  // namespace
+}  // namespace gpu_test
 }  // namespace tidepool

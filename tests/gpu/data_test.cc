@@ -16,15 +16,8 @@
 #include "tests/gpu/gpu_test_util.h"
 
 namespace tidepool {
+namespace gpu_test {
 namespace {
-
-using gpu_test::CountMismatches;
-using gpu_test::FillPattern;
-using gpu_test::RequireDevice;
-using gpu_test::RequireStream;
-
-constexpr size_t kKiB = size_t{1} << 10;
-constexpr size_t kMiB = size_t{1} << 20;
 
 // From one small-block size to the largest, with sizes that are not multiples of anything.
 const std::vector<size_t>& Sizes() {
@@ -89,32 +82,29 @@ void FreeAll(CachingAllocator& allocator, const std::vector<LiveBlock>& blocks) 
 
 TEST_CASE("blocks of every size hold their data and do not overlap") {
   std::unique_ptr<CudaDevice> device = RequireDevice();
-  Config config;
-  config.expandable_segments = GENERATE(false, true);
-  INFO("expandable_segments=" << config.expandable_segments);
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
-      CachingAllocator::Create(device.get(), config);
-  TIDEPOOL_REQUIRE_OK(allocator);
+  const bool expandable = GENERATE(false, true);
+  INFO("expandable_segments=" << expandable);
+  std::unique_ptr<CachingAllocator> allocator = RequireAllocator(*device, expandable);
 
   SECTION("on a created stream, then again from the cache") {
     Stream stream = RequireStream(*device);
-    std::vector<LiveBlock> first = AllocateFillAndCheck(**allocator, *device, stream, 1);
-    FreeAll(**allocator, first);
-    std::vector<LiveBlock> second = AllocateFillAndCheck(**allocator, *device, stream, 2);
-    FreeAll(**allocator, second);
-    TIDEPOOL_REQUIRE_OK((*allocator)->EmptyCache());
+    std::vector<LiveBlock> first = AllocateFillAndCheck(*allocator, *device, stream, 1);
+    FreeAll(*allocator, first);
+    std::vector<LiveBlock> second = AllocateFillAndCheck(*allocator, *device, stream, 2);
+    FreeAll(*allocator, second);
+    TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
     TIDEPOOL_REQUIRE_OK(device->DestroyStream(stream));
   }
   SECTION("on the legacy default stream") {
-    std::vector<LiveBlock> blocks = AllocateFillAndCheck(**allocator, *device, nullptr, 3);
-    FreeAll(**allocator, blocks);
-    TIDEPOOL_REQUIRE_OK((*allocator)->EmptyCache());
+    std::vector<LiveBlock> blocks = AllocateFillAndCheck(*allocator, *device, nullptr, 3);
+    FreeAll(*allocator, blocks);
+    TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
   }
   SECTION("on two streams at once") {
     Stream first_stream = RequireStream(*device);
     Stream second_stream = RequireStream(*device);
-    std::vector<LiveBlock> first = AllocateFillAndCheck(**allocator, *device, first_stream, 4);
-    std::vector<LiveBlock> second = AllocateFillAndCheck(**allocator, *device, second_stream, 5);
+    std::vector<LiveBlock> first = AllocateFillAndCheck(*allocator, *device, first_stream, 4);
+    std::vector<LiveBlock> second = AllocateFillAndCheck(*allocator, *device, second_stream, 5);
     // Blocks of one stream were checked against each other; now check across the streams.
     for (const LiveBlock& a : first) {
       for (const LiveBlock& b : second) {
@@ -127,13 +117,14 @@ TEST_CASE("blocks of every size hold their data and do not overlap") {
       CHECK(CountMismatches(*device, block.address, block.requested, block.pattern,
                             first_stream) == 0);
     }
-    FreeAll(**allocator, first);
-    FreeAll(**allocator, second);
-    TIDEPOOL_REQUIRE_OK((*allocator)->EmptyCache());
+    FreeAll(*allocator, first);
+    FreeAll(*allocator, second);
+    TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
     TIDEPOOL_REQUIRE_OK(device->DestroyStream(first_stream));
     TIDEPOOL_REQUIRE_OK(device->DestroyStream(second_stream));
   }
 }
 
 }  // namespace
+}  // namespace gpu_test
 }  // namespace tidepool

@@ -16,16 +16,8 @@
 #include "tests/gpu/gpu_test_util.h"
 
 namespace tidepool {
+namespace gpu_test {
 namespace {
-
-using gpu_test::CountMismatches;
-using gpu_test::FillPattern;
-using gpu_test::RequireDevice;
-using gpu_test::RequireFreeBytes;
-using gpu_test::RequireStream;
-
-constexpr size_t kKiB = size_t{1} << 10;
-constexpr size_t kMiB = size_t{1} << 20;
 
 struct LiveBlock {
   void* ptr = nullptr;
@@ -43,12 +35,8 @@ void CheckAll(CudaDevice& device, const std::vector<LiveBlock>& blocks, Stream s
 
 TEST_CASE("expandable segments grow, keep data through remapping, and give memory back") {
   std::unique_ptr<CudaDevice> device = RequireDevice();
-  Config config;
-  config.expandable_segments = true;
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
-      CachingAllocator::Create(device.get(), config);
-  TIDEPOOL_REQUIRE_OK(allocator);
-  CachingAllocator& heap = **allocator;
+  std::unique_ptr<CachingAllocator> allocator = RequireAllocator(*device, /*expandable=*/true);
+  CachingAllocator& heap = *allocator;
   Stream stream = RequireStream(*device);
 
   // Grow: 192 blocks, about 3.5 GiB, sizes that straddle the granularity in every way.
@@ -137,4 +125,5 @@ TEST_CASE("expandable segments grow, keep data through remapping, and give memor
 }
 
 }  // namespace
+}  // namespace gpu_test
 }  // namespace tidepool

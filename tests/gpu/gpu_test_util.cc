@@ -2,6 +2,7 @@
 #include "tests/gpu/gpu_test_util.h"
 
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace tidepool {
@@ -39,8 +40,6 @@ SPIN:
 }
 )ptx";
 
-CUstream ToCuStream(Stream stream) { return static_cast<CUstream>(stream); }
-
 // REQUIREs that a driver call succeeded, with the driver's name for the error.
 void RequireSuccess(const CudaDevice& device, CUresult result, const char* what) {
   TIDEPOOL_REQUIRE_OK(device.driver().Check(result, what));
@@ -55,6 +54,15 @@ std::unique_ptr<CudaDevice> RequireDevice() {
                                       "(libcuda.so.1, or TIDEPOOL_LIBCUDA naming it).");
   REQUIRE(device.ok());
   return *std::move(device);
+}
+
+std::unique_ptr<CachingAllocator> RequireAllocator(CudaDevice& device, bool expandable) {
+  Config config;
+  config.expandable_segments = expandable;
+  absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
+      CachingAllocator::Create(&device, config);
+  TIDEPOOL_REQUIRE_OK(allocator);
+  return std::move(*allocator);
 }
 
 Stream RequireStream(CudaDevice& device) {

@@ -1,5 +1,6 @@
-// Helpers shared by the GPU tests (tests/gpu/): opening the device, filling device memory with a
-// pattern and checking it, and a spin kernel that keeps a stream busy for a known time.
+// Helpers shared by the GPU tests (tests/gpu/): opening the device, making a caching allocator on
+// it, filling device memory with a pattern and checking it, and a spin kernel that keeps a stream
+// busy for a known time.
 //
 // A GPU test must never pass or skip quietly on a machine where the GPU cannot be used: every
 // helper here REQUIREs success and puts the driver's message in the failure, so a missing driver
@@ -15,12 +16,21 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "allocator/caching_allocator.h"
+#include "allocator/config.h"
 #include "allocator/cuda_device.h"
 #include "allocator/device.h"
 #include "catch2/catch.hpp"
 
 namespace tidepool {
 namespace gpu_test {
+
+constexpr size_t kKiB = size_t{1} << 10;
+constexpr size_t kMiB = size_t{1} << 20;
+constexpr size_t kGiB = size_t{1} << 30;
+
+// The driver's handle for a stream of the CUDA device.
+inline CUstream ToCuStream(Stream stream) { return static_cast<CUstream>(stream); }
 
 // The status of an absl::Status or absl::StatusOr, for TIDEPOOL_REQUIRE_OK.
 inline const absl::Status& StatusOf(const absl::Status& status) { return status; }
@@ -40,6 +50,9 @@ const absl::Status& StatusOf(const absl::StatusOr<T>& status_or) {
 // Device 0 with its primary context current on the calling thread; the test fails here, with the
 // driver's reason, when there is no usable GPU.
 std::unique_ptr<CudaDevice> RequireDevice();
+
+// A CachingAllocator on `device` with expandable_segments set to `expandable`.
+std::unique_ptr<CachingAllocator> RequireAllocator(CudaDevice& device, bool expandable);
 
 // A non-blocking stream of `device`.
 Stream RequireStream(CudaDevice& device);

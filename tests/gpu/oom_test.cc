@@ -16,26 +16,15 @@
 #include "tests/gpu/gpu_test_util.h"
 
 namespace tidepool {
+namespace gpu_test {
 namespace {
-
-using gpu_test::CountMismatches;
-using gpu_test::FillPattern;
-using gpu_test::RequireDevice;
-using gpu_test::RequireFreeBytes;
-using gpu_test::RequireStream;
-
-constexpr size_t kMiB = size_t{1} << 20;
-constexpr size_t kGiB = size_t{1} << 30;
 
 TEST_CASE("out of memory is RESOURCE_EXHAUSTED near capacity, and the allocator recovers") {
   std::unique_ptr<CudaDevice> device = RequireDevice();
-  Config config;
-  config.expandable_segments = GENERATE(false, true);
-  INFO("expandable_segments=" << config.expandable_segments);
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
-      CachingAllocator::Create(device.get(), config);
-  TIDEPOOL_REQUIRE_OK(allocator);
-  CachingAllocator& heap = **allocator;
+  const bool expandable = GENERATE(false, true);
+  INFO("expandable_segments=" << expandable);
+  std::unique_ptr<CachingAllocator> allocator = RequireAllocator(*device, expandable);
+  CachingAllocator& heap = *allocator;
   Stream stream = RequireStream(*device);
   const size_t free_at_start = RequireFreeBytes(*device);
   const size_t chunk = 2 * kGiB;
@@ -105,4 +94,5 @@ TEST_CASE("out of memory is RESOURCE_EXHAUSTED near capacity, and the allocator 
 }
 
 }  // namespace
+}  // namespace gpu_test
 }  // namespace tidepool

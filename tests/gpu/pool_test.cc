@@ -28,15 +28,9 @@
 #include "tests/gpu/gpu_test_util.h"
 
 namespace tidepool {
+namespace gpu_test {
 namespace {
 
-using gpu_test::CountMismatches;
-using gpu_test::FillPattern;
-using gpu_test::RequireDevice;
-using gpu_test::RequireFreeBytes;
-using gpu_test::RequireStream;
-
-constexpr size_t kMiB = size_t{1} << 20;
 // What the driver's free memory may differ by between start and end for reasons that are not
 // tidepool's (the driver's own bookkeeping); far below what the pool holds.
 constexpr size_t kFreeMemorySlack = 32 * kMiB;
@@ -229,4 +223,5 @@ TEST_CASE("a runtime made from the driver's devices serves each of them") {
 }
 
 }  // namespace
+}  // namespace gpu_test
 }  // namespace tidepool

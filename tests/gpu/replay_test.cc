@@ -22,9 +22,8 @@
 #include "tools/replay.h"
 
 namespace tidepool {
+namespace gpu_test {
 namespace {
-
-using gpu_test::RequireDevice;
 
 TEST_CASE("bundled traces replay on the GPU exactly as on the simulated device", "[gpu]") {
   const std::string name = GENERATE(as<std::string>{}, "gpt2_train", "gpt2_varlen_infer",
@@ -68,4 +67,5 @@ TEST_CASE("bundled traces replay on the GPU exactly as on the simulated device",
 }
 
 }  // namespace
+}  // namespace gpu_test
 }  // namespace tidepool

@@ -21,21 +21,12 @@
 #include "tests/gpu/gpu_test_util.h"
 
 namespace tidepool {
+namespace gpu_test {
 namespace {
 
-using gpu_test::CountMismatches;
-using gpu_test::FillPattern;
-using gpu_test::RequireDevice;
-using gpu_test::RequireStream;
-using gpu_test::SpinKernel;
-
-constexpr size_t kKiB = size_t{1} << 10;
-constexpr size_t kMiB = size_t{1} << 20;
 // The spin must outlast everything the host does between launching it and looking at the event:
 // a few allocator calls, one of which may grow the heap.
 constexpr uint64_t kSpinNanoseconds = 500'000'000;
-
-CUstream ToCuStream(Stream stream) { return static_cast<CUstream>(stream); }
 
 bool Overlap(uintptr_t a, size_t a_bytes, uintptr_t b, size_t b_bytes) {
   return a < b + b_bytes && b < a + a_bytes;
@@ -44,24 +35,21 @@ bool Overlap(uintptr_t a, size_t a_bytes, uintptr_t b, size_t b_bytes) {
 TEST_CASE("a block freed on its own stream is reused at once, without waiting for the stream") {
   std::unique_ptr<CudaDevice> device = RequireDevice();
   SpinKernel spin(*device);
-  Config config;
-  config.expandable_segments = GENERATE(false, true);
-  INFO("expandable_segments=" << config.expandable_segments);
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
-      CachingAllocator::Create(device.get(), config);
-  TIDEPOOL_REQUIRE_OK(allocator);
+  const bool expandable = GENERATE(false, true);
+  INFO("expandable_segments=" << expandable);
+  std::unique_ptr<CachingAllocator> allocator = RequireAllocator(*device, expandable);
   Stream stream = RequireStream(*device);
   absl::StatusOr<Event> spun = device->CreateEvent();
   TIDEPOOL_REQUIRE_OK(spun);
   const size_t bytes = 8 * kMiB;
 
-  absl::StatusOr<void*> first = (*allocator)->Allocate(bytes, stream);
+  absl::StatusOr<void*> first = allocator->Allocate(bytes, stream);
   TIDEPOOL_REQUIRE_OK(first);
   spin.Launch(reinterpret_cast<uintptr_t>(*first), kSpinNanoseconds, 1, stream);
   TIDEPOOL_REQUIRE_OK(device->RecordEvent(*spun, stream));
-  TIDEPOOL_REQUIRE_OK((*allocator)->Free(*first));
+  TIDEPOOL_REQUIRE_OK(allocator->Free(*first));
 
-  absl::StatusOr<void*> second = (*allocator)->Allocate(bytes, stream);
+  absl::StatusOr<void*> second = allocator->Allocate(bytes, stream);
   TIDEPOOL_REQUIRE_OK(second);
   absl::StatusOr<bool> spin_done = device->QueryEvent(*spun);
   TIDEPOOL_REQUIRE_OK(spin_done);
@@ -71,9 +59,9 @@ TEST_CASE("a block freed on its own stream is reused at once, without waiting fo
   CHECK(*second == *first);
 
   TIDEPOOL_REQUIRE_OK(device->SynchronizeStream(stream));
-  TIDEPOOL_REQUIRE_OK((*allocator)->Free(*second));
+  TIDEPOOL_REQUIRE_OK(allocator->Free(*second));
   TIDEPOOL_REQUIRE_OK(device->DestroyEvent(*spun));
-  TIDEPOOL_REQUIRE_OK((*allocator)->EmptyCache());
+  TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
   TIDEPOOL_REQUIRE_OK(device->DestroyStream(stream));
 }
 
@@ -81,12 +69,9 @@ TEST_CASE("a block used on another stream is reused only after that stream's wor
   std::unique_ptr<CudaDevice> device = RequireDevice();
   const CudaDriver& driver = device->driver();
   SpinKernel spin(*device);
-  Config config;
-  config.expandable_segments = GENERATE(false, true);
-  INFO("expandable_segments=" << config.expandable_segments);
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
-      CachingAllocator::Create(device.get(), config);
-  TIDEPOOL_REQUIRE_OK(allocator);
+  const bool expandable = GENERATE(false, true);
+  INFO("expandable_segments=" << expandable);
+  std::unique_ptr<CachingAllocator> allocator = RequireAllocator(*device, expandable);
   Stream owner = RequireStream(*device);
   Stream user = RequireStream(*device);
   absl::StatusOr<Event> filled = device->CreateEvent();
@@ -97,7 +82,7 @@ TEST_CASE("a block used on another stream is reused only after that stream's wor
 
   // Allocated and filled on `owner`; then `user` waits for the fill and works on the block for a
   // long time.
-  absl::StatusOr<void*> block = (*allocator)->Allocate(bytes, owner);
+  absl::StatusOr<void*> block = allocator->Allocate(bytes, owner);
   TIDEPOOL_REQUIRE_OK(block);
   const uintptr_t address = reinterpret_cast<uintptr_t>(*block);
   FillPattern(*device, address, bytes, 0, owner);
@@ -107,11 +92,11 @@ TEST_CASE("a block used on another stream is reused only after that stream's wor
       "cuStreamWaitEvent"));
   spin.Launch(address, kSpinNanoseconds, 0xb0b, user);
   TIDEPOOL_REQUIRE_OK(device->RecordEvent(*used, user));
-  TIDEPOOL_REQUIRE_OK((*allocator)->RecordStream(*block, user));
-  TIDEPOOL_REQUIRE_OK((*allocator)->Free(*block));
+  TIDEPOOL_REQUIRE_OK(allocator->RecordStream(*block, user));
+  TIDEPOOL_REQUIRE_OK(allocator->Free(*block));
 
   // While `user` still works on it, the block must not come back, whole or in part.
-  absl::StatusOr<void*> meanwhile = (*allocator)->Allocate(bytes, owner);
+  absl::StatusOr<void*> meanwhile = allocator->Allocate(bytes, owner);
   TIDEPOOL_REQUIRE_OK(meanwhile);
   absl::StatusOr<bool> user_done = device->QueryEvent(*used);
   TIDEPOOL_REQUIRE_OK(user_done);
@@ -125,20 +110,20 @@ TEST_CASE("a block used on another stream is reused only after that stream's wor
   // Once `user` has finished, the block is reusable on `owner` again.
   TIDEPOOL_REQUIRE_OK(device->SynchronizeEvent(*used));
   CHECK(CountMismatches(*device, address, 4, 0xb0b, user) == 0);  // the user's work did run
-  TIDEPOOL_REQUIRE_OK((*allocator)->Free(*meanwhile));
-  absl::StatusOr<void*> again = (*allocator)->Allocate(bytes, owner);
-  absl::StatusOr<void*> again_too = (*allocator)->Allocate(bytes, owner);
+  TIDEPOOL_REQUIRE_OK(allocator->Free(*meanwhile));
+  absl::StatusOr<void*> again = allocator->Allocate(bytes, owner);
+  absl::StatusOr<void*> again_too = allocator->Allocate(bytes, owner);
   TIDEPOOL_REQUIRE_OK(again);
   TIDEPOOL_REQUIRE_OK(again_too);
   INFO("after the user finished: " << std::hex << reinterpret_cast<uintptr_t>(*again) << " and "
                                    << reinterpret_cast<uintptr_t>(*again_too));
   CHECK((*again == *block || *again_too == *block));
 
-  TIDEPOOL_REQUIRE_OK((*allocator)->Free(*again));
-  TIDEPOOL_REQUIRE_OK((*allocator)->Free(*again_too));
+  TIDEPOOL_REQUIRE_OK(allocator->Free(*again));
+  TIDEPOOL_REQUIRE_OK(allocator->Free(*again_too));
   TIDEPOOL_REQUIRE_OK(device->DestroyEvent(*filled));
   TIDEPOOL_REQUIRE_OK(device->DestroyEvent(*used));
-  TIDEPOOL_REQUIRE_OK((*allocator)->EmptyCache());
+  TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
   TIDEPOOL_REQUIRE_OK(device->DestroyStream(owner));
   TIDEPOOL_REQUIRE_OK(device->DestroyStream(user));
 }
@@ -196,18 +181,15 @@ void AllocateAndCheckOnOwnStream(CachingAllocator& allocator, CudaDevice& device
 
 TEST_CASE("threads on their own streams allocate at once and keep their data") {
   std::unique_ptr<CudaDevice> device = RequireDevice();
-  Config config;
-  config.expandable_segments = GENERATE(false, true);
-  INFO("expandable_segments=" << config.expandable_segments);
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
-      CachingAllocator::Create(device.get(), config);
-  TIDEPOOL_REQUIRE_OK(allocator);
+  const bool expandable = GENERATE(false, true);
+  INFO("expandable_segments=" << expandable);
+  std::unique_ptr<CachingAllocator> allocator = RequireAllocator(*device, expandable);
 
   constexpr int kThreads = 8;
   std::vector<std::vector<std::string>> failures(kThreads);
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back(AllocateAndCheckOnOwnStream, std::ref(**allocator), std::ref(*device), t,
+    threads.emplace_back(AllocateAndCheckOnOwnStream, std::ref(*allocator), std::ref(*device), t,
                          &failures[t]);
   }
   for (std::thread& thread : threads) thread.join();
@@ -215,9 +197,10 @@ TEST_CASE("threads on their own streams allocate at once and keep their data") {
     INFO("thread " << t);
     for (const std::string& failure : failures[t]) FAIL_CHECK(failure);
   }
-  CHECK((*allocator)->GetStats().active_blocks.current == 0);
-  TIDEPOOL_REQUIRE_OK((*allocator)->EmptyCache());
+  CHECK(allocator->GetStats().active_blocks.current == 0);
+  TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
 }
 
 }  // namespace
+}  // namespace gpu_test
 }  // namespace tidepool

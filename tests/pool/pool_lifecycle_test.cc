@@ -36,14 +36,7 @@
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
 #include "pool/route.h"
-
-// Catch prints PoolIds in failures.
-namespace Catch {
-template <>
-struct StringMaker<tidepool::PoolId> {
-  static std::string convert(const tidepool::PoolId& id) { return id.ToString(); }
-};
-}  // namespace Catch
+#include "tests/pool/pool_harness.h"
 
 namespace tidepool {
 namespace {
@@ -51,94 +44,7 @@ namespace {
 constexpr size_t kKiB = size_t{1} << 10;
 constexpr size_t kMiB = size_t{1} << 20;
 
-// One simulated device, its allocator and its pool manager (destroyed in that reverse order).
-struct Harness {
-  explicit Harness(bool expandable = true, size_t capacity = size_t{1} << 30,
-                   SimulatedDevice::Options options = {}) {
-    options.capacity = capacity;
-    device = std::make_unique<SimulatedDevice>(options);
-    Config config;
-    config.expandable_segments = expandable;
-    absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-        CachingAllocator::Create(device.get(), config);
-    REQUIRE(made.ok());
-    allocator = std::move(*made);
-    manager = std::make_unique<PoolManager>(allocator.get());
-  }
-
-  Stream NewStream() {
-    absl::StatusOr<Stream> stream = device->CreateStream();
-    REQUIRE(stream.ok());
-    return *stream;
-  }
-  StreamId IdOf(Stream stream) {
-    absl::StatusOr<StreamId> id = device->GetStreamId(stream);
-    REQUIRE(id.ok());
-    return *id;
-  }
-
-  void Begin(PoolId pool, const RouteFilter& filter) {
-    absl::Status status = manager->Begin(pool, filter);
-    INFO("Begin(" << pool.ToString() << ", " << filter.ToString() << "): " << status.ToString());
-    REQUIRE(status.ok());
-  }
-  void End(PoolId pool) {
-    absl::Status status = manager->End(pool);
-    INFO("End(" << pool.ToString() << "): " << status.ToString());
-    REQUIRE(status.ok());
-  }
-  void Release(PoolId pool) {
-    absl::Status status = manager->Release(pool);
-    INFO("Release(" << pool.ToString() << "): " << status.ToString());
-    REQUIRE(status.ok());
-  }
-
-  // An allocation through the manager; checks that it lands where RouteOf said it would.
-  void* Allocate(size_t bytes, Stream stream) {
-    absl::StatusOr<PoolId> route = manager->RouteOf(stream);
-    INFO("RouteOf: " << route.status().ToString());
-    REQUIRE(route.ok());
-    absl::StatusOr<void*> ptr = manager->Allocate(bytes, stream);
-    INFO("Allocate(" << bytes << "): " << ptr.status().ToString());
-    REQUIRE(ptr.ok());
-    REQUIRE(PoolOf(*ptr) == *route);
-    return *ptr;
-  }
-  void Free(void* ptr) {
-    absl::Status status = allocator->Free(ptr);
-    INFO("Free: " << status.ToString());
-    REQUIRE(status.ok());
-  }
-
-  PoolId RouteOf(Stream stream) {
-    absl::StatusOr<PoolId> route = manager->RouteOf(stream);
-    INFO("RouteOf: " << route.status().ToString());
-    REQUIRE(route.ok());
-    return *route;
-  }
-  PoolId PoolOf(const void* ptr) {
-    absl::StatusOr<PoolId> pool = manager->PoolOf(ptr);
-    INFO("PoolOf: " << pool.status().ToString());
-    REQUIRE(pool.ok());
-    return *pool;
-  }
-  PoolInfo Info(PoolId pool) {
-    absl::StatusOr<PoolInfo> info = manager->Info(pool);
-    INFO("Info(" << pool.ToString() << "): " << info.status().ToString());
-    REQUIRE(info.ok());
-    return *info;
-  }
-  AllocatorStats Stats(PoolId pool) {
-    absl::StatusOr<AllocatorStats> stats = manager->Stats(pool);
-    INFO("Stats(" << pool.ToString() << "): " << stats.status().ToString());
-    REQUIRE(stats.ok());
-    return *stats;
-  }
-
-  std::unique_ptr<SimulatedDevice> device;
-  std::unique_ptr<CachingAllocator> allocator;
-  std::unique_ptr<PoolManager> manager;
-};
+using testing::PoolHarness;
 
 size_t Count(const std::string& text, const std::string& what) {
   size_t count = 0;
@@ -151,7 +57,7 @@ size_t Count(const std::string& text, const std::string& what) {
 TEST_CASE("Release at zero returns the pool's free memory; the pool is gone after its last block") {
   const bool expandable = GENERATE(false, true);
   INFO("expandable_segments=" << expandable);
-  Harness h(expandable);
+  PoolHarness h(expandable);
   Stream stream = h.NewStream();
   const PoolId pool = NewUserPoolId();
   REQUIRE(h.device->used_bytes() == 0);
@@ -204,7 +110,7 @@ TEST_CASE("Release at zero returns the pool's free memory; the pool is gone afte
 }
 
 TEST_CASE("Release at zero with no live blocks makes the pool gone at once") {
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   const PoolId pool = NewUserPoolId();
   {
@@ -218,7 +124,7 @@ TEST_CASE("Release at zero with no live blocks makes the pool gone at once") {
 }
 
 TEST_CASE("a released pool gives memory back only after the work that may use it is done") {
-  Harness h(/*expandable=*/false);
+  PoolHarness h(/*expandable=*/false);
   Stream a = h.NewStream();
   Stream b = h.NewStream();
   const PoolId pool = NewUserPoolId();
@@ -241,7 +147,7 @@ TEST_CASE("a released pool gives memory back only after the work that may use it
 TEST_CASE("reviving a pool whose references reached zero while blocks were live: same pool") {
   const bool expandable = GENERATE(false, true);
   INFO("expandable_segments=" << expandable);
-  Harness h(expandable);
+  PoolHarness h(expandable);
   Stream stream = h.NewStream();
   const PoolId pool = NewUserPoolId();
   h.Begin(pool, RouteFilter::CurrentThread());
@@ -282,7 +188,7 @@ TEST_CASE("reviving a pool whose references reached zero while blocks were live:
 }
 
 TEST_CASE("a pool that is gone serves again under the same id, with its statistics") {
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   const PoolId pool = NewUserPoolId();
   {
@@ -308,7 +214,7 @@ TEST_CASE("a pool that is gone serves again under the same id, with its statisti
 }
 
 TEST_CASE("Trim, Stats and Snapshot of a pool see that pool only") {
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   const PoolId p = NewUserPoolId();
   const PoolId q = NewUserPoolId();
@@ -403,7 +309,7 @@ class CountingSource : public SegmentSource {
 };
 
 TEST_CASE("a pool's options are those of the Begin that created it") {
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   CountingSource source(h.device.get());
   const PoolId pool = NewUserPoolId();
@@ -437,7 +343,7 @@ TEST_CASE("a pool's options are those of the Begin that created it") {
 }
 
 TEST_CASE("Create makes a pool with one reference and no route; scopes on it keep its cache") {
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   const PoolId pool = NewUserPoolId();
   REQUIRE(h.manager->Create(pool, PoolOptions{}).ok());
@@ -509,7 +415,7 @@ TEST_CASE("user ids are {0, n} and graph ids {n, 0}, from two counters, unique a
   CHECK(seen.size() == kThreads * kEach);
 
   // Both kinds are pools like any other, and ToString names them as PyTorch's pair would.
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   for (PoolId id : {user, graph}) {
     PoolScope scope(h.manager.get(), id);
@@ -522,7 +428,7 @@ TEST_CASE("user ids are {0, n} and graph ids {n, 0}, from two counters, unique a
 }
 
 TEST_CASE("a thread that exits while redirected: its routes end, its references are released") {
-  Harness h;
+  PoolHarness h;
   Stream main_stream = h.NewStream();
   const PoolId pool = NewUserPoolId();
   const PoolId held = NewUserPoolId();  // the main thread holds a reference to this one too
@@ -588,7 +494,7 @@ TEST_CASE("a thread that exits while redirected: its routes end, its references 
 }
 
 TEST_CASE("threads started inside a scope are not routed (as in PyTorch)") {
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   const PoolId pool = NewUserPoolId();
   PoolScope scope(h.manager.get(), pool);

@@ -37,14 +37,7 @@
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
 #include "pool/route.h"
-
-// Catch prints PoolIds in failures.
-namespace Catch {
-template <>
-struct StringMaker<tidepool::PoolId> {
-  static std::string convert(const tidepool::PoolId& id) { return id.ToString(); }
-};
-}  // namespace Catch
+#include "tests/pool/pool_harness.h"
 
 namespace tidepool {
 namespace {
@@ -52,94 +45,7 @@ namespace {
 constexpr size_t kKiB = size_t{1} << 10;
 constexpr size_t kMiB = size_t{1} << 20;
 
-// One simulated device, its allocator and its pool manager (destroyed in that reverse order).
-struct Harness {
-  explicit Harness(bool expandable = true, size_t capacity = size_t{1} << 30,
-                   SimulatedDevice::Options options = {}) {
-    options.capacity = capacity;
-    device = std::make_unique<SimulatedDevice>(options);
-    Config config;
-    config.expandable_segments = expandable;
-    absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-        CachingAllocator::Create(device.get(), config);
-    REQUIRE(made.ok());
-    allocator = std::move(*made);
-    manager = std::make_unique<PoolManager>(allocator.get());
-  }
-
-  Stream NewStream() {
-    absl::StatusOr<Stream> stream = device->CreateStream();
-    REQUIRE(stream.ok());
-    return *stream;
-  }
-  StreamId IdOf(Stream stream) {
-    absl::StatusOr<StreamId> id = device->GetStreamId(stream);
-    REQUIRE(id.ok());
-    return *id;
-  }
-
-  void Begin(PoolId pool, const RouteFilter& filter) {
-    absl::Status status = manager->Begin(pool, filter);
-    INFO("Begin(" << pool.ToString() << ", " << filter.ToString() << "): " << status.ToString());
-    REQUIRE(status.ok());
-  }
-  void End(PoolId pool) {
-    absl::Status status = manager->End(pool);
-    INFO("End(" << pool.ToString() << "): " << status.ToString());
-    REQUIRE(status.ok());
-  }
-  void Release(PoolId pool) {
-    absl::Status status = manager->Release(pool);
-    INFO("Release(" << pool.ToString() << "): " << status.ToString());
-    REQUIRE(status.ok());
-  }
-
-  // An allocation through the manager; checks that it lands where RouteOf said it would.
-  void* Allocate(size_t bytes, Stream stream) {
-    absl::StatusOr<PoolId> route = manager->RouteOf(stream);
-    INFO("RouteOf: " << route.status().ToString());
-    REQUIRE(route.ok());
-    absl::StatusOr<void*> ptr = manager->Allocate(bytes, stream);
-    INFO("Allocate(" << bytes << "): " << ptr.status().ToString());
-    REQUIRE(ptr.ok());
-    REQUIRE(PoolOf(*ptr) == *route);
-    return *ptr;
-  }
-  void Free(void* ptr) {
-    absl::Status status = allocator->Free(ptr);
-    INFO("Free: " << status.ToString());
-    REQUIRE(status.ok());
-  }
-
-  PoolId RouteOf(Stream stream) {
-    absl::StatusOr<PoolId> route = manager->RouteOf(stream);
-    INFO("RouteOf: " << route.status().ToString());
-    REQUIRE(route.ok());
-    return *route;
-  }
-  PoolId PoolOf(const void* ptr) {
-    absl::StatusOr<PoolId> pool = manager->PoolOf(ptr);
-    INFO("PoolOf: " << pool.status().ToString());
-    REQUIRE(pool.ok());
-    return *pool;
-  }
-  PoolInfo Info(PoolId pool) {
-    absl::StatusOr<PoolInfo> info = manager->Info(pool);
-    INFO("Info(" << pool.ToString() << "): " << info.status().ToString());
-    REQUIRE(info.ok());
-    return *info;
-  }
-  AllocatorStats Stats(PoolId pool) {
-    absl::StatusOr<AllocatorStats> stats = manager->Stats(pool);
-    INFO("Stats(" << pool.ToString() << "): " << stats.status().ToString());
-    REQUIRE(stats.ok());
-    return *stats;
-  }
-
-  std::unique_ptr<SimulatedDevice> device;
-  std::unique_ptr<CachingAllocator> allocator;
-  std::unique_ptr<PoolManager> manager;
-};
+using testing::PoolHarness;
 
 std::string Describe(const Stat& stat) {
   return absl::StrCat(stat.current, "/", stat.peak, "/", stat.added, "/", stat.removed);
@@ -236,7 +142,7 @@ struct World {
     return out;
   }
 
-  Harness h;
+  PoolHarness h;
   Stream a = nullptr;
   Stream b = nullptr;
   const PoolId everyone = NewUserPoolId();

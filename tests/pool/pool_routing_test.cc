@@ -28,14 +28,7 @@
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
 #include "pool/route.h"
-
-// Catch prints PoolIds in failures.
-namespace Catch {
-template <>
-struct StringMaker<tidepool::PoolId> {
-  static std::string convert(const tidepool::PoolId& id) { return id.ToString(); }
-};
-}  // namespace Catch
+#include "tests/pool/pool_harness.h"
 
 namespace tidepool {
 namespace {
@@ -43,97 +36,10 @@ namespace {
 constexpr size_t kKiB = size_t{1} << 10;
 constexpr size_t kMiB = size_t{1} << 20;
 
-// One simulated device, its allocator and its pool manager (destroyed in that reverse order).
-struct Harness {
-  explicit Harness(bool expandable = true, size_t capacity = size_t{1} << 30,
-                   SimulatedDevice::Options options = {}) {
-    options.capacity = capacity;
-    device = std::make_unique<SimulatedDevice>(options);
-    Config config;
-    config.expandable_segments = expandable;
-    absl::StatusOr<std::unique_ptr<CachingAllocator>> made =
-        CachingAllocator::Create(device.get(), config);
-    REQUIRE(made.ok());
-    allocator = std::move(*made);
-    manager = std::make_unique<PoolManager>(allocator.get());
-  }
-
-  Stream NewStream() {
-    absl::StatusOr<Stream> stream = device->CreateStream();
-    REQUIRE(stream.ok());
-    return *stream;
-  }
-  StreamId IdOf(Stream stream) {
-    absl::StatusOr<StreamId> id = device->GetStreamId(stream);
-    REQUIRE(id.ok());
-    return *id;
-  }
-
-  void Begin(PoolId pool, const RouteFilter& filter) {
-    absl::Status status = manager->Begin(pool, filter);
-    INFO("Begin(" << pool.ToString() << ", " << filter.ToString() << "): " << status.ToString());
-    REQUIRE(status.ok());
-  }
-  void End(PoolId pool) {
-    absl::Status status = manager->End(pool);
-    INFO("End(" << pool.ToString() << "): " << status.ToString());
-    REQUIRE(status.ok());
-  }
-  void Release(PoolId pool) {
-    absl::Status status = manager->Release(pool);
-    INFO("Release(" << pool.ToString() << "): " << status.ToString());
-    REQUIRE(status.ok());
-  }
-
-  // An allocation through the manager; checks that it lands where RouteOf said it would.
-  void* Allocate(size_t bytes, Stream stream) {
-    absl::StatusOr<PoolId> route = manager->RouteOf(stream);
-    INFO("RouteOf: " << route.status().ToString());
-    REQUIRE(route.ok());
-    absl::StatusOr<void*> ptr = manager->Allocate(bytes, stream);
-    INFO("Allocate(" << bytes << "): " << ptr.status().ToString());
-    REQUIRE(ptr.ok());
-    REQUIRE(PoolOf(*ptr) == *route);
-    return *ptr;
-  }
-  void Free(void* ptr) {
-    absl::Status status = allocator->Free(ptr);
-    INFO("Free: " << status.ToString());
-    REQUIRE(status.ok());
-  }
-
-  PoolId RouteOf(Stream stream) {
-    absl::StatusOr<PoolId> route = manager->RouteOf(stream);
-    INFO("RouteOf: " << route.status().ToString());
-    REQUIRE(route.ok());
-    return *route;
-  }
-  PoolId PoolOf(const void* ptr) {
-    absl::StatusOr<PoolId> pool = manager->PoolOf(ptr);
-    INFO("PoolOf: " << pool.status().ToString());
-    REQUIRE(pool.ok());
-    return *pool;
-  }
-  PoolInfo Info(PoolId pool) {
-    absl::StatusOr<PoolInfo> info = manager->Info(pool);
-    INFO("Info(" << pool.ToString() << "): " << info.status().ToString());
-    REQUIRE(info.ok());
-    return *info;
-  }
-  AllocatorStats Stats(PoolId pool) {
-    absl::StatusOr<AllocatorStats> stats = manager->Stats(pool);
-    INFO("Stats(" << pool.ToString() << "): " << stats.status().ToString());
-    REQUIRE(stats.ok());
-    return *stats;
-  }
-
-  std::unique_ptr<SimulatedDevice> device;
-  std::unique_ptr<CachingAllocator> allocator;
-  std::unique_ptr<PoolManager> manager;
-};
+using testing::PoolHarness;
 
 TEST_CASE("Begin creates the pool, takes a reference, and routes the calling thread to it") {
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   const PoolId pool = NewUserPoolId();
   // Unknown before.
@@ -162,7 +68,7 @@ TEST_CASE("Begin creates the pool, takes a reference, and routes the calling thr
 }
 
 TEST_CASE("End pops the routing entry but keeps the reference") {
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   const PoolId pool = NewUserPoolId();
   h.Begin(pool, RouteFilter::CurrentThread());
@@ -194,7 +100,7 @@ TEST_CASE("End pops the routing entry but keeps the reference") {
 }
 
 TEST_CASE("a block returns to its own pool whatever routing is active when it is freed") {
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   const PoolId p = NewUserPoolId();
   const PoolId q = NewUserPoolId();
@@ -243,7 +149,7 @@ TEST_CASE("a block returns to its own pool whatever routing is active when it is
 }
 
 TEST_CASE("re-entering the same pool on the same thread nests: references and routes count") {
-  Harness h;
+  PoolHarness h;
   Stream stream = h.NewStream();
   const PoolId pool = NewUserPoolId();
 
@@ -312,7 +218,7 @@ TEST_CASE("re-entering the same pool on the same thread nests: references and ro
 }
 
 TEST_CASE("routes are searched newest first, across filter kinds") {
-  Harness h;
+  PoolHarness h;
   Stream a = h.NewStream();
   Stream b = h.NewStream();
   const PoolId thread_pool = NewUserPoolId();
@@ -407,7 +313,7 @@ TEST_CASE("routes are searched newest first, across filter kinds") {
 }
 
 TEST_CASE("a stream route matches by stream id: that stream's allocations, from any thread") {
-  Harness h;
+  PoolHarness h;
   Stream a = h.NewStream();
   Stream b = h.NewStream();
   const PoolId pool = NewUserPoolId();
@@ -450,7 +356,7 @@ TEST_CASE("a stream route matches by stream id: that stream's allocations, from 
 }
 
 TEST_CASE("a capture route matches only allocations on streams taking part in that capture") {
-  Harness h;
+  PoolHarness h;
   Stream capturing = h.NewStream();
   Stream joined = h.NewStream();
   Stream outside = h.NewStream();
@@ -512,7 +418,7 @@ TEST_CASE("routing never changes reuse rules: RecordStream waits for the other s
                                    Routing::kStream, Routing::kDefaultRoute);
   const size_t size = GENERATE(4 * kKiB, 3 * kMiB);
   INFO("expandable_segments=" << expandable << ", " << Name(routing) << ", size " << size);
-  Harness h(expandable);
+  PoolHarness h(expandable);
   Stream a = h.NewStream();
   Stream b = h.NewStream();
   const PoolId pool = NewUserPoolId();
@@ -575,7 +481,7 @@ TEST_CASE("routing never changes reuse rules: RecordStream waits for the other s
 TEST_CASE("routing never turns off out-of-memory recovery: other pools' cache is returned") {
   const bool expandable = GENERATE(true, false);
   INFO("expandable_segments=" << expandable);
-  Harness h(expandable, 64 * kMiB);
+  PoolHarness h(expandable, 64 * kMiB);
   Stream stream = h.NewStream();
   // The default pool caches most of the device, free.
   std::vector<void*> cached;

@@ -17,22 +17,18 @@
 #include "allocator/recording_allocator.h"
 #include "allocator/simulated_device.h"
 #include "allocator/trace.h"
+#include "tests/testing/sim_harness.h"
+#include "tests/trace/trace_test_util.h"
 #include "tools/replay.h"
 
 namespace tidepool {
 namespace {
 
-std::string ScratchPath(const std::string& name) {
-  const char* folder = std::getenv("TEST_TMPDIR");
-  return absl::StrCat(folder != nullptr ? folder : "/tmp", "/", name);
-}
+using testing::ScratchPath;
 
 std::unique_ptr<RecordingAllocator> MakeRecorder(SimulatedDevice* device, const std::string& path) {
-  absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
-      CachingAllocator::Create(device, Config{});
-  REQUIRE(allocator.ok());
   absl::StatusOr<std::unique_ptr<RecordingAllocator>> recorder =
-      RecordingAllocator::Create(*std::move(allocator), path);
+      RecordingAllocator::Create(testing::MakeAllocator(device, Config{}), path);
   REQUIRE(recorder.ok());
   return *std::move(recorder);
 }

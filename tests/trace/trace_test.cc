@@ -12,15 +12,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "allocator/trace.h"
+#include "tests/trace/trace_test_util.h"
 
 namespace tidepool {
 namespace {
 
-// A path inside Bazel's per-test scratch folder.
-std::string ScratchPath(const std::string& name) {
-  const char* folder = std::getenv("TEST_TMPDIR");
-  return absl::StrCat(folder != nullptr ? folder : "/tmp", "/", name);
-}
+using testing::ScratchPath;
 
 std::string ReadBytes(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
