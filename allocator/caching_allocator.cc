@@ -152,7 +152,7 @@ absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Arena* arena, Stream strea
     if (slot == nullptr) {
       slot = std::make_unique<Shard>(device_, arena, *id,
                                      arena->expandable ? SIZE_MAX : config_.max_split_size,
-                                     &free_epoch_);
+                                     &free_epoch_, &captures_underway_);
     }
     shard = slot.get();
   }
@@ -203,7 +203,7 @@ absl::StatusOr<void*> CachingAllocatorImpl::Allocate(Arena* arena, size_t bytes,
     absl::Status grown = Grow(shard, *rounded);
     if (grown.ok()) continue;
     if (!absl::IsResourceExhausted(grown)) return grown;
-    if (!retried) {
+    if (!retried && captures_underway_.load() == 0) {
       retried = true;
       ++arena->device_stats.retries;
       if (absl::Status released = ReleaseCached(); !released.ok()) return released;
@@ -255,6 +255,49 @@ absl::Status CachingAllocatorImpl::Free(void* ptr) {
   return absl::OkStatus();
 }
 
+void CachingAllocatorImpl::NoteCaptureBegin() {
+  MutexLock growth(&growth_mu_);
+  captures_underway_.fetch_add(1, std::memory_order_acq_rel);
+  // A barrier: a shard reads the count under its own lock, so once every shard's lock has been
+  // taken once, no call that read "no capture" is still at work, and none can start again.
+  for (Arena* arena : Arenas()) {
+    for (Shard* shard : arena->Shards()) {
+      MutexLock lock(&shard->mu);
+    }
+  }
+}
+
+absl::Status CachingAllocatorImpl::NoteCaptureEnd() {
+  MutexLock growth(&growth_mu_);
+  if (captures_underway_.load() == 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: end of a capture on device %d, where none is underway; nothing was changed",
+        device_->ordinal()));
+  }
+  if (captures_underway_.fetch_sub(1, std::memory_order_acq_rel) != 1) return absl::OkStatus();
+  // The last capture is over: what it held back can go ahead.
+  absl::Status first_error;
+  for (Arena* arena : Arenas()) {
+    for (Shard* shard : arena->Shards()) {
+      MutexLock lock(&shard->mu);
+      if (absl::Status s = shard->RecordDeferredFrees(); !s.ok() && first_error.ok()) {
+        first_error = s;
+      }
+    }
+    if (absl::Status s = FinishIfDrained(*arena); !s.ok() && first_error.ok()) first_error = s;
+  }
+  return first_error;
+}
+
+absl::Status CachingAllocatorImpl::RefuseDuringCapture(const char* operation) const {
+  if (captures_underway_.load() == 0) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "tidepool: %s on device %d while %d CUDA graph capture(s) are underway: giving memory back "
+      "needs a device synchronization, which would break the capture. Nothing was changed; try "
+      "again after the capture ends",
+      operation, device_->ordinal(), captures_underway_.load()));
+}
+
 absl::Status CachingAllocatorImpl::RecordStream(void* ptr, Stream stream) {
   uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
   absl::StatusOr<StreamId> id = device_->GetStreamId(stream);
@@ -279,6 +322,7 @@ absl::Status CachingAllocatorImpl::RecordStream(void* ptr, Stream stream) {
 
 absl::Status CachingAllocatorImpl::EmptyCache() {
   MutexLock growth(&growth_mu_);
+  if (absl::Status s = RefuseDuringCapture("empty_cache"); !s.ok()) return s;
   return ReleaseCached();
 }
 
@@ -298,6 +342,7 @@ absl::StatusOr<Arena*> CachingAllocatorImpl::ArenaOf(const void* ptr) {
 absl::Status CachingAllocatorImpl::TrimArena(Arena* arena) {
   if (absl::Status s = CheckArena(arena); !s.ok()) return s;
   MutexLock growth(&growth_mu_);
+  if (absl::Status s = RefuseDuringCapture("trim"); !s.ok()) return s;
   return ReleaseArenaCache(*arena, AddressRanges::kRelease);
 }
 
@@ -312,6 +357,7 @@ absl::StatusOr<bool> CachingAllocatorImpl::RetireArena(Arena* arena) {
         absl::StrFormat("tidepool: arena '%s' is already gone", arena->label));
   }
   arena->state.store(Arena::kRetired, std::memory_order_release);
+  if (captures_underway_.load() > 0) return false;  // NoteCaptureEnd finishes it
   if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kKeep); !s.ok()) return s;
   if (absl::Status s = FinishIfDrained(*arena); !s.ok()) return s;
   return arena->state.load() == Arena::kGone;
@@ -340,7 +386,8 @@ int64_t CachingAllocatorImpl::LiveBlocksLocked(Arena& arena) {
 
 // Blocks freed with events pending are not live: ReleaseArenaCache waits for their events.
 absl::Status CachingAllocatorImpl::FinishIfDrained(Arena& arena) {
-  if (arena.state.load() != Arena::kRetired || LiveBlocksLocked(arena) != 0) {
+  if (arena.state.load() != Arena::kRetired || captures_underway_.load() > 0 ||
+      LiveBlocksLocked(arena) != 0) {
     return absl::OkStatus();
   }
   if (absl::Status s = ReleaseArenaCache(arena, AddressRanges::kKeep); !s.ok()) return s;
@@ -491,7 +538,8 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
   const size_t granules = to_map / g;
   std::vector<PhysicalHandle> handles;
   handles.reserve(granules);
-  if (config_.release_free_chunks_on_growth) {
+  // Reclaiming waits for freed work (a device synchronization), which a capture forbids.
+  if (config_.release_free_chunks_on_growth && captures_underway_.load() == 0) {
     absl::Status s = ReclaimAcrossShards(shard, granules, target, &handles);
     arena.device_stats.reserved_bytes.Increase(static_cast<int64_t>(handles.size() * g));
     if (!s.ok()) return fail(/*mapped=*/0, handles, s);
@@ -575,6 +623,10 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t want
 
 absl::Status CachingAllocatorImpl::WaitForFreedWork(const Block& block) {
   if (block.freed_epoch < quiet_before_) return absl::OkStatus();
+  return SynchronizeFreedWork();
+}
+
+absl::Status CachingAllocatorImpl::SynchronizeFreedWork() {
   // Blocks freed from here on read an epoch >= start; those freed before read less, and the
   // work their streams queued before freeing them is done once the synchronization returns.
   const uint64_t start = free_epoch_.fetch_add(1) + 1;
@@ -638,6 +690,11 @@ absl::Status CachingAllocatorImpl::ReleaseCached() {
 }
 
 absl::Status CachingAllocatorImpl::ReleaseArenaCache(Arena& arena, AddressRanges ranges) {
+  // An arena that keeps its memory (a graph's pool) is used by work the allocator never sees
+  // free anything (graph replays), so free epochs say nothing about it: synchronize first.
+  if (!arena.shares_free_memory) {
+    if (absl::Status s = SynchronizeFreedWork(); !s.ok()) return s;
+  }
   for (Shard* shard : arena.Shards()) {
     MutexLock lock(&shard->mu);
     if (absl::Status s = ReleaseShardCache(*shard, ranges); !s.ok()) return s;
@@ -728,10 +785,14 @@ std::string CachingAllocatorImpl::OutOfMemoryMessage(size_t bytes, size_t rounde
       "rounded) in pool '%s' on stream %u. tidepool has %u bytes reserved (%s): %u bytes (%s) "
       "in live blocks and %u bytes (%s) cached but free, too fragmented for this request, "
       "awaiting events on other streams, or held by pools that keep their memory. By pool: %s. "
-      "The device has %s. The device said: %s",
+      "The device has %s.%s The device said: %s",
       device_->ordinal(), HumanBytes(bytes), bytes, rounded, shard.arena->label,
       shard.stream_id, reserved, HumanBytes(reserved), allocated, HumanBytes(allocated), cached,
-      HumanBytes(cached), by_pool.empty() ? "none" : by_pool, device_free, cause.message());
+      HumanBytes(cached), by_pool.empty() ? "none" : by_pool, device_free,
+      captures_underway_.load() > 0
+          ? " A CUDA graph capture is underway, so the cache was not given back to the device."
+          : "",
+      cause.message());
 }
 
 // --- Observation -----------------------------------------------------------------------------
@@ -813,6 +874,9 @@ absl::Status CachingAllocator::RecordStream(void* ptr, Stream stream) {
   return impl_->RecordStream(ptr, stream);
 }
 absl::Status CachingAllocator::EmptyCache() { return impl_->EmptyCache(); }
+void CachingAllocator::NoteCaptureBegin() { impl_->NoteCaptureBegin(); }
+absl::Status CachingAllocator::NoteCaptureEnd() { return impl_->NoteCaptureEnd(); }
+int CachingAllocator::captures_underway() const { return impl_->captures_underway(); }
 absl::StatusOr<size_t> CachingAllocator::BlockSize(const void* ptr) const {
   return impl_->BlockSize(ptr);
 }

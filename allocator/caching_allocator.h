@@ -16,6 +16,16 @@
 //     the streams that may still use it have been synchronized.
 //   * `Free` takes no stream: a block is always freed on the stream it was allocated on.
 //
+// DURING CUDA GRAPH CAPTURE (between NoteCaptureBegin and NoteCaptureEnd; graph/ calls them):
+//   * Nothing queries or synchronizes an event, and nothing synchronizes a stream or the device.
+//   * A block freed after use on other streams is deferred: its events are recorded, and its
+//     wait begins, once no capture is underway any more. A block used on its own stream only is
+//     reusable at once, in stream order, as always.
+//   * Growth still takes new memory from the device (that does not break a capture), but no
+//     memory goes back to it: EmptyCache and TrimArena fail with FAILED_PRECONDITION, free chunks
+//     are not reclaimed from other arenas, out-of-memory recovery does not release the cache, and
+//     a retired arena keeps its memory until the captures are over.
+//
 // ARENAS. An arena is a cache of its own: its own segments, free lists per stream, statistics and
 // segment source. Every allocator has a default arena; pools (pool/) are arenas with an identity
 // and a routing rule. A block always returns to the arena it came from. An arena can be retired:
@@ -81,6 +91,15 @@ class CachingAllocator {
   absl::Status RecordStream(void* ptr, Stream stream);
   // Returns every whole free segment (and every free mapped chunk) to the device.
   absl::Status EmptyCache();
+
+  // Marks the beginning and end of a CUDA graph capture on this device (see the contract above).
+  // NoteCaptureBegin must come before the capture begins and NoteCaptureEnd after it has ended
+  // (or failed): when it returns, no call that began before it can still touch an event.
+  // NoteCaptureEnd of the last capture underway starts the deferred frees' waits and finishes the
+  // retired arenas. A mark is not routing: pool/ routes a capture's allocations.
+  void NoteCaptureBegin();
+  absl::Status NoteCaptureEnd();
+  int captures_underway() const;
 
   // Size of the live block at ptr (its rounded size), or an error as for Free.
   absl::StatusOr<size_t> BlockSize(const void* ptr) const;

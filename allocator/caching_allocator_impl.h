@@ -76,6 +76,9 @@ class CachingAllocatorImpl {
   absl::Status RecordStream(void* ptr, Stream stream);
   absl::Status EmptyCache();
   absl::StatusOr<size_t> BlockSize(const void* ptr);
+  void NoteCaptureBegin();
+  absl::Status NoteCaptureEnd();
+  int captures_underway() const { return captures_underway_.load(std::memory_order_acquire); }
 
   absl::StatusOr<Arena*> CreateArena(const ArenaOptions& options);
   Arena* default_arena() const { return default_arena_; }
@@ -100,6 +103,10 @@ class CachingAllocatorImpl {
   // Every arena, in creation order.
   std::vector<Arena*> Arenas() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status CheckArena(const Arena* arena) const;
+  // FAILED_PRECONDITION naming `operation` while a capture is underway: memory cannot go back to
+  // the device then.
+  absl::Status RefuseDuringCapture(const char* operation) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
 
   // RESOURCE_EXHAUSTED: a request larger than the whole device.
   absl::Status TooLarge(size_t rounded) const;
@@ -148,6 +155,8 @@ class CachingAllocatorImpl {
   // H200) nor trusted (it may name a newer stream). Only growth and trimming come here, never a
   // cached allocation.
   absl::Status WaitForFreedWork(const Block& block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // Synchronizes the device, after which every block freed so far is idle.
+  absl::Status SynchronizeFreedWork() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   Segment* NewSegment(Shard& shard, uintptr_t base, size_t size, bool expandable, bool small)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   void RetireSegment(Segment* segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
@@ -168,6 +177,10 @@ class CachingAllocatorImpl {
   // Each Free stamps its block with this epoch (a read on the hot path; written only when
   // growth or trimming synchronizes the device). See WaitForFreedWork.
   std::atomic<uint64_t> free_epoch_{1};
+
+  // CUDA graph captures underway on the device. Changed only under growth_mu_ (so it is stable
+  // there); read by shards under their own locks (see NoteCaptureBegin).
+  std::atomic<int> captures_underway_{0};
 
   // Serializes growth, trimming, out-of-memory recovery and arena changes. Lock order:
   // growth_mu_, then one shard's mu (never two at once), then an arena's shards_mu (a leaf).

@@ -308,4 +308,62 @@ absl::Status CudaDevice::DestroyStream(Stream stream) {
   return driver_.Check(driver_.cuStreamDestroy(ToCuStream(stream)), "cuStreamDestroy");
 }
 
+// --- Graph capture ----------------------------------------------------------------------------
+
+absl::StatusOr<uint64_t> CudaDevice::BeginCapture(Stream stream, CaptureMode mode) {
+  if (absl::Status s = MakeCurrent(); !s.ok()) return s;
+  CUstreamCaptureMode cu_mode = mode == CaptureMode::kGlobal        ? CU_STREAM_CAPTURE_MODE_GLOBAL
+                                : mode == CaptureMode::kThreadLocal ? CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+                                                                    : CU_STREAM_CAPTURE_MODE_RELAXED;
+  if (absl::Status s = driver_.Check(driver_.cuStreamBeginCapture(ToCuStream(stream), cu_mode),
+                                     "cuStreamBeginCapture");
+      !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<CaptureInfo> info = GetCaptureInfo(stream);
+  if (!info.ok() || !info->capturing) {
+    CUgraph graph = nullptr;
+    if (driver_.cuStreamEndCapture(ToCuStream(stream), &graph) == CUDA_SUCCESS && graph) {
+      driver_.cuGraphDestroy(graph);
+    }
+    return info.ok() ? absl::InternalError("cuStreamBeginCapture: the stream is not capturing")
+                     : info.status();
+  }
+  return info->capture_id;
+}
+
+absl::StatusOr<GraphHandle> CudaDevice::EndCapture(Stream stream) {
+  if (absl::Status s = MakeCurrent(); !s.ok()) return s;
+  CUgraph graph = nullptr;
+  CUresult result = driver_.cuStreamEndCapture(ToCuStream(stream), &graph);
+  if (result != CUDA_SUCCESS) {
+    if (graph != nullptr) driver_.cuGraphDestroy(graph);
+    return driver_.Check(result, "cuStreamEndCapture");
+  }
+  return static_cast<GraphHandle>(graph);
+}
+
+absl::StatusOr<GraphExecHandle> CudaDevice::InstantiateGraph(GraphHandle graph) {
+  if (absl::Status s = MakeCurrent(); !s.ok()) return s;
+  CUgraphExec exec = nullptr;
+  CUresult result = driver_.cuGraphInstantiate(&exec, static_cast<CUgraph>(graph), 0);
+  if (result != CUDA_SUCCESS) return driver_.Check(result, "cuGraphInstantiate");
+  return static_cast<GraphExecHandle>(exec);
+}
+
+absl::Status CudaDevice::LaunchGraph(GraphExecHandle exec, Stream stream) {
+  if (absl::Status s = MakeCurrent(); !s.ok()) return s;
+  return driver_.Check(driver_.cuGraphLaunch(static_cast<CUgraphExec>(exec), ToCuStream(stream)),
+                       "cuGraphLaunch");
+}
+
+absl::Status CudaDevice::DestroyGraph(GraphHandle graph) {
+  return driver_.Check(driver_.cuGraphDestroy(static_cast<CUgraph>(graph)), "cuGraphDestroy");
+}
+
+absl::Status CudaDevice::DestroyGraphExec(GraphExecHandle exec) {
+  return driver_.Check(driver_.cuGraphExecDestroy(static_cast<CUgraphExec>(exec)),
+                       "cuGraphExecDestroy");
+}
+
 }  // namespace tidepool

@@ -81,6 +81,12 @@ class CudaDevice : public Device {
   absl::StatusOr<MemoryInfo> GetMemoryInfo() override;
   absl::StatusOr<Stream> CreateStream() override;
   absl::Status DestroyStream(Stream stream) override;
+  absl::StatusOr<uint64_t> BeginCapture(Stream stream, CaptureMode mode) override;
+  absl::StatusOr<GraphHandle> EndCapture(Stream stream) override;
+  absl::StatusOr<GraphExecHandle> InstantiateGraph(GraphHandle graph) override;
+  absl::Status LaunchGraph(GraphExecHandle exec, Stream stream) override;
+  absl::Status DestroyGraph(GraphHandle graph) override;
+  absl::Status DestroyGraphExec(GraphExecHandle exec) override;
 
  private:
   CudaDevice(const CudaDriver& driver, int ordinal, CUdevice device, CUcontext context);

@@ -33,6 +33,14 @@ using StreamId = uint64_t;
 using Event = void*;
 // An opaque handle to one physical chunk of memory (CUmemGenericAllocationHandle on CUDA).
 using PhysicalHandle = uint64_t;
+// A captured graph (CUgraph on CUDA) and its executable form (CUgraphExec).
+using GraphHandle = void*;
+using GraphExecHandle = void*;
+
+// Which other API calls a capture forbids while it runs (CUstreamCaptureMode): kGlobal forbids
+// unsafe calls (those that may synchronize) on every thread, kThreadLocal on the capturing
+// thread only, kRelaxed nowhere. The allocator's own device calls are safe under all three.
+enum class CaptureMode { kGlobal, kThreadLocal, kRelaxed };
 
 struct CaptureInfo {
   bool capturing = false;
@@ -90,10 +98,21 @@ class Device {
 
   virtual absl::StatusOr<MemoryInfo> GetMemoryInfo() = 0;
 
-  // --- For tools and tests (the caching core never calls these) -----------------------------------
+  // --- For graph/, tools and tests (the caching core never calls these) ---------------------------
   // A new non-blocking stream, and its destruction.
   virtual absl::StatusOr<Stream> CreateStream() = 0;
   virtual absl::Status DestroyStream(Stream stream) = 0;
+
+  // Graph capture. BeginCapture starts capturing `stream` and returns the capture's id (what
+  // GetCaptureInfo reports for it and for every stream that joins it). EndCapture ends the capture
+  // `stream` began and returns the graph; when the capture was invalidated it returns the
+  // driver's error instead, and the stream has stopped capturing either way.
+  virtual absl::StatusOr<uint64_t> BeginCapture(Stream stream, CaptureMode mode) = 0;
+  virtual absl::StatusOr<GraphHandle> EndCapture(Stream stream) = 0;
+  virtual absl::StatusOr<GraphExecHandle> InstantiateGraph(GraphHandle graph) = 0;
+  virtual absl::Status LaunchGraph(GraphExecHandle exec, Stream stream) = 0;
+  virtual absl::Status DestroyGraph(GraphHandle graph) = 0;
+  virtual absl::Status DestroyGraphExec(GraphExecHandle exec) = 0;
 };
 
 }  // namespace tidepool

@@ -59,6 +59,20 @@ class ForwardingDevice : public Device {
   absl::StatusOr<MemoryInfo> GetMemoryInfo() override { return inner_->GetMemoryInfo(); }
   absl::StatusOr<Stream> CreateStream() override { return inner_->CreateStream(); }
   absl::Status DestroyStream(Stream stream) override { return inner_->DestroyStream(stream); }
+  absl::StatusOr<uint64_t> BeginCapture(Stream stream, CaptureMode mode) override {
+    return inner_->BeginCapture(stream, mode);
+  }
+  absl::StatusOr<GraphHandle> EndCapture(Stream stream) override { return inner_->EndCapture(stream); }
+  absl::StatusOr<GraphExecHandle> InstantiateGraph(GraphHandle graph) override {
+    return inner_->InstantiateGraph(graph);
+  }
+  absl::Status LaunchGraph(GraphExecHandle exec, Stream stream) override {
+    return inner_->LaunchGraph(exec, stream);
+  }
+  absl::Status DestroyGraph(GraphHandle graph) override { return inner_->DestroyGraph(graph); }
+  absl::Status DestroyGraphExec(GraphExecHandle exec) override {
+    return inner_->DestroyGraphExec(exec);
+  }
 
  private:
   Device* const inner_;

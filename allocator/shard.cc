@@ -10,12 +10,14 @@
 namespace tidepool {
 
 Shard::Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size,
-             const std::atomic<uint64_t>* free_epoch)
+             const std::atomic<uint64_t>* free_epoch,
+             const std::atomic<int>* captures_underway)
     : arena(arena),
       stream_id(stream_id),
       device_(device),
       max_split_size_(max_split_size),
-      free_epoch_(free_epoch) {}
+      free_epoch_(free_epoch),
+      captures_underway_(captures_underway) {}
 
 Shard::~Shard() {
   MutexLock lock(&mu);
@@ -192,6 +194,29 @@ absl::Status Shard::FreeLive(Block* block) {
     MakeFree(block);
     return absl::OkStatus();
   }
+  if (Capturing()) {
+    block->state = BlockState::kAwaitingEvents;
+    deferred_.push_back(block);
+    return absl::OkStatus();
+  }
+  return AwaitUses(block);
+}
+
+absl::Status Shard::RecordDeferredFrees() {
+  if (Capturing()) {
+    return absl::FailedPreconditionError(
+        "tidepool: deferred frees recorded while a capture is underway");
+  }
+  std::vector<Block*> deferred;
+  deferred.swap(deferred_);
+  absl::Status first_error;
+  for (Block* block : deferred) {
+    if (absl::Status s = AwaitUses(block); !s.ok() && first_error.ok()) first_error = s;
+  }
+  return first_error;
+}
+
+absl::Status Shard::AwaitUses(Block* block) {
   PendingFree pending{block, {}};
   absl::Status status;
   for (const StreamUse& use : block->uses) {
@@ -300,6 +325,7 @@ void Shard::FinishPending(PendingFree& pending) {
 }
 
 absl::Status Shard::HarvestEvents(bool all) {
+  if (Capturing()) return absl::OkStatus();
   for (auto it = pending_.begin(); it != pending_.end();) {
     absl::StatusOr<bool> done = AllDone(device_, *it);
     if (!done.ok()) return done.status();
@@ -316,6 +342,10 @@ absl::Status Shard::HarvestEvents(bool all) {
 }
 
 absl::Status Shard::WaitForEvents() {
+  if (Capturing()) {
+    return absl::FailedPreconditionError(
+        "tidepool: waiting for events while a capture is underway");
+  }
   FlushQuick();
   for (PendingFree& pending : pending_) {
     for (Event event : pending.events) {

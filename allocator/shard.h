@@ -14,6 +14,14 @@
 // not parked: for them best fit's choice of place matters (measured on the bundled traces,
 // parking them raised peak reserved memory by up to 0.2%). Talking to the device about memory (growth,
 // trimming) is the allocator's job (caching_allocator_impl.h), done under its growth lock.
+//
+// While a CUDA graph capture is underway on the device, nothing may query or synchronize an
+// event (the driver would invalidate the capture, or the capture would swallow the event). The
+// shard then harvests nothing, and a block freed after use on other streams is deferred: it keeps
+// its uses and waits, unusable, until the allocator says the captures are over
+// (RecordDeferredFrees), when its events are recorded as for any other such free. A block used
+// on its own stream only is reusable at once, during capture as outside it: inside a graph,
+// stream order is the graph's dependency order.
 #ifndef TIDEPOOL_ALLOCATOR_SHARD_H_
 #define TIDEPOOL_ALLOCATOR_SHARD_H_
 
@@ -36,9 +44,10 @@ class Arena;
 // Cache-line aligned: shards of different streams are used by different threads at once.
 class alignas(64) Shard {
  public:
-  // `free_epoch` is the allocator's epoch counter (see CachingAllocatorImpl::free_epoch_).
+  // `free_epoch` is the allocator's epoch counter (see CachingAllocatorImpl::free_epoch_), and
+  // `captures_underway` its count of captures running on the device (read under `mu`).
   Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size,
-        const std::atomic<uint64_t>* free_epoch);
+        const std::atomic<uint64_t>* free_epoch, const std::atomic<int>* captures_underway);
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
@@ -55,8 +64,13 @@ class alignas(64) Shard {
   // The live block at `address`, or nullptr.
   Block* FindLive(uintptr_t address) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Frees a live block: at once if it was used on this stream only, else after events recorded
-  // now on each stream it was used on.
+  // now on each stream it was used on (or, during capture, deferred: see above).
   absl::Status FreeLive(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Records the events of the blocks deferred during capture. Only once no capture is underway.
+  absl::Status RecordDeferredFrees() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  int64_t deferred_frees() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return static_cast<int64_t>(deferred_.size());
+  }
   // Coalesces every parked block into the best-fit index.
   void FlushQuick() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Turns a block not in any index into a free block, coalesced with free neighbours, and
@@ -73,11 +87,13 @@ class alignas(64) Shard {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
 
   // Harvests completed events without blocking. `all` scans every pending block; otherwise it
-  // stops at the first one still waiting (cheap enough for every allocation).
+  // stops at the first one still waiting (cheap enough for every allocation). Does nothing while
+  // a capture is underway.
   absl::Status HarvestEvents(bool all) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   bool HasPendingEvents() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return !pending_.empty(); }
   // Blocks until every pending block's events have completed, then frees those blocks. Only for
-  // paths that may block anyway (out-of-memory recovery, EmptyCache).
+  // paths that may block anyway (out-of-memory recovery, EmptyCache), never during capture
+  // (FAILED_PRECONDITION).
   absl::Status WaitForEvents() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
 
   // Segment bookkeeping.
@@ -124,12 +140,17 @@ class alignas(64) Shard {
   // Splits `bytes` off the front of `block` (not indexed); returns the new tail block.
   Block* SplitFront(Block* block, size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   absl::StatusOr<Event> TakeEvent() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  bool Capturing() const { return captures_underway_->load(std::memory_order_acquire) > 0; }
+  // The second half of freeing a block used on other streams: records an event on each of them
+  // and queues the block until they complete.
+  absl::Status AwaitUses(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   void FinishPending(PendingFree& pending) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   static absl::StatusOr<bool> AllDone(Device* device, const PendingFree& pending);
 
   Device* const device_;
   const size_t max_split_size_;
   const std::atomic<uint64_t>* const free_epoch_;
+  const std::atomic<int>* const captures_underway_;
   BlockIndex free_[2] ABSL_GUARDED_BY(mu);      // [small]
   BlockIndex unmapped_[2] ABSL_GUARDED_BY(mu);  // [small], expandable segments only
   std::vector<Segment*> segments_ ABSL_GUARDED_BY(mu);
@@ -137,6 +158,8 @@ class alignas(64) Shard {
   // allocation of the same size costs no map update); FindLive answers allocated ones only.
   absl::flat_hash_map<uintptr_t, Block*> live_ ABSL_GUARDED_BY(mu);
   std::deque<PendingFree> pending_ ABSL_GUARDED_BY(mu);
+  // Blocks freed during capture after use on other streams, their events not yet recorded.
+  std::vector<Block*> deferred_ ABSL_GUARDED_BY(mu);
   std::vector<Event> spare_events_ ABSL_GUARDED_BY(mu);
   std::vector<Block*> spare_blocks_ ABSL_GUARDED_BY(mu);
   QuickSlot quick_[kQuickSlots] ABSL_GUARDED_BY(mu);

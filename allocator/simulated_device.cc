@@ -269,8 +269,11 @@ absl::StatusOr<CaptureInfo> SimulatedDevice::GetCaptureInfo(Stream stream) {
   absl::StatusOr<StreamState*> state = FindStream(stream);
   if (!state.ok()) return state.status();
   CaptureInfo info;
-  info.capturing = (*state)->capture_id != 0;
-  info.capture_id = (*state)->capture_id;
+  // As on CUDA: an invalidated capture no longer captures anything.
+  if ((*state)->capture_id != 0 && !(*state)->capture_invalidated) {
+    info.capturing = true;
+    info.capture_id = (*state)->capture_id;
+  }
   return info;
 }
 
@@ -317,25 +320,105 @@ bool SimulatedDevice::IsComplete(Stream stream, uint64_t position) {
   return it == streams_.end() || it->second.completed >= position;
 }
 
-uint64_t SimulatedDevice::BeginCapture(Stream stream) {
+absl::StatusOr<uint64_t> SimulatedDevice::BeginCapture(Stream stream, CaptureMode) {
   MutexLock lock(&mu_);
+  if (stream == nullptr) {
+    return absl::InvalidArgumentError("simulated device: the default stream cannot be captured");
+  }
+  absl::StatusOr<StreamState*> state = FindStream(stream);
+  if (!state.ok()) return state.status();
+  if ((*state)->capture_id != 0) {
+    return absl::FailedPreconditionError("simulated device: the stream is capturing already");
+  }
   uint64_t id = next_capture_id_++;
-  streams_.at(stream).capture_id = id;
+  (*state)->capture_id = id;
+  (*state)->capture_origin = true;
+  (*state)->capture_invalidated = false;
   return id;
 }
 
 void SimulatedDevice::JoinCapture(Stream stream, Stream capturing) {
   MutexLock lock(&mu_);
-  streams_.at(stream).capture_id = streams_.at(capturing).capture_id;
+  const StreamState& origin = streams_.at(capturing);
+  StreamState& joined = streams_.at(stream);
+  joined.capture_id = origin.capture_id;
+  joined.capture_invalidated = origin.capture_invalidated;
 }
 
-void SimulatedDevice::EndCapture(Stream stream) {
+void SimulatedDevice::InvalidateCapture(Stream stream) {
   MutexLock lock(&mu_);
   uint64_t id = streams_.at(stream).capture_id;
   if (id == 0) return;
   for (auto& [handle, state] : streams_) {
-    if (state.capture_id == id) state.capture_id = 0;
+    if (state.capture_id == id) state.capture_invalidated = true;
   }
+}
+
+absl::StatusOr<GraphHandle> SimulatedDevice::EndCapture(Stream stream) {
+  MutexLock lock(&mu_);
+  absl::StatusOr<StreamState*> state = FindStream(stream);
+  if (!state.ok()) return state.status();
+  const uint64_t id = (*state)->capture_id;
+  if (id == 0 || !(*state)->capture_origin) {
+    return absl::FailedPreconditionError(
+        "simulated device: end of capture on a stream that did not begin one");
+  }
+  const bool invalidated = (*state)->capture_invalidated;
+  for (auto& [handle, other] : streams_) {
+    if (other.capture_id != id) continue;
+    other.capture_id = 0;
+    other.capture_origin = false;
+    other.capture_invalidated = false;
+  }
+  if (invalidated) {
+    return absl::InternalError("simulated device: the capture was invalidated");
+  }
+  GraphHandle graph = reinterpret_cast<GraphHandle>(next_graph_handle_);
+  next_graph_handle_ += 0x10;
+  graphs_[graph] = id;
+  return graph;
+}
+
+absl::StatusOr<GraphExecHandle> SimulatedDevice::InstantiateGraph(GraphHandle graph) {
+  MutexLock lock(&mu_);
+  auto it = graphs_.find(graph);
+  if (it == graphs_.end()) return absl::InvalidArgumentError("simulated device: unknown graph");
+  GraphExecHandle exec = reinterpret_cast<GraphExecHandle>(next_graph_handle_);
+  next_graph_handle_ += 0x10;
+  graph_execs_[exec] = it->second;
+  return exec;
+}
+
+absl::Status SimulatedDevice::LaunchGraph(GraphExecHandle exec, Stream stream) {
+  MutexLock lock(&mu_);
+  if (!graph_execs_.contains(exec)) {
+    return absl::InvalidArgumentError("simulated device: unknown executable graph");
+  }
+  absl::StatusOr<StreamState*> state = FindStream(stream);
+  if (!state.ok()) return state.status();
+  ++(*state)->enqueued;
+  return absl::OkStatus();
+}
+
+absl::Status SimulatedDevice::DestroyGraph(GraphHandle graph) {
+  MutexLock lock(&mu_);
+  if (graphs_.erase(graph) == 0) {
+    return absl::InvalidArgumentError("simulated device: unknown graph");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SimulatedDevice::DestroyGraphExec(GraphExecHandle exec) {
+  MutexLock lock(&mu_);
+  if (graph_execs_.erase(exec) == 0) {
+    return absl::InvalidArgumentError("simulated device: unknown executable graph");
+  }
+  return absl::OkStatus();
+}
+
+int64_t SimulatedDevice::live_graphs() const {
+  MutexLock lock(&mu_);
+  return static_cast<int64_t>(graphs_.size() + graph_execs_.size());
 }
 
 int64_t SimulatedDevice::capture_violations() const {

@@ -59,6 +59,17 @@ class SimulatedDevice : public Device {
   absl::StatusOr<MemoryInfo> GetMemoryInfo() override;
   absl::StatusOr<Stream> CreateStream() override;
   absl::Status DestroyStream(Stream stream) override;
+  // A capture on the default stream (nullptr) or on a stream already capturing is refused, as
+  // CUDA refuses it. The mode is recorded only.
+  absl::StatusOr<uint64_t> BeginCapture(Stream stream,
+                                        CaptureMode mode = CaptureMode::kGlobal) override;
+  // Ends the capture `stream` began, for every stream joined to it.
+  absl::StatusOr<GraphHandle> EndCapture(Stream stream) override;
+  absl::StatusOr<GraphExecHandle> InstantiateGraph(GraphHandle graph) override;
+  // Launching a graph is one unit of work on `stream` (see Enqueue).
+  absl::Status LaunchGraph(GraphExecHandle exec, Stream stream) override;
+  absl::Status DestroyGraph(GraphHandle graph) override;
+  absl::Status DestroyGraphExec(GraphExecHandle exec) override;
 
   // --- The logical clock ---
   // Launches one unit of work on `stream`; returns its position on the stream's clock.
@@ -70,14 +81,15 @@ class SimulatedDevice : public Device {
   bool IsComplete(Stream stream, uint64_t position);
 
   // --- Capture ---
-  // Begins a capture on `stream` and returns its capture id.
-  uint64_t BeginCapture(Stream stream);
   // Joins `stream` to the capture running on `capturing` (as waiting on its event would).
   void JoinCapture(Stream stream, Stream capturing);
-  // Ends the capture that `stream` belongs to, for every stream joined to it.
-  void EndCapture(Stream stream);
+  // Invalidates the capture `stream` takes part in, as an illegal call during capture does on a
+  // real device: its streams stop reporting it, and EndCapture fails.
+  void InvalidateCapture(Stream stream);
   // Event queries or synchronizations attempted while a capture was running.
   int64_t capture_violations() const;
+  // Graphs and executable graphs made and not yet destroyed.
+  int64_t live_graphs() const;
 
   // --- Faults ---
   // The `n`th device allocation (segment or physical chunk) from now fails (n = 1: the next).
@@ -97,6 +109,8 @@ class SimulatedDevice : public Device {
     uint64_t enqueued = 0;
     uint64_t completed = 0;
     uint64_t capture_id = 0;  // 0 = not capturing
+    bool capture_invalidated = false;
+    bool capture_origin = false;  // the stream BeginCapture was called on
   };
   struct EventState {
     Stream stream = nullptr;
@@ -126,6 +140,10 @@ class SimulatedDevice : public Device {
   uintptr_t next_event_handle_ ABSL_GUARDED_BY(mu_) = 0x10;
   uint64_t next_capture_id_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t capture_violations_ ABSL_GUARDED_BY(mu_) = 0;
+  // Graphs and executable graphs: handle -> the capture id they came from.
+  absl::flat_hash_map<GraphHandle, uint64_t> graphs_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<GraphExecHandle, uint64_t> graph_execs_ ABSL_GUARDED_BY(mu_);
+  uintptr_t next_graph_handle_ ABSL_GUARDED_BY(mu_) = 0x100;
   int64_t fail_countdown_ ABSL_GUARDED_BY(mu_) = 0;
   bool fail_all_ ABSL_GUARDED_BY(mu_) = false;
   int64_t synchronizations_ ABSL_GUARDED_BY(mu_) = 0;

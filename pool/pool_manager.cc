@@ -170,29 +170,48 @@ absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
   return absl::OkStatus();
 }
 
-absl::Status PoolManager::End(PoolId id) {
+absl::Status PoolManager::End(PoolId id) { return EndMatching(id, nullptr); }
+
+absl::Status PoolManager::End(PoolId id, const RouteFilter& filter) {
+  return EndMatching(id, &filter);
+}
+
+absl::Status PoolManager::EndMatching(PoolId id, const RouteFilter* filter) {
   MutexLock lock(&mu_);
   Pool* pool = FindPool(id);
-  if (pool != nullptr) {
+  if (pool == nullptr) return EndWithoutBegin(id);
+  const bool any = filter == nullptr;
+  if (any || filter->kind == RouteFilter::Kind::kCurrentThread) {
     if (ThreadRoutes* mine = MyThreadState().Find(serial_)) {
       for (auto it = mine->routes.rbegin(); it != mine->routes.rend(); ++it) {
         if (it->pool != pool) continue;
         mine->routes.erase(std::next(it).base());
-        --pool->routes;
-        active_routes_.fetch_sub(1, std::memory_order_relaxed);
+        EraseRoute(*pool, /*mine=*/true);
         return absl::OkStatus();
       }
     }
+  }
+  if (any || filter->kind != RouteFilter::Kind::kCurrentThread) {
     for (auto it = global_routes_.rbegin(); it != global_routes_.rend(); ++it) {
-      if (it->pool != pool) continue;
+      if (it->pool != pool || (!any && !(it->filter == *filter))) continue;
       global_routes_.erase(std::next(it).base());
-      global_version_.fetch_add(1, std::memory_order_release);
-      global_route_count_.fetch_sub(1, std::memory_order_release);
-      --pool->routes;
-      active_routes_.fetch_sub(1, std::memory_order_relaxed);
+      EraseRoute(*pool, /*mine=*/false);
       return absl::OkStatus();
     }
   }
+  return EndWithoutBegin(id);
+}
+
+void PoolManager::EraseRoute(Pool& pool, bool mine) {
+  if (!mine) {
+    global_version_.fetch_add(1, std::memory_order_release);
+    global_route_count_.fetch_sub(1, std::memory_order_release);
+  }
+  --pool.routes;
+  active_routes_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+absl::Status PoolManager::EndWithoutBegin(PoolId id) const {
   return absl::FailedPreconditionError(absl::StrFormat(
       "tidepool: end of pool %s on device %d without a matching begin (no route to it from this "
       "thread, nor for a stream, a capture or everyone); nothing was changed",
@@ -340,6 +359,12 @@ absl::Status PoolManager::Trim(PoolId id) {
   MutexLock lock(&mu_);
   absl::StatusOr<Pool*> pool = KnownPool(id, "trim");
   if (!pool.ok()) return pool.status();
+  if (id.first != 0 && (*pool)->references > 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: trim of graph pool %s, which %d graph(s) or handle(s) still hold: a graph may "
+        "replay into any of its memory. Nothing was changed",
+        id.ToString(), (*pool)->references));
+  }
   return allocator_->TrimArena((*pool)->arena.load());
 }
 

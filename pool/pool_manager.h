@@ -80,6 +80,9 @@ class PoolManager {
   absl::Status Create(PoolId pool, const PoolOptions& options);
   absl::Status Begin(PoolId pool, const RouteFilter& filter, const PoolOptions& options = {});
   absl::Status End(PoolId pool);
+  // Ends the newest route to `pool` whose filter is exactly `filter` (for a current-thread
+  // filter, this thread's): what a capture uses, since two captures may route to one pool.
+  absl::Status End(PoolId pool, const RouteFilter& filter);
   absl::Status Release(PoolId pool);
 
   // An allocation, routed. A route to a pool released while still routed (by another thread's
@@ -90,7 +93,9 @@ class PoolManager {
   // The pool a live block came from.
   absl::StatusOr<PoolId> PoolOf(const void* ptr);
 
-  // Returns the pool's whole free segments and chunks to their source.
+  // Returns the pool's whole free segments and chunks to their source. Refused
+  // (FAILED_PRECONDITION) for a graph pool that still has references: a graph that holds it may
+  // replay into any of its memory.
   absl::Status Trim(PoolId pool);
   absl::StatusOr<AllocatorStats> Stats(PoolId pool);
   absl::StatusOr<std::string> Snapshot(PoolId pool);
@@ -125,6 +130,11 @@ class PoolManager {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops one reference; retires the arena at zero.
   absl::Status DropReference(Pool& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // End of the newest route to `pool` that `filter` matches exactly (nullptr: any filter).
+  absl::Status EndMatching(PoolId pool, const RouteFilter* filter);
+  // Removes one route of `pool` (from this thread's routes when `mine`, else a global one).
+  void EraseRoute(Pool& pool, bool mine) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status EndWithoutBegin(PoolId pool) const;
   // The pool for an allocation on `stream` by this thread, or nullptr for the default pool.
   absl::StatusOr<Pool*> Choose(Stream stream);
   const std::vector<Route>& GlobalRoutes();

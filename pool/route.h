@@ -28,6 +28,10 @@ struct RouteFilter {
   static RouteFilter InCapture(uint64_t id) { return RouteFilter{Kind::kCapture, 0, id}; }
   static RouteFilter Everyone() { return RouteFilter{Kind::kEveryone}; }
 
+  friend bool operator==(const RouteFilter& a, const RouteFilter& b) {
+    return a.kind == b.kind && a.stream_id == b.stream_id && a.capture_id == b.capture_id;
+  }
+
   std::string ToString() const {
     switch (kind) {
       case Kind::kCurrentThread:

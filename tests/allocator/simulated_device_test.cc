@@ -208,7 +208,9 @@ TEST_CASE("capture: begin, join and end, and what they report") {
   REQUIRE(before.ok());
   CHECK_FALSE(before->capturing);
 
-  const uint64_t capture_id = device.BeginCapture(origin);
+  absl::StatusOr<uint64_t> began = device.BeginCapture(origin);
+  REQUIRE(began.ok());
+  const uint64_t capture_id = *began;
   CHECK(capture_id != 0);
   device.JoinCapture(joined, origin);
 
@@ -224,8 +226,15 @@ TEST_CASE("capture: begin, join and end, and what they report") {
   CHECK(joined_info->capture_id == capture_id);
   CHECK_FALSE(outside_info->capturing);
 
-  // Ending through the joined stream ends the capture for every stream in it.
-  device.EndCapture(joined);
+  // Only the stream that began the capture can end it (as on CUDA); ending it ends the capture
+  // for every stream in it.
+  CHECK_FALSE(device.EndCapture(joined).ok());
+  CHECK(device.GetCaptureInfo(joined)->capturing);
+  absl::StatusOr<GraphHandle> graph = device.EndCapture(origin);
+  REQUIRE(graph.ok());
+  CHECK(device.live_graphs() == 1);
+  REQUIRE(device.DestroyGraph(*graph).ok());
+  CHECK(device.live_graphs() == 0);
   origin_info = device.GetCaptureInfo(origin);
   joined_info = device.GetCaptureInfo(joined);
   REQUIRE(origin_info.ok());
@@ -234,9 +243,14 @@ TEST_CASE("capture: begin, join and end, and what they report") {
   CHECK_FALSE(joined_info->capturing);
 
   // A second capture gets a different id.
-  const uint64_t second_id = device.BeginCapture(outside);
-  CHECK(second_id != capture_id);
-  device.EndCapture(outside);
+  absl::StatusOr<uint64_t> second_id = device.BeginCapture(outside);
+  REQUIRE(second_id.ok());
+  CHECK(*second_id != capture_id);
+  // An invalidated capture stops reporting itself, and ending it fails.
+  device.InvalidateCapture(outside);
+  CHECK_FALSE(device.GetCaptureInfo(outside)->capturing);
+  CHECK_FALSE(device.EndCapture(outside).ok());
+  CHECK(device.live_graphs() == 0);
   CHECK(device.capture_violations() == 0);
 }
 
@@ -250,7 +264,7 @@ TEST_CASE("querying or synchronizing an event during any capture is an error and
   REQUIRE(device.RecordEvent(event, elsewhere).ok());
   const int64_t syncs_before = device.synchronizations();
 
-  device.BeginCapture(capturing);
+  REQUIRE(device.BeginCapture(capturing).ok());
   CHECK(device.capture_violations() == 0);
 
   CHECK_FALSE(device.QueryEvent(event).ok());
@@ -265,7 +279,7 @@ TEST_CASE("querying or synchronizing an event during any capture is an error and
   CHECK(device.synchronizations() == syncs_before);
   CHECK_FALSE(device.IsComplete(elsewhere, 1));
 
-  device.EndCapture(capturing);
+  REQUIRE(device.EndCapture(capturing).ok());
   absl::StatusOr<bool> after = device.QueryEvent(event);
   CHECK(after.ok());
   CHECK(device.SynchronizeEvent(event).ok());

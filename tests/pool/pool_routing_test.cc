@@ -363,9 +363,9 @@ TEST_CASE("a capture route matches only allocations on streams taking part in th
   Stream other_capture = h.NewStream();
   const PoolId pool = NewUserPoolId();
 
-  const uint64_t capture = h.device->BeginCapture(capturing);
+  const uint64_t capture = h.device->BeginCapture(capturing).value();
   h.device->JoinCapture(joined, capturing);
-  const uint64_t second = h.device->BeginCapture(other_capture);
+  const uint64_t second = h.device->BeginCapture(other_capture).value();
   REQUIRE(capture != second);
   h.Begin(pool, RouteFilter::InCapture(capture));
 
@@ -386,10 +386,10 @@ TEST_CASE("a capture route matches only allocations on streams taking part in th
   CHECK(h.RouteOf(capturing) == pool);
 
   // Once the capture ends, its streams are ordinary streams again.
-  h.device->EndCapture(capturing);
+  REQUIRE(h.device->DestroyGraph(h.device->EndCapture(capturing).value()).ok());
   CHECK(h.RouteOf(capturing) == kDefaultPool);
   CHECK(h.RouteOf(joined) == kDefaultPool);
-  h.device->EndCapture(other_capture);
+  REQUIRE(h.device->DestroyGraph(h.device->EndCapture(other_capture).value()).ok());
   CHECK(h.device->capture_violations() == 0);
   h.End(pool);
   for (void* ptr : in_capture) h.Free(ptr);

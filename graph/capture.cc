@@ -1,0 +1,203 @@
+// Capture, Graph and SharedPool: see capture.h for what each step is for and the order of steps.
+#include "graph/capture.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "allocator/caching_allocator.h"
+#include "pool/route.h"
+
+namespace tidepool {
+namespace graph {
+namespace {
+
+// The same status with `context` in front of its message.
+absl::Status WithContext(const absl::Status& status, const std::string& context) {
+  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
+}
+
+}  // namespace
+
+PoolOptions GraphPoolOptions() {
+  PoolOptions options;
+  options.shares_free_memory = false;
+  return options;
+}
+
+// --- Capture ---------------------------------------------------------------------------------
+
+absl::StatusOr<Capture> Capture::Begin(PoolManager* pools, Stream stream,
+                                       const CaptureOptions& options) {
+  if (pools == nullptr) return absl::InvalidArgumentError("tidepool: capture without a device");
+  PoolId pool = options.pool;
+  if (pool.is_default()) {
+    pool = NewGraphPoolId();
+  } else {
+    if (pool.first == 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tidepool: capture into pool %s, which is not a graph pool: a capture shares only graph "
+          "pools (ids {n,0}, from a Graph, a SharedPool or tidepool_new_graph_pool_id)",
+          pool.ToString()));
+    }
+    absl::StatusOr<PoolInfo> info = pools->Info(pool);
+    if (!info.ok()) return info.status();
+    if (info->references == 0) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "tidepool: capture into graph pool %s, which nothing holds any more (its graphs and "
+          "handles are gone): share a pool while a Graph, Capture or SharedPool holds it",
+          pool.ToString()));
+    }
+  }
+  CachingAllocator* allocator = pools->allocator();
+  Device* device = allocator->device();
+  allocator->NoteCaptureBegin();
+  absl::StatusOr<uint64_t> capture_id = device->BeginCapture(stream, options.mode);
+  if (!capture_id.ok()) {
+    allocator->NoteCaptureEnd().IgnoreError();  // undoes the mark just made: cannot fail
+    return WithContext(capture_id.status(),
+                       absl::StrFormat("tidepool: cannot begin a capture on stream %p", stream));
+  }
+  if (absl::Status s = pools->Begin(pool, RouteFilter::InCapture(*capture_id), GraphPoolOptions());
+      !s.ok()) {
+    absl::StatusOr<GraphHandle> graph = device->EndCapture(stream);
+    if (graph.ok()) device->DestroyGraph(*graph).IgnoreError();
+    allocator->NoteCaptureEnd().IgnoreError();
+    return s;
+  }
+  return Capture(pools, stream, pool, *capture_id);
+}
+
+Capture::Capture(Capture&& other) noexcept
+    : manager_(std::exchange(other.manager_, nullptr)),
+      stream_(other.stream_),
+      pool_(other.pool_),
+      capture_id_(other.capture_id_) {}
+
+Capture& Capture::operator=(Capture&& other) noexcept {
+  if (this != &other) {
+    if (active()) Abandon().IgnoreError();
+    manager_ = std::exchange(other.manager_, nullptr);
+    stream_ = other.stream_;
+    pool_ = other.pool_;
+    capture_id_ = other.capture_id_;
+  }
+  return *this;
+}
+
+Capture::~Capture() {
+  if (active()) Abandon().IgnoreError();  // nothing to report to
+}
+
+absl::StatusOr<GraphHandle> Capture::Finish() {
+  PoolManager* manager = std::exchange(manager_, nullptr);
+  CachingAllocator* allocator = manager->allocator();
+  Device* device = allocator->device();
+  // The device first: once the stream stops capturing, nothing new can match the route.
+  absl::StatusOr<GraphHandle> graph = device->EndCapture(stream_);
+  absl::Status unrouted = manager->End(pool_, RouteFilter::InCapture(capture_id_));
+  absl::Status unmarked = allocator->NoteCaptureEnd();
+  if (!graph.ok()) return graph.status();
+  absl::Status first = !unrouted.ok() ? unrouted : unmarked;
+  if (!first.ok()) {
+    device->DestroyGraph(*graph).IgnoreError();
+    return first;
+  }
+  return graph;
+}
+
+absl::StatusOr<Graph> Capture::End() {
+  if (!active()) {
+    return absl::FailedPreconditionError("tidepool: end of a capture that has already ended");
+  }
+  PoolManager* manager = manager_;
+  Device* device = manager->allocator()->device();
+  const std::string context = absl::StrFormat(
+      "tidepool: capture %u on stream %p (pool %s) failed, and was cleaned up: its route and "
+      "pool reference are gone",
+      capture_id_, stream_, pool_.ToString());
+  absl::StatusOr<GraphHandle> graph = Finish();
+  if (!graph.ok()) {
+    manager->Release(pool_).IgnoreError();  // the route is gone, so this reference can go
+    return WithContext(graph.status(), context);
+  }
+  absl::StatusOr<GraphExecHandle> exec = device->InstantiateGraph(*graph);
+  device->DestroyGraph(*graph).IgnoreError();  // the executable graph does not need it
+  if (!exec.ok()) {
+    manager->Release(pool_).IgnoreError();
+    return WithContext(exec.status(), context);
+  }
+  return Graph(manager, *exec, pool_);
+}
+
+absl::Status Capture::Abandon() {
+  if (!active()) return absl::OkStatus();
+  PoolManager* manager = manager_;
+  absl::StatusOr<GraphHandle> graph = Finish();
+  if (graph.ok()) manager->allocator()->device()->DestroyGraph(*graph).IgnoreError();
+  // The capture was abandoned, so a capture the driver invalidated is no error here.
+  return manager->Release(pool_);
+}
+
+// --- Graph -----------------------------------------------------------------------------------
+
+Graph::Graph(Graph&& other) noexcept
+    : manager_(std::exchange(other.manager_, nullptr)), exec_(other.exec_), pool_(other.pool_) {}
+
+Graph& Graph::operator=(Graph&& other) noexcept {
+  if (this != &other) {
+    Reset().IgnoreError();
+    manager_ = std::exchange(other.manager_, nullptr);
+    exec_ = other.exec_;
+    pool_ = other.pool_;
+  }
+  return *this;
+}
+
+Graph::~Graph() { Reset().IgnoreError(); }
+
+absl::Status Graph::Launch(Stream stream) {
+  if (!valid()) return absl::FailedPreconditionError("tidepool: launch of an empty graph");
+  return manager_->allocator()->device()->LaunchGraph(exec_, stream);
+}
+
+absl::Status Graph::Reset() {
+  if (!valid()) return absl::OkStatus();
+  PoolManager* manager = std::exchange(manager_, nullptr);
+  // An executable graph destroyed while a replay runs is freed when the replay completes, and the
+  // pool's memory is given back only after a device synchronization (caching_allocator.h).
+  absl::Status destroyed = manager->allocator()->device()->DestroyGraphExec(exec_);
+  absl::Status released = manager->Release(pool_);
+  return destroyed.ok() ? released : destroyed;
+}
+
+// --- SharedPool ------------------------------------------------------------------------------
+
+absl::StatusOr<SharedPool> SharedPool::Create(PoolManager* pools) {
+  if (pools == nullptr) return absl::InvalidArgumentError("tidepool: shared pool without a device");
+  const PoolId id = NewGraphPoolId();
+  if (absl::Status s = pools->Create(id, GraphPoolOptions()); !s.ok()) return s;
+  return SharedPool(pools, id);
+}
+
+SharedPool::SharedPool(SharedPool&& other) noexcept
+    : manager_(std::exchange(other.manager_, nullptr)), id_(other.id_) {}
+
+SharedPool& SharedPool::operator=(SharedPool&& other) noexcept {
+  if (this != &other) {
+    Reset().IgnoreError();
+    manager_ = std::exchange(other.manager_, nullptr);
+    id_ = other.id_;
+  }
+  return *this;
+}
+
+SharedPool::~SharedPool() { Reset().IgnoreError(); }
+
+absl::Status SharedPool::Reset() {
+  if (manager_ == nullptr) return absl::OkStatus();
+  return std::exchange(manager_, nullptr)->Release(id_);
+}
+
+}  // namespace graph
+}  // namespace tidepool
