@@ -683,7 +683,9 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
 
 absl::Status CachingAllocatorImpl::ReleaseCached() {
   for (Arena* arena : Arenas()) {
-    if (!arena->shares_free_memory) continue;
+    // A gone arena holds nothing anyone may use, whether or not it shares its free memory: its
+    // address ranges go too (a graph's pool, once its last graph is gone, is never begun again).
+    if (!arena->shares_free_memory && arena->state.load() != Arena::kGone) continue;
     if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kRelease); !s.ok()) return s;
   }
   return absl::OkStatus();

@@ -22,6 +22,7 @@
 #include "absl/strings/strip.h"
 #include "allocator/caching_allocator.h"
 #include "allocator/device.h"
+#include "graph/capture.h"
 #include "integrations/c_api/callback_segments.h"
 #include "integrations/c_api/global_runtime.h"
 #include "pool/pool_id.h"
@@ -158,9 +159,52 @@ absl::Status ObservabilityJson(int device, const tidepool_pool_id* pool, char* b
   return CopyOut(*json, buffer, capacity, needed);
 }
 
+absl::StatusOr<graph::CaptureOptions> ToCaptureOptions(const tidepool_pool_id* share_pool,
+                                                        int mode) {
+  graph::CaptureOptions options;
+  switch (mode) {
+    case TIDEPOOL_CAPTURE_MODE_GLOBAL:
+      options.mode = CaptureMode::kGlobal;
+      break;
+    case TIDEPOOL_CAPTURE_MODE_THREAD_LOCAL:
+      options.mode = CaptureMode::kThreadLocal;
+      break;
+    case TIDEPOOL_CAPTURE_MODE_RELAXED:
+      options.mode = CaptureMode::kRelaxed;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "mode %d is not a tidepool_capture_mode (TIDEPOOL_CAPTURE_MODE_GLOBAL, _THREAD_LOCAL or "
+          "_RELAXED)",
+          mode));
+  }
+  if (share_pool != nullptr) {
+    options.pool = ToPoolId(*share_pool);
+    // graph::CaptureOptions reads the default pool as "a new private pool"; here that is NULL.
+    if (options.pool.is_default()) {
+      return absl::InvalidArgumentError(
+          "share_pool is the default pool {0,0}, which no capture can share (pass NULL for a new "
+          "private pool)");
+    }
+  }
+  return options;
+}
+
 }  // namespace
 }  // namespace c_api
 }  // namespace tidepool
+
+// The opaque types of tidepool.h: a C++ Capture or Graph on the heap. The C++ object does the
+// cleanup when one is destroyed without being ended (graph/capture.h).
+struct tidepool_capture {
+  explicit tidepool_capture(tidepool::graph::Capture begun) : capture(std::move(begun)) {}
+  tidepool::graph::Capture capture;
+};
+
+struct tidepool_graph {
+  explicit tidepool_graph(tidepool::graph::Graph made) : graph(std::move(made)) {}
+  tidepool::graph::Graph graph;
+};
 
 using tidepool::BlockHome;
 using tidepool::CachingAllocator;
@@ -357,6 +401,103 @@ tidepool_status tidepool_pool_of(const void* ptr, int* device, tidepool_pool_id*
     if (!home.ok()) return home.status();
     *device = home->device;
     *pool = ToC(home->pool);
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_capture_begin(int device, void* stream,
+                                       const tidepool_pool_id* share_pool, int mode,
+                                       tidepool_capture** capture) {
+  return Guarded("tidepool_capture_begin", [&]() -> absl::Status {
+    if (capture == nullptr) return NullArgument("capture");
+    *capture = nullptr;
+    absl::StatusOr<tidepool::graph::CaptureOptions> options =
+        tidepool::c_api::ToCaptureOptions(share_pool, mode);
+    if (!options.ok()) return options.status();
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    absl::StatusOr<tidepool::graph::Capture> begun =
+        tidepool::graph::Capture::Begin(*pools, stream, *options);
+    if (!begun.ok()) return begun.status();
+    // If this throws, `begun` abandons the capture on the way out: nothing is left behind.
+    *capture = new tidepool_capture(*std::move(begun));
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_capture_end(tidepool_capture* capture, tidepool_graph** graph) {
+  return Guarded("tidepool_capture_end", [&]() -> absl::Status {
+    // Owned from here on, so that the capture is consumed on every path (an exception
+    // included): destroying a Capture that was not ended abandons it.
+    std::unique_ptr<tidepool_capture> owned(capture);
+    if (graph != nullptr) *graph = nullptr;
+    if (owned == nullptr) return NullArgument("capture");
+    if (graph == nullptr) {
+      owned->capture.Abandon().IgnoreError();  // the error below is what the caller must hear
+      return absl::InvalidArgumentError(
+          "graph is NULL; the capture was abandoned all the same (tidepool_capture_end always "
+          "consumes it)");
+    }
+    absl::StatusOr<tidepool::graph::Graph> made = owned->capture.End();
+    if (!made.ok()) return made.status();
+    // If this throws, `made` destroys the graph and drops its reference on the way out.
+    *graph = new tidepool_graph(*std::move(made));
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_capture_abandon(tidepool_capture* capture) {
+  return Guarded("tidepool_capture_abandon", [&]() -> absl::Status {
+    std::unique_ptr<tidepool_capture> owned(capture);
+    if (owned == nullptr) return NullArgument("capture");
+    return owned->capture.Abandon();
+  });
+}
+
+tidepool_status tidepool_capture_pool(const tidepool_capture* capture, tidepool_pool_id* pool) {
+  return Guarded("tidepool_capture_pool", [&]() -> absl::Status {
+    if (capture == nullptr) return NullArgument("capture");
+    if (pool == nullptr) return NullArgument("pool");
+    *pool = ToC(capture->capture.pool());
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_graph_launch(tidepool_graph* graph, void* stream) {
+  return Guarded("tidepool_graph_launch", [&]() -> absl::Status {
+    if (graph == nullptr) return NullArgument("graph");
+    return graph->graph.Launch(stream);
+  });
+}
+
+tidepool_status tidepool_graph_pool(const tidepool_graph* graph, tidepool_pool_id* pool) {
+  return Guarded("tidepool_graph_pool", [&]() -> absl::Status {
+    if (graph == nullptr) return NullArgument("graph");
+    if (pool == nullptr) return NullArgument("pool");
+    *pool = ToC(graph->graph.pool());
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_graph_destroy(tidepool_graph* graph) {
+  return Guarded("tidepool_graph_destroy", [&]() -> absl::Status {
+    std::unique_ptr<tidepool_graph> owned(graph);
+    if (owned == nullptr) return absl::OkStatus();
+    return owned->graph.Reset();
+  });
+}
+
+tidepool_status tidepool_graph_pool_create(int device, tidepool_pool_id* pool) {
+  return Guarded("tidepool_graph_pool_create", [&]() -> absl::Status {
+    if (pool == nullptr) return NullArgument("pool");
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    // What graph::SharedPool::Create does, with the reference handed to the caller rather than
+    // to an RAII handle: tidepool_release_pool drops it.
+    const PoolId id = tidepool::NewGraphPoolId();
+    absl::Status created = (*pools)->Create(id, tidepool::graph::GraphPoolOptions());
+    if (!created.ok()) return created;
+    *pool = ToC(id);
     return absl::OkStatus();
   });
 }

@@ -1,5 +1,6 @@
-// tidepool's C API: the stream-ordered caching allocator, its pools and their routing, for any
-// program that can call C (engines, CuPy, custom servers, other languages through their FFI).
+// tidepool's C API: the stream-ordered caching allocator, its pools and their routing, and CUDA
+// graph capture into those pools, for any program that can call C (engines, CuPy, custom
+// servers, other languages through their FFI).
 //
 // Pure C99, also valid C++; every symbol starts with `tidepool_` or `TIDEPOOL_`. The library
 // behind it is //integrations/c_api:tidepool_c (static) or libtidepool.so (shared, exporting
@@ -8,7 +9,8 @@
 //
 // Conventions, for every function below:
 //   * It returns a tidepool_status. On anything but TIDEPOOL_OK, tidepool_last_error() gives a
-//     message saying what was wrong, for the calling thread only; nothing was changed, and
+//     message saying what was wrong, for the calling thread only; nothing was changed (except
+//     by the calls that consume their argument whatever they return, which say so), and
 //     output arguments hold nothing usable (a failed tidepool_malloc stores NULL).
 //   * Bad input never aborts the process: a NULL output argument, a pointer tidepool did not
 //     allocate, a double free, an unknown device or pool, an end without a begin each return a
@@ -188,6 +190,83 @@ tidepool_status tidepool_trim_pool(int device, tidepool_pool_id pool);
 // The device and pool of the live block at `ptr`. INVALID_ARGUMENT for a pointer tidepool did
 // not allocate; FAILED_PRECONDITION for one that is not a live block.
 tidepool_status tidepool_pool_of(const void* ptr, int* device, tidepool_pool_id* pool);
+
+// --- CUDA graph capture -----------------------------------------------------------------------
+// graph/capture.h has the semantics. A capture begun here routes every allocation on a stream
+// taking part in it (its own stream, and every stream that joins it by waiting on one of its
+// events) to the capture's pool: a new private graph pool, or one shared with other graphs. The
+// graph that tidepool_capture_end makes holds a reference to that pool for as long as it lives,
+// so the memory it replays into is never given back meanwhile (tidepool_empty_cache and
+// out-of-memory recovery leave graph pools alone, tidepool_trim_pool refuses one that is held).
+// When the last holder (graph, capture or tidepool_graph_pool_create's reference) is gone, the
+// pool is released: its free memory goes back at once, blocks still live (a graph's outputs)
+// go back as they are freed.
+//
+// Ownership: tidepool_capture_begin gives the caller a tidepool_capture, which exactly one of
+// tidepool_capture_end and tidepool_capture_abandon consumes, whatever it returns; after that
+// call the pointer is dangling. tidepool_capture_end gives a tidepool_graph, which
+// tidepool_graph_destroy consumes. Neither object may be used by two threads at once; different
+// ones may be used from different threads. A capture not ended leaves the device marked as
+// capturing (no memory goes back to it, cross-stream frees wait) until it is.
+
+// An ongoing capture of one stream, and an instantiated graph with its pool reference.
+typedef struct tidepool_capture tidepool_capture;
+typedef struct tidepool_graph tidepool_graph;
+
+// Which other CUDA calls a capture forbids while it runs; the values are CUstreamCaptureMode's
+// (cudaStreamCaptureMode's). GLOBAL is CUDA's and PyTorch's default.
+typedef enum tidepool_capture_mode {
+  TIDEPOOL_CAPTURE_MODE_GLOBAL = 0,
+  TIDEPOOL_CAPTURE_MODE_THREAD_LOCAL = 1,
+  TIDEPOOL_CAPTURE_MODE_RELAXED = 2
+} tidepool_capture_mode;
+
+// Begins capturing `stream` of `device` (not the legacy default stream NULL, which CUDA refuses
+// to capture) in `mode` (a tidepool_capture_mode), and stores the capture in *capture.
+// `share_pool` NULL: the capture gets a new private graph pool. Otherwise it shares that graph
+// pool (an id {n,0} from tidepool_graph_pool_create or tidepool_graph_pool, or that of another
+// capture) with the graphs already made into it: PyTorch's pool=graph_pool_handle(). Graphs that
+// share a pool must never replay at the same time, since they reuse each other's free memory.
+// On error *capture is NULL and nothing is left behind: INVALID_ARGUMENT for a mode that is not
+// one, a shared id that is the default pool or not a graph pool id; NOT_FOUND for a shared pool
+// the device never had; FAILED_PRECONDITION for one that nothing holds any more; the driver's
+// error when the stream cannot be captured (an unknown stream, one capturing already).
+tidepool_status tidepool_capture_begin(int device, void* stream,
+                                       const tidepool_pool_id* share_pool, int mode,
+                                       tidepool_capture** capture);
+
+// Ends the capture, instantiates its graph and stores it in *graph. Always consumes `capture`,
+// whatever it returns. On error *graph is NULL and the capture was cleaned up as an abandoned
+// one: its routing, its capture mark and its pool reference are gone, and whatever the driver
+// made was destroyed. The error is the driver's when it invalidated the capture (an illegal call
+// during capture) or could not instantiate the graph. `graph` NULL: INVALID_ARGUMENT, and the
+// capture is abandoned all the same; `capture` NULL: INVALID_ARGUMENT, nothing happens.
+tidepool_status tidepool_capture_end(tidepool_capture* capture, tidepool_graph** graph);
+
+// Ends the capture and throws its graph away, dropping the capture's pool reference. Always
+// consumes `capture`, whatever it returns (an error says only that dropping the reference
+// failed; everything else was cleaned up). A capture that the driver invalidated is no error
+// here. `capture` NULL: INVALID_ARGUMENT.
+tidepool_status tidepool_capture_abandon(tidepool_capture* capture);
+
+// The pool the capture's allocations go to.
+tidepool_status tidepool_capture_pool(const tidepool_capture* capture, tidepool_pool_id* pool);
+
+// Queues one replay of the graph on `stream` (a stream of the graph's device).
+tidepool_status tidepool_graph_launch(tidepool_graph* graph, void* stream);
+
+// The pool the graph replays into: pass it as share_pool to capture another graph into it.
+tidepool_status tidepool_graph_pool(const tidepool_graph* graph, tidepool_pool_id* pool);
+
+// Destroys the executable graph and drops its pool reference; a graph destroyed while a replay
+// runs is freed by the driver when the replay completes. Always consumes `graph`, whatever it
+// returns (an error says which of the two steps failed; both were tried). NULL does nothing.
+tidepool_status tidepool_graph_destroy(tidepool_graph* graph);
+
+// Creates a graph pool on `device` that exists before, between and after the graphs that share
+// it (PyTorch's graph_pool_handle()), stores its new id {n,0} in *pool, and takes one reference
+// to it, which tidepool_release_pool drops. Pass it as share_pool to tidepool_capture_begin.
+tidepool_status tidepool_graph_pool_create(int device, tidepool_pool_id* pool);
 
 // --- Observability ----------------------------------------------------------------------------
 // Both calls write a NUL-terminated JSON text into `buffer` (of `capacity` bytes) and store in

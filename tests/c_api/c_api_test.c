@@ -4,7 +4,7 @@
 // It proves three things the C++ tests cannot: the header is valid C, the shared library exports
 // what the header declares, and the whole tour a C program takes works through it (start,
 // memory, pools with each primitive, a callback pool, pool lookup, statistics and snapshots, and
-// the errors a C program most often meets). The error matrix and the threaded cases are in the
+// the errors a C program most often meets, graph capture's included). The error matrix and the threaded cases are in the
 // C++ tests beside this file.
 #define _POSIX_C_SOURCE 200112L
 
@@ -287,6 +287,40 @@ static void TestObservability(void) {
   EXPECT_STATUS(TIDEPOOL_OK, tidepool_free(block));
 }
 
+// Graph capture from C. Streams of a simulated device exist only inside tidepool and the NULL
+// stream cannot be captured, so a C program on simulated devices meets only the refusals; the
+// whole capture path is in graph_test.cc. A shared graph pool is made and released.
+static void TestGraphCapture(void) {
+  tidepool_pool_id shared = {0, 0};
+  tidepool_pool_id found = {0, 0};
+  tidepool_capture* capture = (tidepool_capture*)&found;
+  tidepool_graph* graph = (tidepool_graph*)&found;
+  const tidepool_capture_mode modes[3] = {TIDEPOOL_CAPTURE_MODE_GLOBAL,
+                                          TIDEPOOL_CAPTURE_MODE_THREAD_LOCAL,
+                                          TIDEPOOL_CAPTURE_MODE_RELAXED};
+
+  EXPECT(modes[0] == 0 && modes[1] == 1 && modes[2] == 2);
+  EXPECT_STATUS(TIDEPOOL_OK, tidepool_graph_pool_create(1, &shared));
+  EXPECT(shared.first != 0 && shared.second == 0);
+  EXPECT_STATUS(TIDEPOOL_INVALID_ARGUMENT,
+                tidepool_capture_begin(1, NULL, &shared, TIDEPOOL_CAPTURE_MODE_GLOBAL, &capture));
+  EXPECT(capture == NULL);
+  EXPECT(strstr(tidepool_last_error(), "tidepool_capture_begin") != NULL);
+  EXPECT_STATUS(TIDEPOOL_INVALID_ARGUMENT,
+                tidepool_capture_begin(1, NULL, NULL, TIDEPOOL_CAPTURE_MODE_RELAXED, NULL));
+  EXPECT_STATUS(TIDEPOOL_NOT_FOUND, tidepool_capture_begin(2, NULL, NULL, 0, &capture));
+  EXPECT_STATUS(TIDEPOOL_INVALID_ARGUMENT, tidepool_capture_end(NULL, &graph));
+  EXPECT(graph == NULL);
+  EXPECT_STATUS(TIDEPOOL_INVALID_ARGUMENT, tidepool_capture_abandon(NULL));
+  EXPECT_STATUS(TIDEPOOL_INVALID_ARGUMENT, tidepool_capture_pool(NULL, &found));
+  EXPECT_STATUS(TIDEPOOL_INVALID_ARGUMENT, tidepool_graph_launch(NULL, NULL));
+  EXPECT_STATUS(TIDEPOOL_INVALID_ARGUMENT, tidepool_graph_pool(NULL, &found));
+  EXPECT_STATUS(TIDEPOOL_OK, tidepool_graph_destroy(NULL));
+  EXPECT_STATUS(TIDEPOOL_NOT_FOUND, tidepool_graph_pool_create(2, &found));
+  EXPECT_STATUS(TIDEPOOL_OK, tidepool_release_pool(1, shared));
+  EXPECT_STATUS(TIDEPOOL_FAILED_PRECONDITION, tidepool_release_pool(1, shared));
+}
+
 int main(void) {
   TestVersionAndStart();
   TestMemory();
@@ -294,6 +328,7 @@ int main(void) {
   TestEveryoneFilter();
   TestCallbackPool();
   TestObservability();
+  TestGraphCapture();
   if (failures != 0) {
     fprintf(stderr, "c_api_test: %d failure(s)\n", failures);
     return 1;
