@@ -601,8 +601,10 @@ absl::Status CachingAllocatorImpl::RejectGrowth(Arena& arena, const Block* targe
 absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t wanted,
                                                        const Block* keep,
                                                        std::vector<PhysicalHandle>* handles) {
-  // The growing shard first, then the others, each locked alone.
-  {
+  // The growing shard first, then the others, each locked alone. An arena that keeps its memory
+  // (a graph's pool) gives none of it up, not even to itself: a graph replays into the addresses
+  // it captured, so a chunk must never move from one address of its pool to another.
+  if (shard.arena->shares_free_memory) {
     MutexLock lock(&shard.mu);
     absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles);
     if (!s.ok()) return s;

@@ -217,7 +217,8 @@ absl::StatusOr<Event> CudaDevice::CreateEvent() {
   if (absl::Status s = MakeCurrent(); !s.ok()) return s;
   CUevent event = nullptr;
   // Timing is off: the allocator only asks whether work finished, and untimed events are cheaper.
-  CUresult result = driver_.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING);
+  CUresult result =
+      RunRelaxed([&] { return driver_.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING); });
   if (result != CUDA_SUCCESS) return driver_.Check(result, "cuEventCreate");
   return static_cast<Event>(event);
 }
@@ -291,7 +292,9 @@ absl::StatusOr<CaptureInfo> CudaDevice::GetCaptureInfo(Stream stream) {
 absl::StatusOr<MemoryInfo> CudaDevice::GetMemoryInfo() {
   if (absl::Status s = MakeCurrent(); !s.ok()) return s;
   MemoryInfo info;
-  CUresult result = driver_.cuMemGetInfo(&info.free_bytes, &info.total_bytes);
+  // Asked during captures too (growth checks it), where a global-mode capture may forbid it.
+  CUresult result =
+      RunRelaxed([&] { return driver_.cuMemGetInfo(&info.free_bytes, &info.total_bytes); });
   if (result != CUDA_SUCCESS) return driver_.Check(result, "cuMemGetInfo");
   return info;
 }

@@ -258,6 +258,32 @@ TEST_CASE("a graph's pool keeps its memory while the graph lives, and returns it
   h.RequireClean();
 }
 
+TEST_CASE("a graph pool that grows never moves its own free chunks to another address") {
+  CaptureHarness h;
+  Stream stream = h.NewStream();
+  Capture capture = h.Begin(stream);
+  const PoolId pool = capture.pool();
+  void* scratch = h.Allocate(4 * kMiB, stream);
+  void* output = h.Allocate(4 * kMiB, stream);  // keeps the scratch memory from being extended
+  h.Free(scratch);
+  Graph graph = h.End(capture);
+  const int64_t before = h.ReservedIn(pool);
+
+  // More memory for the pool outside any capture (a stream routed to it): its free scratch chunks
+  // could be unmapped and mapped again where the new block goes, as in any other pool, but the
+  // graph replays into the scratch addresses, so the pool takes all 6 MiB new.
+  REQUIRE(h.manager->Begin(pool, RouteFilter::OnStream(h.IdOf(stream))).ok());
+  void* bigger = h.Allocate(6 * kMiB, stream);
+  CHECK(h.PoolOf(bigger) == pool);
+  CHECK(h.ReservedIn(pool) == before + static_cast<int64_t>(6 * kMiB));
+  h.End(pool);
+  h.Release(pool);
+  h.Free(bigger);
+  h.Free(output);
+  REQUIRE(graph.Reset().ok());
+  h.RequireClean();
+}
+
 TEST_CASE("graphs share a pool; it lives while any graph holding it lives") {
   CaptureHarness h;
   Stream stream = h.NewStream();
