@@ -4,6 +4,7 @@
 // count to stay at zero.
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -470,6 +471,50 @@ TEST_CASE("two captures at once: each has its own pool, and deferred frees wait 
   h.device->CompleteAll();
   REQUIRE(first_graph.Reset().ok());
   REQUIRE(second_graph.Reset().ok());
+  h.RequireClean();
+}
+
+TEST_CASE("captures begun and ended while other threads allocate and free never see an event "
+          "query") {
+  CaptureHarness h;
+  constexpr int kWorkers = 4;
+  std::vector<Stream> own;
+  std::vector<Stream> used_on;
+  for (int i = 0; i < kWorkers; ++i) {
+    own.push_back(h.NewStream());
+    used_on.push_back(h.NewStream());
+  }
+  Stream capturing = h.NewStream();
+  std::atomic<bool> stop{false};
+  std::atomic<int64_t> failures{0};
+  std::vector<std::thread> workers;
+  for (int i = 0; i < kWorkers; ++i) {
+    workers.emplace_back([&, i] {
+      // Frees after cross-stream use: outside captures they record events, and allocations
+      // harvest them; inside they must do neither.
+      while (!stop.load()) {
+        absl::StatusOr<void*> block = h.manager->Allocate((i + 1) * 4 * kKiB, own[i]);
+        if (!block.ok() || !h.allocator->RecordStream(*block, used_on[i]).ok() ||
+            !h.allocator->Free(*block).ok()) {
+          failures.fetch_add(1);
+        }
+        h.device->Enqueue(used_on[i]);
+        h.device->Complete(used_on[i]);
+      }
+    });
+  }
+  for (int round = 0; round < 200; ++round) {
+    Capture capture = h.Begin(capturing);
+    void* inside = h.Allocate(kMiB, capturing);
+    h.Free(inside);
+    Graph graph = h.End(capture);
+  }
+  stop.store(true);
+  for (std::thread& worker : workers) worker.join();
+  CHECK(failures.load() == 0);
+  CHECK(h.device->capture_violations() == 0);
+  CHECK(h.allocator->captures_underway() == 0);
+  h.device->CompleteAll();
   h.RequireClean();
 }
 
