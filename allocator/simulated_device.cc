@@ -18,6 +18,8 @@ SimulatedDevice::SimulatedDevice() : SimulatedDevice(Options{}) {}
 SimulatedDevice::SimulatedDevice(const Options& options)
     : options_(options), next_address_(options.base_address) {
   MutexLock lock(&mu_);
+  // Stream handles differ between devices, so a stream used on the wrong device is unknown there.
+  next_stream_handle_ += static_cast<uintptr_t>(options.ordinal) << 24;
   // nullptr is the legacy default stream: it always exists.
   streams_[nullptr] = StreamState{next_stream_id_++};
 }

@@ -19,35 +19,18 @@ absl::Status WithContext(const absl::Status& status, const std::string& context)
 
 }  // namespace
 
-PoolOptions GraphPoolOptions() {
-  PoolOptions options;
-  options.shares_free_memory = false;
-  return options;
-}
-
 // --- Capture ---------------------------------------------------------------------------------
 
 absl::StatusOr<Capture> Capture::Begin(PoolManager* pools, Stream stream,
                                        const CaptureOptions& options) {
   if (pools == nullptr) return absl::InvalidArgumentError("tidepool: capture without a device");
-  PoolId pool = options.pool;
-  if (pool.is_default()) {
-    pool = NewGraphPoolId();
-  } else {
-    if (pool.first == 0) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "tidepool: capture into pool %s, which is not a graph pool: a capture shares only graph "
-          "pools (ids {n,0}, from a Graph, a SharedPool or tidepool_new_graph_pool_id)",
-          pool.ToString()));
-    }
-    absl::StatusOr<PoolInfo> info = pools->Info(pool);
-    if (!info.ok()) return info.status();
-    if (info->references == 0) {
-      return absl::FailedPreconditionError(absl::StrFormat(
-          "tidepool: capture into graph pool %s, which nothing holds any more (its graphs and "
-          "handles are gone): share a pool while a Graph, Capture or SharedPool holds it",
-          pool.ToString()));
-    }
+  const bool shared = !options.pool.is_default();
+  const PoolId pool = shared ? options.pool : NewGraphPoolId();
+  if (shared && pool.first == 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "tidepool: capture into pool %s, which is not a graph pool: a capture shares only graph "
+        "pools (ids {n,0}, from a Graph, a SharedPool or tidepool_new_graph_pool_id)",
+        pool.ToString()));
   }
   CachingAllocator* allocator = pools->allocator();
   Device* device = allocator->device();
@@ -58,12 +41,18 @@ absl::StatusOr<Capture> Capture::Begin(PoolManager* pools, Stream stream,
     return WithContext(capture_id.status(),
                        absl::StrFormat("tidepool: cannot begin a capture on stream %p", stream));
   }
-  if (absl::Status s = pools->Begin(pool, RouteFilter::InCapture(*capture_id), GraphPoolOptions());
-      !s.ok()) {
+  // Sharing: the pool must still be held, checked and begun as one step (its last holder may be
+  // going away on another thread).
+  const RouteFilter route = RouteFilter::InCapture(*capture_id);
+  absl::Status routed = shared ? pools->BeginHeld(pool, route)
+                               : pools->Begin(pool, route);
+  if (!routed.ok()) {
     absl::StatusOr<GraphHandle> graph = device->EndCapture(stream);
     if (graph.ok()) device->DestroyGraph(*graph).IgnoreError();
     allocator->NoteCaptureEnd().IgnoreError();
-    return s;
+    if (!shared) return routed;
+    return WithContext(routed, absl::StrFormat("tidepool: cannot share pool %s in a capture",
+                                               pool.ToString()));
   }
   return Capture(pools, stream, pool, *capture_id);
 }
@@ -176,7 +165,7 @@ absl::Status Graph::Reset() {
 absl::StatusOr<SharedPool> SharedPool::Create(PoolManager* pools) {
   if (pools == nullptr) return absl::InvalidArgumentError("tidepool: shared pool without a device");
   const PoolId id = NewGraphPoolId();
-  if (absl::Status s = pools->Create(id, GraphPoolOptions()); !s.ok()) return s;
+  if (absl::Status s = pools->Create(id, PoolOptions{}); !s.ok()) return s;
   return SharedPool(pools, id);
 }
 

@@ -16,7 +16,7 @@
 //   4. at End, stops capturing, ends the route and the mark, and instantiates the graph. The
 //      `Graph` keeps the reference until it is destroyed.
 //
-// Graph pools never share their free memory (they are made with shares_free_memory = false):
+// Graph pools never share their free memory (a pool with a graph id never does: pool_manager.h):
 // EmptyCache, out-of-memory recovery and other pools' growth leave them alone, and
 // PoolManager::Trim refuses them while anything holds them. When the last graph (or SharedPool)
 // holding a pool is destroyed the pool is released: its free memory goes back to the device, and
@@ -151,9 +151,6 @@ class SharedPool {
   PoolManager* manager_ = nullptr;
   PoolId id_;
 };
-
-// The options every graph pool is made with: its memory stays where it is.
-PoolOptions GraphPoolOptions();
 
 }  // namespace graph
 }  // namespace tidepool

@@ -115,7 +115,8 @@ absl::StatusOr<PoolManager::Pool*> PoolManager::KnownPool(PoolId id, const char*
 absl::Status PoolManager::MakeArena(Pool& pool) {
   ArenaOptions arena_options;
   arena_options.source = pool.options.source;
-  arena_options.shares_free_memory = pool.options.shares_free_memory;
+  // A graph may replay into a graph pool's memory at any time: it stays where it is.
+  arena_options.shares_free_memory = pool.options.shares_free_memory && pool.id.first == 0;
   arena_options.label = absl::StrCat("pool ", pool.id.ToString());
   absl::StatusOr<Arena*> arena = allocator_->CreateArena(arena_options);
   if (!arena.ok()) return arena.status();
@@ -156,9 +157,28 @@ absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
     // Released earlier (its blocks may still be live, or all gone): the same arena serves again.
     if (absl::Status s = allocator_->ReviveArena(pool->arena.load()); !s.ok()) return s;
   }
-  if (!id.is_default()) ++pool->references;
-  ++pool->routes;
-  Route route{next_sequence_++, filter, pool};
+  AddRoute(*pool, filter);
+  return absl::OkStatus();
+}
+
+absl::Status PoolManager::BeginHeld(PoolId id, const RouteFilter& filter) {
+  MutexLock lock(&mu_);
+  absl::StatusOr<Pool*> pool = KnownPool(id, "begin");
+  if (!pool.ok()) return pool.status();
+  if (!id.is_default() && (*pool)->references == 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: begin of pool %s on device %d, which nothing holds any more (released); "
+        "nothing was changed",
+        id.ToString(), allocator_->device()->ordinal()));
+  }
+  AddRoute(**pool, filter);
+  return absl::OkStatus();
+}
+
+void PoolManager::AddRoute(Pool& pool, const RouteFilter& filter) {
+  if (!pool.id.is_default()) ++pool.references;
+  ++pool.routes;
+  Route route{next_sequence_++, filter, &pool};
   if (filter.kind == RouteFilter::Kind::kCurrentThread) {
     MyThreadState().FindOrAdd(serial_).routes.push_back(route);
   } else {
@@ -167,7 +187,6 @@ absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
     global_route_count_.fetch_add(1, std::memory_order_release);
   }
   active_routes_.fetch_add(1, std::memory_order_relaxed);
-  return absl::OkStatus();
 }
 
 absl::Status PoolManager::End(PoolId id) { return EndMatching(id, nullptr); }

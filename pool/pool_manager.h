@@ -78,7 +78,12 @@ class PoolManager {
   // Creates a new pool with `options` and one reference, and no routing entry (PyTorch's
   // MemPool(allocator=...)); ALREADY_EXISTS if the device has had this pool id.
   absl::Status Create(PoolId pool, const PoolOptions& options);
+  // A pool with a graph id ({n, 0}) never shares its free memory, whatever `options` say.
   absl::Status Begin(PoolId pool, const RouteFilter& filter, const PoolOptions& options = {});
+  // Begin on a pool that something holds already, checked and done as one step: NOT_FOUND for
+  // a pool the device has never had, FAILED_PRECONDITION for one with no references left (it is
+  // not revived). For sharing a graph pool, whose last holder may be going away on another thread.
+  absl::Status BeginHeld(PoolId pool, const RouteFilter& filter);
   absl::Status End(PoolId pool);
   // Ends the newest route to `pool` whose filter is exactly `filter` (for a current-thread
   // filter, this thread's): what a capture uses, since two captures may route to one pool.
@@ -124,6 +129,8 @@ class PoolManager {
 
  private:
   Pool* FindPool(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Pushes a routing entry to `pool` and takes a reference (Begin's second half).
+  void AddRoute(Pool& pool, const RouteFilter& filter) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Gives `pool` a new arena made from its options.
   absl::Status MakeArena(Pool& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Pool*> KnownPool(PoolId id, const char* operation)

@@ -495,7 +495,7 @@ tidepool_status tidepool_graph_pool_create(int device, tidepool_pool_id* pool) {
     // What graph::SharedPool::Create does, with the reference handed to the caller rather than
     // to an RAII handle: tidepool_release_pool drops it.
     const PoolId id = tidepool::NewGraphPoolId();
-    absl::Status created = (*pools)->Create(id, tidepool::graph::GraphPoolOptions());
+    absl::Status created = (*pools)->Create(id, tidepool::PoolOptions{});
     if (!created.ok()) return created;
     *pool = ToC(id);
     return absl::OkStatus();

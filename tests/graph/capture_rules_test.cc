@@ -285,6 +285,25 @@ TEST_CASE("a graph pool that grows never moves its own free chunks to another ad
   h.RequireClean();
 }
 
+TEST_CASE("a pool with a graph id keeps its memory however it was begun") {
+  CaptureHarness h;
+  Stream stream = h.NewStream();
+  const PoolId pool = NewGraphPoolId();
+  // Begun by hand with ordinary options, as PyTorch's hooks begin a capture's pool.
+  REQUIRE(h.manager->Begin(pool, RouteFilter::OnStream(h.IdOf(stream)), PoolOptions{}).ok());
+  void* block = h.Allocate(8 * kMiB, stream);
+  CHECK(h.PoolOf(block) == pool);
+  h.Free(block);
+  const int64_t reserved = h.ReservedIn(pool);
+  REQUIRE(h.allocator->EmptyCache().ok());
+  CHECK(h.ReservedIn(pool) == reserved);
+  CHECK(absl::IsFailedPrecondition(h.manager->Trim(pool)));
+  h.End(pool);
+  h.Release(pool);
+  CHECK(h.ReservedIn(pool) == 0);
+  h.RequireClean();
+}
+
 TEST_CASE("graphs share a pool; it lives while any graph holding it lives") {
   CaptureHarness h;
   Stream stream = h.NewStream();
