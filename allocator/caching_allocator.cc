@@ -138,7 +138,7 @@ absl::Status CachingAllocatorImpl::CheckArena(const Arena* arena) const {
 }
 
 absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Arena* arena, Stream stream) {
-  absl::StatusOr<StreamId> id = device_->GetStreamId(stream);
+  absl::StatusOr<StreamId> id = StreamIdOf(stream);
   if (!id.ok()) return id.status();
   for (const ShardCacheEntry& entry : shard_cache) {
     if (entry.serial == serial_ && entry.arena == arena && entry.stream_id == *id) {
@@ -257,6 +257,17 @@ absl::Status CachingAllocatorImpl::Free(void* ptr) {
 
 void CachingAllocatorImpl::NoteCaptureBegin() {
   MutexLock growth(&growth_mu_);
+  // The last chance to harvest before the capture: a capturing stream has shards of its own
+  // (StreamIdOf), which no allocation outside a capture visits, so blocks deferred by an earlier
+  // capture become reusable for this one here, once their events have completed.
+  if (captures_underway_.load() == 0) {
+    for (Arena* arena : Arenas()) {
+      for (Shard* shard : arena->Shards()) {
+        MutexLock lock(&shard->mu);
+        shard->HarvestEvents(/*all=*/true).IgnoreError();  // a failed query: harvested later
+      }
+    }
+  }
   captures_underway_.fetch_add(1, std::memory_order_acq_rel);
   // A barrier: a shard reads the count under its own lock, so once every shard's lock has been
   // taken once, no call that read "no capture" is still at work, and none can start again.
@@ -300,7 +311,7 @@ absl::Status CachingAllocatorImpl::RefuseDuringCapture(const char* operation) co
 
 absl::Status CachingAllocatorImpl::RecordStream(void* ptr, Stream stream) {
   uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
-  absl::StatusOr<StreamId> id = device_->GetStreamId(stream);
+  absl::StatusOr<StreamId> id = StreamIdOf(stream);
   if (!id.ok()) return id.status();
   absl::StatusOr<Segment*> segment = SegmentOf(address, "record_stream");
   if (!segment.ok()) return segment.status();
@@ -881,6 +892,9 @@ absl::Status CachingAllocator::EmptyCache() { return impl_->EmptyCache(); }
 void CachingAllocator::NoteCaptureBegin() { impl_->NoteCaptureBegin(); }
 absl::Status CachingAllocator::NoteCaptureEnd() { return impl_->NoteCaptureEnd(); }
 int CachingAllocator::captures_underway() const { return impl_->captures_underway(); }
+absl::StatusOr<StreamId> CachingAllocator::StreamIdOf(Stream stream) const {
+  return impl_->StreamIdOf(stream);
+}
 absl::StatusOr<size_t> CachingAllocator::BlockSize(const void* ptr) const {
   return impl_->BlockSize(ptr);
 }

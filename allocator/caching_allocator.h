@@ -18,6 +18,8 @@
 //
 // DURING CUDA GRAPH CAPTURE (between NoteCaptureBegin and NoteCaptureEnd; graph/ calls them):
 //   * Nothing queries or synchronizes an event, and nothing synchronizes a stream or the device.
+//   * A capturing stream is known by its capture-time id (StreamIdOf): its blocks live in shards of
+//     their own, apart from the blocks the stream allocated outside captures.
 //   * A block freed after use on other streams is deferred: its events are recorded, and its
 //     wait begins, once no capture is underway any more. A block used on its own stream only is
 //     reusable at once, in stream order, as always.
@@ -100,6 +102,10 @@ class CachingAllocator {
   void NoteCaptureBegin();
   absl::Status NoteCaptureEnd();
   int captures_underway() const;
+  // The id this allocator knows `stream` by now: its device id, or, while a capture is underway
+  // and the stream takes part in one, its capture-time id (CaptureSafeStreamId in device.h), so
+  // that no capturing stream is ever asked for its device id. Routes and traces use the same.
+  absl::StatusOr<StreamId> StreamIdOf(Stream stream) const;
 
   // Size of the live block at ptr (its rounded size), or an error as for Free.
   absl::StatusOr<size_t> BlockSize(const void* ptr) const;

@@ -79,6 +79,12 @@ class CachingAllocatorImpl {
   void NoteCaptureBegin();
   absl::Status NoteCaptureEnd();
   int captures_underway() const { return captures_underway_.load(std::memory_order_acquire); }
+  absl::StatusOr<StreamId> StreamIdOf(Stream stream) const {
+    if (captures_underway_.load(std::memory_order_acquire) == 0) {
+      return device_->GetStreamId(stream);
+    }
+    return CaptureSafeStreamId(*device_, stream);
+  }
 
   absl::StatusOr<Arena*> CreateArena(const ArenaOptions& options);
   Arena* default_arena() const { return default_arena_; }

@@ -286,6 +286,7 @@ absl::StatusOr<CaptureInfo> CudaDevice::GetCaptureInfo(Stream stream) {
     info.capturing = true;
     info.capture_id = capture_id;
   }
+  info.invalidated = status == CU_STREAM_CAPTURE_STATUS_INVALIDATED;
   return info;
 }
 

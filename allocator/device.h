@@ -46,6 +46,9 @@ struct CaptureInfo {
   bool capturing = false;
   // Unique id of the capture sequence; streams joined to the same capture share it.
   uint64_t capture_id = 0;
+  // The stream is still in a capture that the driver has invalidated (not `capturing`, but not
+  // usable as an ordinary stream either until the capture is ended).
+  bool invalidated = false;
 };
 
 struct MemoryInfo {
@@ -93,6 +96,8 @@ class Device {
   // Blocks until all work on the device has completed (for memory last used on a stream that
   // has since been destroyed, whose handle can no longer be synchronized).
   virtual absl::Status SynchronizeDevice() = 0;
+  // The stream's id. The driver refuses it for a stream that is capturing, and the refusal
+  // invalidates the capture: while captures may be running, use CaptureSafeStreamId instead.
   virtual absl::StatusOr<StreamId> GetStreamId(Stream stream) = 0;
   virtual absl::StatusOr<CaptureInfo> GetCaptureInfo(Stream stream) = 0;
 
@@ -114,6 +119,20 @@ class Device {
   virtual absl::Status DestroyGraph(GraphHandle graph) = 0;
   virtual absl::Status DestroyGraphExec(GraphExecHandle exec) = 0;
 };
+
+// A stream's id that is safe to ask for while captures run. A stream that is not capturing has
+// its device id; one that is capturing (or in an invalidated capture) is named by its handle with
+// the top bit set, which no device id has: its handle cannot be destroyed, and so cannot name
+// another stream, until its capture ends. So during a capture a capturing stream has one id, and
+// a different one outside captures; callers key caches by it, never routes (pool/route.h). Costs
+// one capture query more than GetStreamId: callers use it only while a capture is underway.
+inline constexpr StreamId kCapturingStreamIdBit = StreamId{1} << 63;
+inline absl::StatusOr<StreamId> CaptureSafeStreamId(Device& device, Stream stream) {
+  absl::StatusOr<CaptureInfo> capture = device.GetCaptureInfo(stream);
+  if (!capture.ok()) return capture.status();
+  if (!capture->capturing && !capture->invalidated) return device.GetStreamId(stream);
+  return kCapturingStreamIdBit | static_cast<StreamId>(reinterpret_cast<uintptr_t>(stream));
+}
 
 }  // namespace tidepool
 

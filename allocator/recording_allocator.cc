@@ -47,7 +47,7 @@ absl::Status RecordingAllocator::WriteRow(TraceEvent event) {
 
 absl::StatusOr<void*> RecordingAllocator::Allocate(size_t bytes, Stream stream) {
   absl::StatusOr<void*> block = allocator_->Allocate(bytes, stream);
-  absl::StatusOr<StreamId> stream_id = device()->GetStreamId(stream);
+  absl::StatusOr<StreamId> stream_id = allocator_->StreamIdOf(stream);
   TraceEvent event;
   event.size = bytes;
   event.stream = stream_id.ok() ? *stream_id : 0;

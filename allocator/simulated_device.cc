@@ -263,6 +263,12 @@ absl::StatusOr<StreamId> SimulatedDevice::GetStreamId(Stream stream) {
   MutexLock lock(&mu_);
   absl::StatusOr<StreamState*> state = FindStream(stream);
   if (!state.ok()) return state.status();
+  // As the H200's driver does (cuStreamGetId: CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED).
+  if ((*state)->capture_id != 0) {
+    ++capture_violations_;
+    return absl::FailedPreconditionError(
+        "simulated device: stream id asked of a capturing stream");
+  }
   return (*state)->id;
 }
 
@@ -276,6 +282,7 @@ absl::StatusOr<CaptureInfo> SimulatedDevice::GetCaptureInfo(Stream stream) {
     info.capturing = true;
     info.capture_id = (*state)->capture_id;
   }
+  info.invalidated = (*state)->capture_id != 0 && (*state)->capture_invalidated;
   return info;
 }
 

@@ -6,7 +6,8 @@
 // clock past them with `Complete` / `CompleteAll`, or when something synchronizes. Capture can be
 // begun and ended on a stream; while any capture runs, querying or synchronizing an event is a
 // violation (counted, and answered with an error), because a real driver would invalidate the
-// capture. Faults can be injected: the Nth device allocation from now fails.
+// capture, and so is asking a capturing stream for its id (the H200's driver refuses it). Faults
+// can be injected: the Nth device allocation from now fails.
 //
 // Thread safe: one internal mutex.
 #ifndef TIDEPOOL_ALLOCATOR_SIMULATED_DEVICE_H_

@@ -317,7 +317,7 @@ absl::StatusOr<PoolManager::Pool*> PoolManager::Choose(Stream stream) {
         matches = true;
         break;
       case RouteFilter::Kind::kStream: {
-        absl::StatusOr<StreamId> id = device->GetStreamId(stream);
+        absl::StatusOr<StreamId> id = allocator_->StreamIdOf(stream);
         if (!id.ok()) return id.status();
         matches = *id == it->filter.stream_id;
         break;

@@ -2,7 +2,9 @@
 //
 //   * the calling thread: every allocation the thread that began the route makes (sglang's
 //     symmetric-memory context, PyTorch's use_mem_pool);
-//   * a stream: allocations on that stream, by its unique id;
+//   * a stream: allocations on that stream, by its unique id (CachingAllocator::StreamIdOf: while
+//     the stream is capturing it has another id, so a stream route begun outside a capture does
+//     not match its allocations inside one; use a capture route for those);
 //   * a capture: allocations on any stream taking part in that CUDA graph capture;
 //   * everyone: every allocation on the device.
 #ifndef TIDEPOOL_POOL_ROUTE_H_

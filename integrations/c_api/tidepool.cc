@@ -109,7 +109,7 @@ absl::StatusOr<RouteFilter> ToRouteFilter(PoolManager& pools, int kind, uint64_t
                                                    : RouteFilter::Everyone();
     case TIDEPOOL_ROUTE_STREAM: {
       Stream stream = reinterpret_cast<Stream>(static_cast<uintptr_t>(value));
-      absl::StatusOr<StreamId> id = pools.allocator()->device()->GetStreamId(stream);
+      absl::StatusOr<StreamId> id = pools.allocator()->StreamIdOf(stream);
       if (!id.ok()) return id.status();
       return RouteFilter::OnStream(*id);
     }
