@@ -410,6 +410,7 @@ absl::StatusOr<PoolInfo> PoolManager::Info(PoolId id) {
   info.routes = (*pool)->routes;
   info.live_blocks = allocator_->LiveBlocks((*pool)->arena.load());
   info.released = !id.is_default() && (*pool)->references == 0;
+  info.gone = allocator_->IsGone((*pool)->arena.load());
   return info;
 }
 

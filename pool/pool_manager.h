@@ -65,6 +65,7 @@ struct PoolInfo {
   int64_t routes = 0;       // routing entries pointing at it
   int64_t live_blocks = 0;
   bool released = false;    // references reached zero; gone once its last block is freed
+  bool gone = false;        // released, and its last block freed: its memory has gone back
 };
 
 class PoolManager {

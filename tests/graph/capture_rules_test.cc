@@ -259,6 +259,7 @@ TEST_CASE("a graph's pool keeps its memory while the graph lives, and returns it
   CHECK(h.device->synchronizations() > syncs);
   CHECK(h.ReservedIn(pool) == 0);
   CHECK(h.Info(pool).released);
+  CHECK(h.Info(pool).gone);
   h.RequireClean();
 }
 
@@ -364,7 +365,9 @@ TEST_CASE("an abandoned capture ends its routing, drops its reference and leaks 
   CHECK(h.device->live_graphs() == 0);
   // Its live block is still the caller's; freeing it lets the pool go.
   CHECK(h.PoolOf(kept) == pool);
+  CHECK_FALSE(h.Info(pool).gone);
   h.Free(kept);
+  CHECK(h.Info(pool).gone);
   CHECK(h.Info(pool).live_blocks == 0);
   CHECK(h.ReservedIn(pool) == 0);
 
