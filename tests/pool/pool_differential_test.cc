@@ -23,6 +23,32 @@
 // and at the end everything is freed, every route ended and every reference released, the cache
 // emptied, and the device must hold nothing.
 //
+// CUDA graph capture (graph/capture.h) runs through the same sequences: captures begun on the
+// test's streams (into a new private pool, the pool of a live graph, of a SharedPool or of another
+// running capture; refused on a stream already capturing and for a pool that is not a held graph
+// pool), streams joined to a running capture, captures ended (the Graph kept), abandoned (by
+// Abandon or by destruction), invalidated by the device and then ended (an error, and cleanup) or
+// abandoned, graphs launched on a stream and destroyed (Reset or destruction), SharedPools made
+// and dropped; allocations, frees, RecordStream, Begin / End / Release, Trim and EmptyCache go on
+// while captures run. The model also predicts, and the test checks:
+//   * routing: a stream taking part in a valid capture routes to that capture's pool, unless a
+//     newer route matches (newest first, as always); a stream of an invalidated capture does not;
+//     a stream route does not match its stream while that takes part in a capture (StreamIdOf);
+//   * Info of every graph pool not gone for good: a capture, a Graph and a SharedPool each hold
+//     one reference; released exactly when none is left;
+//   * captures_underway() is the number of captures running, capture_violations() stays 0 and
+//     live_graphs() is the number of Graphs alive, after every operation;
+//   * EmptyCache and Trim fail with FAILED_PRECONDITION exactly while a capture is underway (and
+//     Trim of a graph pool something holds, always), and give nothing back then;
+//   * a block freed during capture after use on another stream is not handed out again before the
+//     captures are over, and then only once the work queued on those streams up to the end of the
+//     capture has completed;
+//   * no memory goes back to the device while a capture is underway: a pool that goes then holds
+//     its memory until the captures are over, and then nothing; a graph pool something holds
+//     never gives memory back;
+// and at the end every capture is over and every graph and SharedPool gone: the device holds no
+// memory, no graph and (once the allocator is destroyed) no event.
+//
 // A second case runs four threads, each with its own streams, its own two pools (current-thread
 // and stream routes, exact model) and scopes on one pool they all share, handing blocks to each
 // other to free: every block lands in the pool its thread's routes say; two of the threads exit
@@ -60,6 +86,7 @@
 #include "allocator/config.h"
 #include "allocator/simulated_device.h"
 #include "allocator/stats.h"
+#include "graph/capture.h"
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
 #include "pool/route.h"
@@ -98,6 +125,7 @@ const char* CodeName(absl::StatusCode code) {
     case absl::StatusCode::kNotFound: return "NOT_FOUND";
     case absl::StatusCode::kFailedPrecondition: return "FAILED_PRECONDITION";
     case absl::StatusCode::kInvalidArgument: return "INVALID_ARGUMENT";
+    case absl::StatusCode::kInternal: return "INTERNAL";
     default: return "another code";
   }
 }
@@ -120,12 +148,20 @@ constexpr int kPools = 4;                // user pools 0..3
 constexpr int kDefault = kPools;         // index of the default pool
 constexpr int kUnknown = kPools + 1;     // index of an id the device never has
 constexpr int kStreams = 4;
-constexpr int kMaxRoutes = 12;
+constexpr int kMaxRoutes = 12;           // routes begun by the test (captures' routes aside)
+constexpr int kFirstGraphPool = kUnknown + 1;  // graph pools (captures, SharedPools) from here
+constexpr size_t kMaxCaptures = 3;
+constexpr size_t kMaxGraphs = 6;
+constexpr size_t kMaxSharedPools = 2;
+// Out of 1000 operations, how many are capture operations (begin, join, end, abandon,
+// invalidate, launch, destroy a graph, SharedPools).
+constexpr uint64_t kCaptureShare = 9;
 
 struct ModelRoute {
   uint64_t sequence = 0;
   RouteFilter::Kind kind = RouteFilter::Kind::kCurrentThread;
   int stream = 0;  // kStream
+  uint64_t capture = 0;  // kCapture: the device's capture id
   int pool = 0;
 };
 
@@ -138,6 +174,9 @@ struct ModelPool {
   int64_t requested = 0;
   int64_t allocated = 0;
   int generation = 0;  // 1 once created (a pool keeps its arena for the manager's life)
+  bool graph = false;  // a graph pool (a capture's or a SharedPool's)
+  int64_t reserved_floor = 0;  // graph pools: reserved bytes last seen while held
+  bool went_in_capture = false;  // went while a capture was underway, which kept its memory
 };
 
 struct LiveBlock {
@@ -158,6 +197,9 @@ struct FreedRange {
   uint64_t stream_position = 0;
   uint8_t uses = 0;
   std::array<uint64_t, kStreams> use_positions{};
+  // Freed during capture after use on other streams: the capture epoch it was freed in (its
+  // events are recorded when that epoch ends), else -1.
+  int64_t deferred_epoch = -1;
 };
 
 struct Counters {
@@ -166,6 +208,17 @@ struct Counters {
   int64_t ends = 0, end_refusals = 0;
   int64_t releases = 0, release_refusals = 0, gone = 0;
   int64_t empty_caches = 0, trims = 0, snapshots = 0, guarded_reuses = 0, route_checks = 0;
+  // Captures.
+  int64_t capture_begins = 0, private_pools = 0, shared_graph_pools = 0, shared_handle_pools = 0;
+  int64_t shared_capture_pools = 0, busy_stream_refusals = 0, not_graph_pool_refusals = 0;
+  int64_t unknown_pool_refusals = 0, released_pool_refusals = 0;
+  int64_t joins = 0, graphs_made = 0, failed_ends = 0, abandons = 0, destroyed_captures = 0;
+  int64_t invalidations = 0, launches = 0, graph_resets = 0, destroyed_graphs = 0;
+  int64_t shared_creates = 0, shared_resets = 0, graph_pools_gone = 0;
+  int64_t captured_allocations = 0, joined_allocations = 0, overridden_in_capture = 0;
+  int64_t invalidated_allocations = 0, record_streams_in_capture = 0, deferred_frees = 0;
+  int64_t deferred_reuses = 0, empty_cache_refusals = 0, trim_refusals_capture = 0;
+  int64_t trim_refusals_graph = 0, ops_in_capture = 0, pools_freed_after_capture = 0;
 };
 
 class PoolDifferentialRun {
@@ -199,6 +252,10 @@ class PoolDifferentialRun {
       if (op_ % 16 == 0) CheckRoutes();
       if (op_ % 4096 == 0) PruneFreed();
       if (op_ % 5000 == 0) CheckSnapshot(static_cast<int>(random_() % (kPools + 1)));
+      if (op_ % 5000 == 2500 && !watched_graph_pools_.empty()) {
+        CheckSnapshot(watched_graph_pools_[random_() % watched_graph_pools_.size()]);
+      }
+      if (op_ % 64 == 0) CheckGraphPoolsKeepMemory();
       if (op_ % 1000 == 0) {
         Check(allocator_->GetStats().reserved_bytes.current ==
                   static_cast<int64_t>(device_->used_bytes()),
@@ -221,13 +278,76 @@ class PoolDifferentialRun {
     std::fflush(stdout);
     // The run exercised what it is meant to.
     CHECK(c.routed_allocations > ops_ / 20);
-    CHECK(c.allocations - c.routed_allocations > ops_ / 20);
+    // (ops / 25, not / 20: running captures take a share of what went to the default pool.)
+    CHECK(c.allocations - c.routed_allocations > ops_ / 25);
     CHECK(c.revived > 0);
     CHECK(c.afresh > 0);
     CHECK(c.gone > 0);
     CHECK(c.end_refusals > 0);
     CHECK(c.release_refusals > 0);
     CHECK(c.guarded_reuses > 0);
+    std::printf(
+        "pool differential run, captures: %" PRId64 " begun (%" PRId64 " private pools, %" PRId64
+        " sharing a graph's pool, %" PRId64 " a SharedPool's, %" PRId64
+        " a running capture's), refused: %" PRId64 " on a capturing stream, %" PRId64
+        " not a graph pool, %" PRId64 " unknown pool, %" PRId64 " released pool; %" PRId64
+        " joins, %" PRId64 " invalidations; %" PRId64 " graphs made, %" PRId64
+        " failed ends, %" PRId64 " abandons (%" PRId64 " by destruction); %" PRId64
+        " launches, %" PRId64 " graph resets, %" PRId64 " graphs destroyed; %" PRId64
+        " SharedPools made, %" PRId64 " dropped; %" PRId64 " graph pools gone\n"
+        "  during capture: %" PRId64 " ops, %" PRId64 " allocations in graph pools (%" PRId64
+        " on joined streams), %" PRId64 " overridden by a newer route, %" PRId64
+        " on invalidated captures' streams, %" PRId64 " RecordStream, %" PRId64
+        " deferred frees (%" PRId64 " reuses checked), %" PRId64 " EmptyCache and %" PRId64
+        " Trim refused (%" PRId64 " Trim of a held graph pool); %" PRId64
+        " pools that went during a capture freed after it\n",
+        c.capture_begins, c.private_pools, c.shared_graph_pools, c.shared_handle_pools,
+        c.shared_capture_pools, c.busy_stream_refusals, c.not_graph_pool_refusals,
+        c.unknown_pool_refusals, c.released_pool_refusals, c.joins, c.invalidations,
+        c.graphs_made, c.failed_ends, c.abandons, c.destroyed_captures, c.launches,
+        c.graph_resets, c.destroyed_graphs, c.shared_creates, c.shared_resets,
+        c.graph_pools_gone, c.ops_in_capture, c.captured_allocations, c.joined_allocations,
+        c.overridden_in_capture, c.invalidated_allocations, c.record_streams_in_capture,
+        c.deferred_frees, c.deferred_reuses, c.empty_cache_refusals, c.trim_refusals_capture,
+        c.trim_refusals_graph, c.pools_freed_after_capture);
+    std::fflush(stdout);
+    // Every capture operation happened, often enough: at least so many per million operations
+    // (about a third of what the default seeds see), and at least once.
+    const auto per_million = [&](int64_t n) { return std::max<int64_t>(1, ops_ * n / 1000000); };
+    REQUIRE(c.capture_begins >= per_million(500));
+    REQUIRE(c.private_pools >= per_million(250));
+    REQUIRE(c.shared_graph_pools >= per_million(100));
+    REQUIRE(c.shared_handle_pools >= per_million(100));
+    REQUIRE(c.shared_capture_pools >= per_million(20));
+    REQUIRE(c.busy_stream_refusals >= per_million(100));
+    REQUIRE(c.not_graph_pool_refusals >= per_million(20));
+    REQUIRE(c.unknown_pool_refusals >= per_million(10));
+    REQUIRE(c.released_pool_refusals >= per_million(10));
+    REQUIRE(c.joins >= per_million(500));
+    REQUIRE(c.invalidations >= per_million(50));
+    REQUIRE(c.graphs_made >= per_million(300));
+    REQUIRE(c.failed_ends >= per_million(40));
+    REQUIRE(c.abandons >= per_million(100));
+    REQUIRE(c.destroyed_captures >= per_million(40));
+    REQUIRE(c.launches >= per_million(250));
+    REQUIRE(c.graph_resets >= per_million(200));
+    REQUIRE(c.destroyed_graphs >= per_million(100));
+    REQUIRE(c.shared_creates >= per_million(50));
+    REQUIRE(c.shared_resets >= per_million(50));
+    REQUIRE(c.graph_pools_gone >= per_million(300));
+    REQUIRE(c.ops_in_capture >= per_million(250000));  // about half the run, either way
+    REQUIRE(c.ops_in_capture <= per_million(750000));
+    REQUIRE(c.captured_allocations >= per_million(10000));
+    REQUIRE(c.joined_allocations >= per_million(2500));
+    REQUIRE(c.overridden_in_capture >= per_million(10000));
+    REQUIRE(c.invalidated_allocations >= per_million(2500));
+    REQUIRE(c.record_streams_in_capture >= per_million(5000));
+    REQUIRE(c.deferred_frees >= per_million(5000));
+    REQUIRE(c.deferred_reuses >= per_million(5000));
+    REQUIRE(c.empty_cache_refusals >= per_million(50));
+    REQUIRE(c.trim_refusals_capture >= per_million(25));
+    REQUIRE(c.trim_refusals_graph >= per_million(100));
+    REQUIRE(c.pools_freed_after_capture >= per_million(150));
   }
 
  private:
@@ -241,13 +361,23 @@ class PoolDifferentialRun {
     ++checks_;
     if (!condition) Fail(what);
   }
+  // The same, with the message made only on failure.
+  template <typename Message, typename = decltype(std::declval<Message>()())>
+  void Check(bool condition, Message&& what) {
+    ++checks_;
+    if (!condition) Fail(what());
+  }
   void Note(std::string text) {
     if (history_.size() == 16) history_.pop_front();
     history_.push_back(absl::StrCat(op_, ": ", text));
   }
   std::string Name(int pool) const {
-    return pool == kDefault ? "default" : absl::StrCat("pool ", pool, " ", pools_[pool].id.ToString());
+    if (pool == kDefault) return "default";
+    return absl::StrCat(pools_[pool].graph ? "graph pool " : "pool ", pool, " ",
+                        pools_[pool].id.ToString());
   }
+  // No capture underway: memory may go back to the device.
+  bool Quiet() const { return captures_.empty(); }
   bool Gone(int pool) const {
     const ModelPool& m = pools_[pool];
     return pool != kDefault && m.known && m.references == 0 && m.live == 0;
@@ -262,9 +392,16 @@ class PoolDifferentialRun {
         case RouteFilter::Kind::kEveryone:
           return it->pool;
         case RouteFilter::Kind::kStream:
-          if (it->stream == stream) return it->pool;
+          // A stream taking part in a capture (even an invalidated one) is known by its
+          // capture-time id then (CachingAllocator::StreamIdOf): its stream routes do not match.
+          if (it->stream == stream && stream_capture_[stream].id == 0) return it->pool;
           break;
         case RouteFilter::Kind::kCapture:
+          // Only a stream taking part in the capture, and not once the capture is invalidated
+          // (the device stops reporting it).
+          if (stream_capture_[stream].id == it->capture && !stream_capture_[stream].invalidated) {
+            return it->pool;
+          }
           break;
       }
     }
@@ -272,6 +409,11 @@ class PoolDifferentialRun {
   }
 
   void Step() {
+    if (burst_left_ > 0) {
+      --burst_left_;
+      if (DoBurstStep()) return;
+    }
+    if (random_() % 1000 < kCaptureShare) return DoCaptureOp();
     const uint64_t dice = random_() % 1000;
     const int alloc_share = live_.size() < 48 ? 620 : live_.size() > 256 ? 260 : 420;
     if (live_.empty() || dice < static_cast<uint64_t>(alloc_share)) return DoAllocate();
@@ -297,23 +439,37 @@ class PoolDifferentialRun {
     if (random_() % 4 == 0) return DoEmptyCache();
   }
 
-  void DoAllocate() {
-    const int s = static_cast<int>(random_() % kStreams);
+  // On `stream`, or on a random one.
+  void DoAllocate(int stream = -1) {
+    const int s = stream >= 0 ? stream : static_cast<int>(random_() % kStreams);
     const size_t size = RandomSize(random_);
     const int expected = Predict(s);
     absl::StatusOr<PoolId> route = manager_->RouteOf(streams_[s]);
-    Check(route.ok() && *route == pools_[expected].id,
-          absl::StrCat("RouteOf(stream ", s, ") is ",
-                       route.ok() ? route->ToString() : route.status().ToString(),
-                       "; the model says ", Name(expected)));
+    Check(route.ok() && *route == pools_[expected].id, [&] {
+      return absl::StrCat("RouteOf(stream ", s, ") is ",
+                          route.ok() ? route->ToString() : route.status().ToString(),
+                          "; the model says ", Name(expected));
+    });
     absl::StatusOr<void*> result = manager_->Allocate(size, streams_[s]);
     Note(absl::StrCat("Allocate(", size, ", stream ", s, ") -> ",
                       result.ok() ? absl::StrCat(reinterpret_cast<uintptr_t>(*result))
                                   : result.status().ToString(),
                       " (model: ", Name(expected), ")"));
-    Check(result.ok(), absl::StrCat("an allocation failed: ", result.status().ToString()));
+    Check(result.ok(),
+          [&] { return absl::StrCat("an allocation failed: ", result.status().ToString()); });
     ++counters_.allocations;
     if (expected != kDefault) ++counters_.routed_allocations;
+    if (stream_capture_[s].id != 0) {
+      const RunningCapture& capture = CaptureById(stream_capture_[s].id);
+      if (stream_capture_[s].invalidated) {
+        ++counters_.invalidated_allocations;
+      } else if (expected != capture.pool) {
+        ++counters_.overridden_in_capture;
+      } else {
+        ++counters_.captured_allocations;
+        if (capture.stream != s) ++counters_.joined_allocations;
+      }
+    }
     LiveBlock block;
     block.address = reinterpret_cast<uintptr_t>(*result);
     block.requested = size;
@@ -324,9 +480,10 @@ class PoolDifferentialRun {
     Check(block_size.ok() && *block_size >= size, "BlockSize of a new block is wrong");
     block.size = *block_size;
     absl::StatusOr<PoolId> of = manager_->PoolOf(*result);
-    Check(of.ok() && *of == pools_[expected].id,
-          absl::StrCat("the block landed in ", of.ok() ? of->ToString() : of.status().ToString(),
-                       "; the model says ", Name(expected)));
+    Check(of.ok() && *of == pools_[expected].id, [&] {
+      return absl::StrCat("the block landed in ", of.ok() ? of->ToString() : of.status().ToString(),
+                          "; the model says ", Name(expected));
+    });
     auto next = live_by_address_.lower_bound(block.address);
     if (next != live_by_address_.end()) {
       Check(next->first >= block.address + block.size, "a new block overlaps a live block");
@@ -354,20 +511,34 @@ class PoolDifferentialRun {
     std::vector<std::pair<uintptr_t, FreedRange>> keep;
     while (it != freed_.end() && it->first < end) {
       const FreedRange& freed = it->second;
-      Check(freed.pool == block.pool && freed.generation == block.generation,
-            absl::StrCat("bytes freed into ", Name(freed.pool), " (generation ", freed.generation,
-                         ") were handed out by ", Name(block.pool), " (generation ",
-                         block.generation, ")"));
+      Check(freed.pool == block.pool && freed.generation == block.generation, [&] {
+        return absl::StrCat("bytes freed into ", Name(freed.pool), " (generation ",
+                            freed.generation, ") were handed out by ", Name(block.pool),
+                            " (generation ", block.generation, ")");
+      });
       if (block.stream != freed.stream) {
         Check(device_->IsComplete(streams_[freed.stream], freed.stream_position),
               "bytes freed on one stream were handed to another before its work completed");
       }
       if (freed.uses != 0) ++counters_.guarded_reuses;
+      const std::array<uint64_t, kStreams>* use_positions = &freed.use_positions;
+      if (freed.deferred_epoch >= 0) {
+        // Deferred: its events were recorded only when the captures were over.
+        Check(freed.deferred_epoch < capture_epoch_,
+              "bytes of a block freed during capture after use on another stream were handed out "
+              "again before the captures were over");
+        use_positions = &epoch_end_positions_[freed.deferred_epoch];
+        ++counters_.deferred_reuses;
+      }
       for (int u = 0; u < kStreams; ++u) {
         if ((freed.uses & (1u << u)) == 0) continue;
-        Check(device_->IsComplete(streams_[u], freed.use_positions[u]),
-              "bytes of a block used on another stream (RecordStream) were handed out again "
-              "before that stream's work up to the free completed");
+        Check(device_->IsComplete(streams_[u], (*use_positions)[u]),
+              freed.deferred_epoch >= 0
+                  ? "bytes of a block freed during capture after use on another stream were "
+                    "handed out again before that stream's work up to the end of the capture "
+                    "completed"
+                  : "bytes of a block used on another stream (RecordStream) were handed out "
+                    "again before that stream's work up to the free completed");
       }
       if (it->first < begin) keep.emplace_back(it->first, FreedRange(freed)).second.end = begin;
       if (freed.end > end) keep.emplace_back(end, freed);
@@ -389,10 +560,22 @@ class PoolDifferentialRun {
     }
   }
 
-  void DoFree() {
+  // The first live block of pool `p` from `start` on (wrapping), else `start`.
+  size_t FindLiveIn(int p, size_t start) const {
+    for (size_t i = 0; i < live_.size(); ++i) {
+      const size_t at = (start + i) % live_.size();
+      if (live_[at].pool == p) return at;
+    }
+    return start;
+  }
+
+  // A random block; with `prefer`, a block of that pool if it has one.
+  void DoFree(int prefer = -1) {
     size_t index = random_() % live_.size();
-    // Now and then, drain a released pool, so that pools go away and come back afresh.
-    if (random_() % 2 == 0) {
+    if (prefer >= 0) {
+      index = FindLiveIn(prefer, index);
+    } else if (random_() % 2 == 0) {
+      // Now and then, drain a released pool, so that pools go away and come back afresh.
       for (size_t tries = 0; tries < 8; ++tries) {
         const size_t candidate = random_() % live_.size();
         const int p = live_[candidate].pool;
@@ -411,7 +594,8 @@ class PoolDifferentialRun {
     const absl::Status freed = allocator_->Free(reinterpret_cast<void*>(block.address));
     Note(absl::StrCat("Free(", block.address, " of ", Name(block.pool), ", stream ", block.stream,
                       ", uses ", block.uses, ") -> ", freed.ToString()));
-    Check(freed.ok(), absl::StrCat("Free of a live block failed: ", freed.ToString()));
+    Check(freed.ok(),
+          [&] { return absl::StrCat("Free of a live block failed: ", freed.ToString()); });
     ++counters_.frees;
     live_by_address_.erase(block.address);
     FreedRange range;
@@ -422,20 +606,27 @@ class PoolDifferentialRun {
     range.stream_position = enqueued_[block.stream];
     range.uses = block.uses;
     for (int u = 0; u < kStreams; ++u) range.use_positions[u] = enqueued_[u];
+    if (!Quiet() && block.uses != 0) {
+      range.deferred_epoch = capture_epoch_;
+      ++counters_.deferred_frees;
+    }
     freed_[block.address] = range;
     ModelPool& pool = pools_[block.pool];
     --pool.live;
     pool.requested -= static_cast<int64_t>(block.requested);
     pool.allocated -= static_cast<int64_t>(block.size);
     if (Gone(block.pool)) {
+      if (!Quiet()) pool.went_in_capture = true;
       ++counters_.gone;
       Note(absl::StrCat(Name(block.pool), " is gone with its last block"));
     }
     CheckPoolStats(block.pool);
   }
 
-  void DoRecordStream() {
-    LiveBlock& block = live_[random_() % live_.size()];
+  void DoRecordStream(int prefer = -1) {
+    size_t index = random_() % live_.size();
+    if (prefer >= 0) index = FindLiveIn(prefer, index);
+    LiveBlock& block = live_[index];
     const int u = static_cast<int>(random_() % kStreams);
     enqueued_[u] = device_->Enqueue(streams_[u]);  // the use
     const absl::Status recorded =
@@ -443,11 +634,12 @@ class PoolDifferentialRun {
     Note(absl::StrCat("RecordStream(", block.address, ", stream ", u, ") -> ", recorded.ToString()));
     Check(recorded.ok(), "RecordStream on a live block failed");
     ++counters_.record_streams;
+    if (!Quiet()) ++counters_.record_streams_in_capture;
     if (u != block.stream) block.uses |= static_cast<uint8_t>(1u << u);
   }
 
   void DoBegin() {
-    if (routes_.size() >= kMaxRoutes) return DoEnd();
+    if (routes_.size() - captures_.size() >= kMaxRoutes) return DoEnd();
     int p = random_() % 8 == 0 ? kDefault : static_cast<int>(random_() % kPools);
     // Give released pools time to drain (and go) before they are revived.
     if (p != kDefault && pools_[p].known && pools_[p].references == 0 && pools_[p].live > 0 &&
@@ -482,7 +674,7 @@ class PoolDifferentialRun {
     if (what != kCreate) before = PoolStats(p);
     const absl::Status status = manager_->Begin(pool.id, filter);
     Note(absl::StrCat("Begin(", Name(p), ", ", filter.ToString(), ") -> ", status.ToString()));
-    Check(status.ok(), absl::StrCat("Begin failed: ", status.ToString()));
+    Check(status.ok(), [&] { return absl::StrCat("Begin failed: ", status.ToString()); });
     ++counters_.begins;
     if (what == kCreate) {
       pool.known = true;
@@ -491,14 +683,17 @@ class PoolDifferentialRun {
       const AllocatorStats fresh = PoolStats(p);
       Check(fresh.active_blocks.added == 0 && fresh.reserved_bytes.added == 0 &&
                 fresh.requested_bytes.peak == 0,
-            absl::StrCat(Name(p), " is new but has statistics"));
+            [&] { return absl::StrCat(Name(p), " is new but has statistics"); });
     } else {
       if (what == kRevive) ++counters_.revived;
       if (what == kAfresh) ++counters_.afresh;  // same arena, same generation
       const AllocatorStats after = PoolStats(p);
       Check(after.active_blocks.added == before.active_blocks.added &&
                 after.requested_bytes.peak == before.requested_bytes.peak,
-            absl::StrCat(Name(p), " should be the same pool as before Begin, with its statistics"));
+            [&] {
+              return absl::StrCat(Name(p),
+                                  " should be the same pool as before Begin, with its statistics");
+            });
     }
     if (p != kDefault) ++pool.references;
     ++pool.routes;
@@ -510,7 +705,11 @@ class PoolDifferentialRun {
     // Mostly a pool with a route; sometimes any pool, to be refused.
     int p;
     if (!routes_.empty() && random_() % 5 != 0) {
-      p = routes_[random_() % routes_.size()].pool;
+      const ModelRoute& route = routes_[random_() % routes_.size()];
+      // A capture's route is the capture's to end.
+      p = route.kind == RouteFilter::Kind::kCapture
+              ? static_cast<int>(random_() % (kUnknown + 1))
+              : route.pool;
     } else {
       p = static_cast<int>(random_() % (kUnknown + 1));
     }
@@ -534,9 +733,10 @@ class PoolDifferentialRun {
         found == routes_.end() ? absl::StatusCode::kFailedPrecondition : absl::StatusCode::kOk;
     const absl::Status status = manager_->End(pools_[p].id);
     Note(absl::StrCat("End(", Name(p), ") -> ", status.ToString()));
-    Check(status.code() == expected,
-          absl::StrCat("End(", Name(p), ") returned ", status.ToString(), "; the model says ",
-                       CodeName(expected)));
+    Check(status.code() == expected, [&] {
+      return absl::StrCat("End(", Name(p), ") returned ", status.ToString(), "; the model says ",
+                          CodeName(expected));
+    });
     ++counters_.ends;
     if (found == routes_.end()) {
       ++counters_.end_refusals;
@@ -577,10 +777,11 @@ class PoolDifferentialRun {
     }
     const absl::Status status = manager_->Release(pool.id);
     Note(absl::StrCat("Release(", Name(p), ") -> ", status.ToString()));
-    Check(status.code() == expected,
-          absl::StrCat("Release(", Name(p), ") returned ", status.ToString(),
-                       "; the model says ", CodeName(expected), " (references ",
-                       pool.references, ", routes ", pool.routes, ")"));
+    Check(status.code() == expected, [&] {
+      return absl::StrCat("Release(", Name(p), ") returned ", status.ToString(),
+                          "; the model says ", CodeName(expected), " (references ", pool.references,
+                          ", routes ", pool.routes, ")");
+    });
     ++counters_.releases;
     if (expected != absl::StatusCode::kOk) {
       ++counters_.release_refusals;
@@ -589,47 +790,513 @@ class PoolDifferentialRun {
     --pool.references;
     if (pool.references == 0) {
       if (Gone(p)) ++counters_.gone;
-      // Its free memory went back at once.
-      if (Gone(p)) CheckHoldsNothing(p, "a pool released with no live block");
+      if (Gone(p) && !Quiet()) pool.went_in_capture = true;
+      // Its free memory went back at once (once the captures are over, during capture).
+      if (Gone(p) && Quiet()) CheckHoldsNothing(p, "a pool released with no live block");
     }
   }
 
   void DoTrim() {
-    const int p = static_cast<int>(random_() % (kUnknown + 1));
-    const absl::Status status = manager_->Trim(pools_[p].id);
+    int p = static_cast<int>(random_() % (kUnknown + 1));
+    // Now and then a graph pool: mostly one something may still hold, else any.
+    if (pools_.size() > kFirstGraphPool && random_() % 3 == 0) {
+      p = !watched_graph_pools_.empty() && random_() % 4 != 0
+              ? watched_graph_pools_[random_() % watched_graph_pools_.size()]
+              : kFirstGraphPool + static_cast<int>(random_() % (pools_.size() - kFirstGraphPool));
+    }
+    const ModelPool& pool = pools_[p];
+    absl::StatusCode expected = absl::StatusCode::kOk;
+    if (!pool.known) {
+      expected = absl::StatusCode::kNotFound;
+    } else if (pool.graph && pool.references > 0) {
+      expected = absl::StatusCode::kFailedPrecondition;  // a graph may replay into its memory
+    } else if (!Quiet()) {
+      expected = absl::StatusCode::kFailedPrecondition;  // nothing goes back during capture
+    }
+    const size_t used_before = device_->used_bytes();
+    const absl::Status status = manager_->Trim(pool.id);
     Note(absl::StrCat("Trim(", Name(p), ") -> ", status.ToString()));
-    const absl::StatusCode expected =
-        pools_[p].known ? absl::StatusCode::kOk : absl::StatusCode::kNotFound;
-    Check(status.code() == expected, absl::StrCat("Trim returned ", status.ToString()));
+    Check(status.code() == expected, [&] {
+      return absl::StrCat("Trim(", Name(p), ") returned ", status.ToString(), "; the model says ",
+                          CodeName(expected), " (", captures_.size(), " captures underway)");
+    });
     ++counters_.trims;
-    if (pools_[p].known && pools_[p].live == 0) CheckHoldsNothing(p, "a trimmed pool");
+    if (expected == absl::StatusCode::kFailedPrecondition) {
+      if (pool.graph && pool.references > 0) {
+        ++counters_.trim_refusals_graph;
+      } else {
+        ++counters_.trim_refusals_capture;
+      }
+      Check(device_->used_bytes() == used_before, "a refused Trim gave memory back");
+      CheckGraphPoolsKeepMemory();
+      return;
+    }
+    if (pool.known && pool.live == 0) CheckHoldsNothing(p, "a trimmed pool");
   }
 
   void DoEmptyCache() {
+    const size_t used_before = device_->used_bytes();
     const absl::Status status = allocator_->EmptyCache();
     Note(absl::StrCat("EmptyCache() -> ", status.ToString()));
-    Check(status.ok(), "EmptyCache failed");
     ++counters_.empty_caches;
+    if (!Quiet()) {
+      Check(status.code() == absl::StatusCode::kFailedPrecondition, [&] {
+        return absl::StrCat("EmptyCache during capture returned ", status.ToString(),
+                            "; the model says FAILED_PRECONDITION");
+      });
+      Check(device_->used_bytes() == used_before, "a refused EmptyCache gave memory back");
+      ++counters_.empty_cache_refusals;
+      return;
+    }
+    Check(status.ok(), [&] { return absl::StrCat("EmptyCache failed: ", status.ToString()); });
     for (int p = 0; p <= kDefault; ++p) {
       if (pools_[p].known && pools_[p].live == 0) CheckHoldsNothing(p, "after EmptyCache, a pool");
     }
+    CheckGraphPoolsKeepMemory();
+  }
+
+  // --- Captures -------------------------------------------------------------------------------
+
+  struct RunningCapture {
+    std::unique_ptr<graph::Capture> capture;
+    int pool = 0;    // model index
+    int stream = 0;  // the stream it was begun on
+    uint64_t id = 0;  // the device's capture id
+    bool invalidated = false;
+  };
+  struct LiveGraph {
+    std::unique_ptr<graph::Graph> graph;
+    int pool = 0;
+  };
+  struct HeldSharedPool {
+    std::unique_ptr<graph::SharedPool> handle;
+    int pool = 0;
+  };
+  // Which capture a stream takes part in (0: none), as the device has it.
+  struct StreamCapture {
+    uint64_t id = 0;
+    bool invalidated = false;
+  };
+
+  const RunningCapture& CaptureById(uint64_t id) {
+    for (const RunningCapture& capture : captures_) {
+      if (capture.id == id) return capture;
+    }
+    Fail(absl::StrCat("the model lost capture ", id));  // throws
+    std::abort();
+  }
+
+  // A new graph pool in the model, with no reference yet.
+  int NewGraphPool(PoolId id) {
+    for (int q : watched_graph_pools_) {
+      Check(pools_[q].id != id,
+            [&] { return absl::StrCat("a new graph pool has the id of ", Name(q)); });
+    }
+    ModelPool pool;
+    pool.id = id;
+    pool.known = true;
+    pool.generation = 1;
+    pool.graph = true;
+    pools_.push_back(pool);
+    const int p = static_cast<int>(pools_.size()) - 1;
+    watched_graph_pools_.push_back(p);
+    Check(id.first != 0 && id.second == 0, [&] {
+      return absl::StrCat("a graph pool has id ", id.ToString(), ", which is not a graph pool id");
+    });
+    const AllocatorStats fresh = PoolStats(p);
+    Check(fresh.active_blocks.added == 0 && fresh.reserved_bytes.current == 0,
+          [&] { return absl::StrCat(Name(p), " is new but has statistics"); });
+    return p;
+  }
+
+  void DropGraphPoolReference(int p) {
+    ModelPool& pool = pools_[p];
+    --pool.references;
+    if (pool.references > 0) return;
+    released_graph_pools_.push_back(p);
+    if (Gone(p) && !Quiet()) pool.went_in_capture = true;
+    if (Gone(p) && Quiet()) CheckHoldsNothing(p, "a graph pool released with no live block");
+  }
+
+  void DoCaptureOp() {
+    // Captures end more often than they begin, so that about half the operations run with none
+    // underway (and EmptyCache, Trim and pools going are checked both ways).
+    const uint64_t dice = random_() % 100;
+    if (dice < 26) return DoCaptureBegin();
+    if (dice < 80 && captures_.empty()) return;  // nothing to join, end or invalidate
+    if (dice < 36) return DoJoin();
+    if (dice < 64) return FinishCapture(random_() % captures_.size(), kEndIt);
+    if (dice < 74) {
+      return FinishCapture(random_() % captures_.size(),
+                           random_() % 3 == 0 ? kDestroyIt : kAbandonIt);
+    }
+    if (dice < 80) return DoInvalidate();
+    if (dice < 90) return DoLaunch();
+    if (dice < 96) return DoDestroyGraph();
+    return DoSharedPoolOp();
+  }
+
+  void DoCaptureBegin() {
+    if (captures_.size() >= kMaxCaptures) {
+      return FinishCapture(random_() % captures_.size(), random_() % 4 == 0 ? kAbandonIt : kEndIt);
+    }
+    // Mostly a stream that is not capturing; now and then one that is, to be refused.
+    int s = static_cast<int>(random_() % kStreams);
+    if (random_() % 8 != 0) {
+      for (int tries = 0; tries < 8 && stream_capture_[s].id != 0; ++tries) {
+        s = static_cast<int>(random_() % kStreams);
+      }
+    }
+    // Which pool: a new private one, or one to share, or one that cannot be shared.
+    enum Kind { kPrivate, kShareGraph, kShareHandle, kShareCapture, kNotGraph, kUnknownId,
+                kReleased };
+    Kind kind = kPrivate;
+    int shared = -1;
+    graph::CaptureOptions options;
+    const uint64_t pick = random_() % 100;
+    if (pick < 36) {
+      kind = kPrivate;
+    } else if (pick < 60) {
+      if (!graphs_.empty()) {
+        kind = kShareGraph;
+        const LiveGraph& g = graphs_[random_() % graphs_.size()];
+        shared = g.pool;
+        options.pool = g.graph->pool();
+      }
+    } else if (pick < 77) {
+      if (!shared_pools_.empty()) {
+        kind = kShareHandle;
+        const HeldSharedPool& h = shared_pools_[random_() % shared_pools_.size()];
+        shared = h.pool;
+        options.pool = h.handle->id();
+      }
+    } else if (pick < 90) {
+      if (!captures_.empty()) {
+        kind = kShareCapture;
+        const RunningCapture& c = captures_[random_() % captures_.size()];
+        shared = c.pool;
+        options.pool = c.capture->pool();
+      }
+    } else if (pick < 94) {
+      kind = kNotGraph;  // a user pool's id, known or not
+      options.pool = pools_[random_() % 2 == 0 ? kUnknown : random_() % kPools].id;
+    } else if (pick < 97 || released_graph_pools_.empty()) {
+      kind = kUnknownId;
+      options.pool = NewGraphPoolId();
+    } else {
+      kind = kReleased;
+      options.pool = pools_[released_graph_pools_[random_() % released_graph_pools_.size()]].id;
+    }
+    // In Begin's order: the id, then the device (a stream capturing already), then whether the
+    // pool to share is held (checked and begun as one step, once the device capture runs).
+    absl::StatusCode expected = absl::StatusCode::kOk;
+    bool busy = false;
+    if (kind == kNotGraph) {
+      expected = absl::StatusCode::kInvalidArgument;
+    } else if (stream_capture_[s].id != 0) {
+      expected = absl::StatusCode::kFailedPrecondition;
+      busy = true;
+    } else if (kind == kUnknownId) {
+      expected = absl::StatusCode::kNotFound;
+    } else if (kind == kReleased) {
+      expected = absl::StatusCode::kFailedPrecondition;
+    }
+    absl::StatusOr<graph::Capture> begun =
+        graph::Capture::Begin(manager_.get(), streams_[s], options);
+    Note(absl::StrCat("Capture::Begin(stream ", s, ", pool ", options.pool.ToString(), ") -> ",
+                      begun.ok() ? absl::StrCat("capture ", begun->capture_id(), " into ",
+                                                begun->pool().ToString())
+                                 : begun.status().ToString()));
+    Check(begun.status().code() == expected, [&] {
+      return absl::StrCat("Capture::Begin on stream ", s, " into ", options.pool.ToString(),
+                          " returned ", begun.status().ToString(), "; the model says ",
+                          CodeName(expected));
+    });
+    if (!begun.ok()) {
+      if (busy) {
+        ++counters_.busy_stream_refusals;
+      } else if (kind == kNotGraph) {
+        ++counters_.not_graph_pool_refusals;
+      } else if (kind == kUnknownId) {
+        ++counters_.unknown_pool_refusals;
+      } else {
+        ++counters_.released_pool_refusals;
+      }
+      return;  // and CheckInfo: nothing was left behind
+    }
+    ++counters_.capture_begins;
+    Check(begun->active() && begun->stream() == streams_[s], "a capture begun is not active");
+    int p = shared;
+    if (kind == kPrivate) {
+      ++counters_.private_pools;
+      p = NewGraphPool(begun->pool());
+    } else {
+      if (kind == kShareGraph) ++counters_.shared_graph_pools;
+      if (kind == kShareHandle) ++counters_.shared_handle_pools;
+      if (kind == kShareCapture) ++counters_.shared_capture_pools;
+      Check(begun->pool() == pools_[p].id, [&] {
+        return absl::StrCat("a capture sharing ", Name(p), " uses ", begun->pool().ToString());
+      });
+    }
+    ++pools_[p].references;
+    ++pools_[p].routes;
+    ModelRoute route;
+    route.kind = RouteFilter::Kind::kCapture;
+    route.capture = begun->capture_id();
+    route.pool = p;
+    route.sequence = next_sequence_++;
+    routes_.push_back(route);
+    stream_capture_[s] = StreamCapture{begun->capture_id(), false};
+    RunningCapture capture;
+    capture.capture = std::make_unique<graph::Capture>(*std::move(begun));
+    capture.pool = p;
+    capture.stream = s;
+    capture.id = route.capture;
+    captures_.push_back(std::move(capture));
+    burst_capture_ = route.capture;
+    burst_left_ = 8 + static_cast<int>(random_() % 33);
+  }
+
+  // A burst of work on one capture's streams, right after it began (before routes begun later
+  // override it): allocations, frees and RecordStream in its pool, and streams joining it. Each
+  // step is one operation, checked as any other.
+  bool DoBurstStep() {
+    size_t index = 0;
+    while (index < captures_.size() && captures_[index].id != burst_capture_) ++index;
+    if (index == captures_.size()) {
+      burst_left_ = 0;
+      return false;
+    }
+    const int pool = captures_[index].pool;
+    std::vector<int> in;
+    for (int s = 0; s < kStreams; ++s) {
+      if (stream_capture_[s].id == burst_capture_) in.push_back(s);
+    }
+    const uint64_t dice = random_() % 100;
+    if (dice < 50 || live_.empty()) {
+      DoAllocate(in[random_() % in.size()]);
+    } else if (dice < 78) {
+      DoFree(pool);
+    } else if (dice < 93) {
+      DoRecordStream(pool);
+    } else if (dice < 97) {
+      DoJoin(index);
+    } else {
+      const int s = in[random_() % in.size()];
+      enqueued_[s] = device_->Enqueue(streams_[s]);
+      Note(absl::StrCat("Enqueue(stream ", s, ") -> ", enqueued_[s]));
+    }
+    return true;
+  }
+
+  void DoJoin(size_t index = SIZE_MAX) {
+    if (index == SIZE_MAX) index = random_() % captures_.size();
+    const RunningCapture& c = captures_[index];
+    std::vector<int> idle;
+    for (int s = 0; s < kStreams; ++s) {
+      if (stream_capture_[s].id == 0) idle.push_back(s);
+    }
+    if (idle.empty()) return;
+    const int s = idle[random_() % idle.size()];
+    Check(stream_capture_[c.stream].id == c.id, "the model lost a capture's own stream");
+    device_->JoinCapture(streams_[s], streams_[c.stream]);
+    Note(absl::StrCat("JoinCapture(stream ", s, " to capture ", c.id, " on stream ", c.stream,
+                      c.invalidated ? ", invalidated)" : ")"));
+    stream_capture_[s] = stream_capture_[c.stream];
+    ++counters_.joins;
+  }
+
+  void DoInvalidate() {
+    std::vector<size_t> valid;
+    for (size_t i = 0; i < captures_.size(); ++i) {
+      if (!captures_[i].invalidated) valid.push_back(i);
+    }
+    if (valid.empty()) return;
+    RunningCapture& c = captures_[valid[random_() % valid.size()]];
+    device_->InvalidateCapture(streams_[c.stream]);
+    Note(absl::StrCat("InvalidateCapture(capture ", c.id, " on stream ", c.stream, ")"));
+    c.invalidated = true;
+    for (StreamCapture& sc : stream_capture_) {
+      if (sc.id == c.id) sc.invalidated = true;
+    }
+    ++counters_.invalidations;
+  }
+
+  enum Finish { kEndIt, kAbandonIt, kDestroyIt };
+
+  void FinishCapture(size_t index, Finish how) {
+    if (how == kEndIt && graphs_.size() >= kMaxGraphs) DoDestroyGraph();
+    RunningCapture& c = captures_[index];
+    const int p = c.pool;
+    std::unique_ptr<graph::Graph> made;
+    if (how == kEndIt) {
+      absl::StatusOr<graph::Graph> graph = c.capture->End();
+      Note(absl::StrCat("End(capture ", c.id, " on stream ", c.stream, " into ", Name(p),
+                        c.invalidated ? ", invalidated) -> " : ") -> ",
+                        graph.ok() ? "a graph" : graph.status().ToString()));
+      // The device fails the end of an invalidated capture (INTERNAL); End passes its code on.
+      const absl::StatusCode expected =
+          c.invalidated ? absl::StatusCode::kInternal : absl::StatusCode::kOk;
+      Check(graph.status().code() == expected, [&] {
+        return absl::StrCat("End of capture ", c.id, " returned ", graph.status().ToString(),
+                            "; the model says ", CodeName(expected));
+      });
+      if (graph.ok()) {
+        Check(graph->valid() && graph->pool() == pools_[p].id, [&] {
+          return absl::StrCat("the graph of a capture into ", Name(p), " holds ",
+                              graph->pool().ToString());
+        });
+        made = std::make_unique<graph::Graph>(*std::move(graph));
+        ++counters_.graphs_made;
+      } else {
+        ++counters_.failed_ends;
+      }
+    } else if (how == kAbandonIt) {
+      const absl::Status status = c.capture->Abandon();
+      Note(absl::StrCat("Abandon(capture ", c.id, " on stream ", c.stream, " into ", Name(p),
+                        c.invalidated ? ", invalidated) -> " : ") -> ", status.ToString()));
+      Check(status.ok(), [&] { return absl::StrCat("Abandon failed: ", status.ToString()); });
+      ++counters_.abandons;
+    } else {
+      Note(absl::StrCat("~Capture(capture ", c.id, " on stream ", c.stream, " into ", Name(p),
+                        c.invalidated ? ", invalidated)" : ")"));
+      c.capture.reset();  // abandons it
+      ++counters_.abandons;
+      ++counters_.destroyed_captures;
+    }
+    if (c.capture != nullptr) {
+      Check(!c.capture->active(), "a capture is still active after End or Abandon");
+      if (random_() % 8 == 0) {
+        // Over is over: a second End is refused, a second Abandon does nothing.
+        Check(c.capture->End().status().code() == absl::StatusCode::kFailedPrecondition,
+              "a second End of a capture was not refused");
+        Check(c.capture->Abandon().ok(), "Abandon of an ended capture failed");
+      }
+    }
+    // The model: the capture's own route goes, and its streams stop capturing.
+    auto route = std::find_if(routes_.begin(), routes_.end(), [&](const ModelRoute& r) {
+      return r.kind == RouteFilter::Kind::kCapture && r.capture == c.id;
+    });
+    Check(route != routes_.end(), "the model lost a capture's route");
+    routes_.erase(route);
+    --pools_[p].routes;
+    for (StreamCapture& sc : stream_capture_) {
+      if (sc.id == c.id) sc = StreamCapture{};
+    }
+    captures_[index] = std::move(captures_.back());
+    captures_.pop_back();
+    if (made != nullptr) {
+      graphs_.push_back(LiveGraph{std::move(made), p});  // the graph keeps the reference
+    } else {
+      DropGraphPoolReference(p);
+    }
+    if (Quiet()) CapturesOver();
+  }
+
+  // The last capture is over: the deferred frees' events are recorded now, and what went during
+  // the captures gives its memory back.
+  void CapturesOver() {
+    epoch_end_positions_.push_back(enqueued_);
+    ++capture_epoch_;
+    std::vector<int> candidates = watched_graph_pools_;
+    for (int p = 0; p < kPools; ++p) candidates.push_back(p);
+    for (int p : candidates) {
+      if (!Gone(p)) continue;
+      CheckHoldsNothing(p, "once the captures were over, a pool that went");
+      if (pools_[p].went_in_capture) ++counters_.pools_freed_after_capture;
+      pools_[p].went_in_capture = false;
+    }
+  }
+
+  void DoLaunch() {
+    if (graphs_.empty()) return DoCaptureBegin();
+    const LiveGraph& g = graphs_[random_() % graphs_.size()];
+    const int s = static_cast<int>(random_() % kStreams);
+    const absl::Status status = g.graph->Launch(streams_[s]);
+    Note(absl::StrCat("Launch(graph of ", Name(g.pool), ", stream ", s, ") -> ",
+                      status.ToString()));
+    Check(status.ok(), [&] { return absl::StrCat("Launch failed: ", status.ToString()); });
+    ++enqueued_[s];  // a replay is one unit of work on the stream
+    ++counters_.launches;
+  }
+
+  void DoDestroyGraph() {
+    if (graphs_.empty()) return;
+    const size_t index = random_() % graphs_.size();
+    LiveGraph& g = graphs_[index];
+    const int p = g.pool;
+    if (random_() % 3 != 0) {
+      const absl::Status status = g.graph->Reset();
+      Note(absl::StrCat("Reset(graph of ", Name(p), ") -> ", status.ToString()));
+      Check(status.ok(), [&] { return absl::StrCat("Graph::Reset failed: ", status.ToString()); });
+      Check(!g.graph->valid(), "a graph is valid after Reset");
+      if (random_() % 4 == 0) {
+        Check(g.graph->Reset().ok(), "a second Graph::Reset failed");
+        Check(g.graph->Launch(streams_[0]).code() == absl::StatusCode::kFailedPrecondition,
+              "Launch of a reset graph was not refused");
+      }
+      ++counters_.graph_resets;
+    } else {
+      Note(absl::StrCat("~Graph(graph of ", Name(p), ")"));
+      g.graph.reset();
+      ++counters_.destroyed_graphs;
+    }
+    graphs_[index] = std::move(graphs_.back());
+    graphs_.pop_back();
+    DropGraphPoolReference(p);
+  }
+
+  void DoSharedPoolOp(bool may_create = true) {
+    if (may_create && shared_pools_.size() < kMaxSharedPools &&
+        (shared_pools_.empty() || random_() % 2 == 0)) {
+      absl::StatusOr<graph::SharedPool> made = graph::SharedPool::Create(manager_.get());
+      Note(absl::StrCat("SharedPool::Create() -> ",
+                        made.ok() ? made->id().ToString() : made.status().ToString()));
+      Check(made.ok(),
+            [&] { return absl::StrCat("SharedPool::Create failed: ", made.status().ToString()); });
+      const int p = NewGraphPool(made->id());
+      pools_[p].references = 1;
+      shared_pools_.push_back(
+          HeldSharedPool{std::make_unique<graph::SharedPool>(*std::move(made)), p});
+      ++counters_.shared_creates;
+      return;
+    }
+    const size_t index = random_() % shared_pools_.size();
+    HeldSharedPool& h = shared_pools_[index];
+    const int p = h.pool;
+    if (random_() % 2 == 0) {
+      const absl::Status status = h.handle->Reset();
+      Note(absl::StrCat("SharedPool::Reset(", Name(p), ") -> ", status.ToString()));
+      Check(status.ok(),
+            [&] { return absl::StrCat("SharedPool::Reset failed: ", status.ToString()); });
+      Check(h.handle->Reset().ok(), "a second SharedPool::Reset failed");
+    } else {
+      Note(absl::StrCat("~SharedPool(", Name(p), ")"));
+      h.handle.reset();
+    }
+    shared_pools_[index] = std::move(shared_pools_.back());
+    shared_pools_.pop_back();
+    DropGraphPoolReference(p);
+    ++counters_.shared_resets;
   }
 
   // --- Checks ---------------------------------------------------------------------------------
 
   AllocatorStats PoolStats(int p) {
     absl::StatusOr<AllocatorStats> stats = manager_->Stats(pools_[p].id);
-    Check(stats.ok(), absl::StrCat("Stats(", Name(p), ") failed: ", stats.status().ToString()));
+    Check(stats.ok(),
+          [&] { return absl::StrCat("Stats(", Name(p), ") failed: ", stats.status().ToString()); });
     return *stats;
   }
 
   void CheckHoldsNothing(int p, const char* what) {
     const AllocatorStats stats = PoolStats(p);
     // Address ranges (segments with nothing mapped) may stay; memory may not.
-    Check(stats.reserved_bytes.current == 0,
-          absl::StrCat(what, " with no live block still holds memory: ", Name(p), " has ",
-                       stats.reserved_bytes.current, " bytes in ", stats.segments.current,
-                       " segments"));
+    Check(stats.reserved_bytes.current == 0, [&] {
+      return absl::StrCat(what, " with no live block still holds memory: ", Name(p), " has ",
+                          stats.reserved_bytes.current, " bytes in ", stats.segments.current,
+                          " segments");
+    });
   }
 
   void CheckPoolStats(int p) {
@@ -638,30 +1305,78 @@ class PoolDifferentialRun {
     Check(stats.active_blocks.current == pool.live &&
               stats.requested_bytes.current == pool.requested &&
               stats.allocated_bytes.current == pool.allocated,
-          absl::StrCat("Stats(", Name(p), "): ", stats.active_blocks.current, " blocks, ",
-                       stats.requested_bytes.current, " requested, ",
-                       stats.allocated_bytes.current, " allocated; the model says ", pool.live,
-                       ", ", pool.requested, ", ", pool.allocated));
-    if (Gone(p)) CheckHoldsNothing(p, "a gone pool");
+          [&] {
+            return absl::StrCat("Stats(", Name(p), "): ", stats.active_blocks.current, " blocks, ",
+                                stats.requested_bytes.current, " requested, ",
+                                stats.allocated_bytes.current, " allocated; the model says ",
+                                pool.live, ", ", pool.requested, ", ", pool.allocated);
+          });
+    if (Gone(p) && Quiet()) CheckHoldsNothing(p, "a gone pool");
   }
 
   void CheckInfo() {
-    for (int p = 0; p <= kUnknown; ++p) {
-      const ModelPool& pool = pools_[p];
-      absl::StatusOr<PoolInfo> info = manager_->Info(pool.id);
-      if (!pool.known) {
-        Check(absl::IsNotFound(info.status()), absl::StrCat("Info(", Name(p), ") should be NOT_FOUND"));
+    for (int p = 0; p <= kUnknown; ++p) CheckInfoOf(p);
+    // Graph pools, until they are gone for good (nothing holds them, no live block, and no
+    // capture underway to hold their memory back).
+    for (size_t i = 0; i < watched_graph_pools_.size();) {
+      const int p = watched_graph_pools_[i];
+      CheckInfoOf(p);
+      if (Gone(p) && Quiet()) {
+        CheckHoldsNothing(p, "a graph pool that nothing holds, with no live block,");
+        ++counters_.graph_pools_gone;
+        watched_graph_pools_[i] = watched_graph_pools_.back();
+        watched_graph_pools_.pop_back();
         continue;
       }
-      Check(info.ok(), absl::StrCat("Info(", Name(p), ") failed: ", info.status().ToString()));
-      const bool released = p != kDefault && pool.references == 0;
-      Check(info->references == pool.references && info->routes == pool.routes &&
-                info->live_blocks == pool.live && info->released == released,
-            absl::StrCat("Info(", Name(p), "): references ", info->references, ", routes ",
-                         info->routes, ", live ", info->live_blocks,
-                         info->released ? ", released" : "", "; the model says ",
-                         pool.references, ", ", pool.routes, ", ", pool.live,
-                         released ? ", released" : ""));
+      ++i;
+    }
+    Check(allocator_->captures_underway() == static_cast<int>(captures_.size()), [&] {
+      return absl::StrCat("captures_underway() is ", allocator_->captures_underway(),
+                          "; the model has ", captures_.size(), " captures running");
+    });
+    Check(device_->capture_violations() == 0,
+          "an event was queried or something synchronized during a capture");
+    Check(device_->live_graphs() == static_cast<int64_t>(graphs_.size()), [&] {
+      return absl::StrCat("the device has ", device_->live_graphs(), " graphs; the model has ",
+                          graphs_.size(), " Graphs alive");
+    });
+    if (!Quiet()) ++counters_.ops_in_capture;
+  }
+
+  void CheckInfoOf(int p) {
+    const ModelPool& pool = pools_[p];
+    absl::StatusOr<PoolInfo> info = manager_->Info(pool.id);
+    if (!pool.known) {
+      Check(absl::IsNotFound(info.status()),
+            [&] { return absl::StrCat("Info(", Name(p), ") should be NOT_FOUND"); });
+      return;
+    }
+    Check(info.ok(),
+          [&] { return absl::StrCat("Info(", Name(p), ") failed: ", info.status().ToString()); });
+    const bool released = p != kDefault && pool.references == 0;
+    Check(info->references == pool.references && info->routes == pool.routes &&
+              info->live_blocks == pool.live && info->released == released,
+          [&] {
+            return absl::StrCat("Info(", Name(p), "): references ", info->references, ", routes ",
+                                info->routes, ", live ", info->live_blocks,
+                                info->released ? ", released" : "", "; the model says ",
+                                pool.references, ", ", pool.routes, ", ", pool.live,
+                                released ? ", released" : "");
+          });
+  }
+
+  // A graph pool something holds never gives memory back: a graph may replay into any of it.
+  void CheckGraphPoolsKeepMemory() {
+    for (int p : watched_graph_pools_) {
+      ModelPool& pool = pools_[p];
+      if (pool.references == 0) continue;
+      const int64_t reserved = PoolStats(p).reserved_bytes.current;
+      Check(reserved >= pool.reserved_floor, [&] {
+        return absl::StrCat(Name(p), ", held by ", pool.references,
+                            " graphs, captures or SharedPools, gave memory back: ", reserved,
+                            " bytes reserved, ", pool.reserved_floor, " before");
+      });
+      pool.reserved_floor = reserved;
     }
   }
 
@@ -670,10 +1385,11 @@ class PoolDifferentialRun {
       const int expected = Predict(s);
       absl::StatusOr<PoolId> route = manager_->RouteOf(streams_[s]);
       ++counters_.route_checks;
-      Check(route.ok() && *route == pools_[expected].id,
-            absl::StrCat("RouteOf(stream ", s, ") is ",
-                         route.ok() ? route->ToString() : route.status().ToString(),
-                         "; the model says ", Name(expected)));
+      Check(route.ok() && *route == pools_[expected].id, [&] {
+        return absl::StrCat("RouteOf(stream ", s, ") is ",
+                            route.ok() ? route->ToString() : route.status().ToString(),
+                            "; the model says ", Name(expected));
+      });
     }
   }
 
@@ -697,14 +1413,22 @@ class PoolDifferentialRun {
     for (const LiveBlock& block : live_) {
       if (block.pool == p) expected.insert(block.address);
     }
-    Check(listed == expected,
-          absl::StrCat("Snapshot(", Name(p), ") lists ", listed.size(),
-                       " allocated blocks; the model has ", expected.size(), " live"));
+    Check(listed == expected, [&] {
+      return absl::StrCat("Snapshot(", Name(p), ") lists ", listed.size(),
+                          " allocated blocks; the model has ", expected.size(), " live");
+    });
   }
 
   void Teardown() {
     Note("teardown");
+    // Free everything, with the captures still running (deferred frees among them), then end the
+    // captures and drop every graph and SharedPool.
     while (!live_.empty()) DoFree();
+    while (!captures_.empty()) {
+      FinishCapture(captures_.size() - 1, random_() % 2 == 0 ? kEndIt : kAbandonIt);
+    }
+    while (!graphs_.empty()) DoDestroyGraph();
+    while (!shared_pools_.empty()) DoSharedPoolOp(/*may_create=*/false);
     // End every route, newest first, through the manager's own rule.
     while (!routes_.empty()) {
       const int p = routes_.back().pool;
@@ -715,7 +1439,8 @@ class PoolDifferentialRun {
     for (int p = 0; p < kPools; ++p) {
       while (pools_[p].references > 0) {
         const absl::Status status = manager_->Release(pools_[p].id);
-        Check(status.ok(), absl::StrCat("Release at teardown: ", status.ToString()));
+        Check(status.ok(),
+              [&] { return absl::StrCat("Release at teardown: ", status.ToString()); });
         --pools_[p].references;
       }
     }
@@ -723,13 +1448,33 @@ class PoolDifferentialRun {
     for (int p = 0; p < kPools; ++p) {
       if (pools_[p].known) CheckHoldsNothing(p, "at teardown, a released pool");
     }
+    Check(watched_graph_pools_.empty(), "a graph pool is not gone at teardown");
+    for (int p = kFirstGraphPool; p < static_cast<int>(pools_.size()); ++p) {
+      CheckInfoOf(p);
+      Check(pools_[p].references == 0, "the model holds a graph pool at teardown");
+      CheckHoldsNothing(p, "at teardown, a graph pool");
+    }
+    Check(allocator_->captures_underway() == 0, "a capture is underway at teardown");
+    device_->CompleteAll();
     Check(allocator_->EmptyCache().ok(), "EmptyCache at teardown failed");
     Check(device_->used_bytes() == 0,
-          absl::StrCat("the device still holds ", device_->used_bytes(), " bytes"));
-    Check(device_->live_segments() == 0,
-          absl::StrCat("the device still holds ", device_->live_segments(), " segments"));
+          [&] { return absl::StrCat("the device still holds ", device_->used_bytes(), " bytes"); });
+    Check(device_->live_segments() == 0, [&] {
+      return absl::StrCat("the device still holds ", device_->live_segments(), " segments");
+    });
     Check(allocator_->GetStats().active_blocks.current == 0, "live blocks after teardown");
     Check(device_->capture_violations() == 0, "an event was queried during a capture");
+    Check(device_->live_graphs() == 0, [&] {
+      return absl::StrCat("the device still holds ", device_->live_graphs(), " graphs");
+    });
+    // The allocator keeps spare events for reuse; they go with it.
+    const int64_t events = device_->live_events();
+    manager_.reset();
+    allocator_.reset();
+    Check(device_->live_events() == 0, [&] {
+      return absl::StrCat(device_->live_events(), " events outlived the allocator (", events,
+                          " before it was destroyed)");
+    });
   }
 
   void DoEndOf(int p) {
@@ -750,7 +1495,8 @@ class PoolDifferentialRun {
       }
     }
     const absl::Status status = manager_->End(pools_[p].id);
-    Check(status.ok(), absl::StrCat("End(", Name(p), ") at teardown: ", status.ToString()));
+    Check(status.ok(),
+          [&] { return absl::StrCat("End(", Name(p), ") at teardown: ", status.ToString()); });
     routes_.erase(found);
     --pools_[p].routes;
   }
@@ -765,7 +1511,7 @@ class PoolDifferentialRun {
   std::array<Stream, kStreams> streams_{};
   std::array<StreamId, kStreams> stream_ids_{};
   std::array<uint64_t, kStreams> enqueued_{};
-  std::array<ModelPool, kUnknown + 1> pools_;
+  std::vector<ModelPool> pools_ = std::vector<ModelPool>(kUnknown + 1);
   std::vector<ModelRoute> routes_;  // oldest first
   uint64_t next_sequence_ = 1;
   std::vector<LiveBlock> live_;
@@ -775,6 +1521,19 @@ class PoolDifferentialRun {
   int64_t checks_ = 0;
   Counters counters_;
   std::deque<std::string> history_;
+  // Captures, graphs and SharedPools (after manager_: they go first).
+  std::array<StreamCapture, kStreams> stream_capture_{};
+  std::vector<RunningCapture> captures_;
+  std::vector<LiveGraph> graphs_;
+  std::vector<HeldSharedPool> shared_pools_;
+  std::vector<int> watched_graph_pools_;   // graph pools not gone for good
+  std::vector<int> released_graph_pools_;  // graph pools nothing holds any more
+  // Capture epochs: each ends when the last capture underway ends.
+  int64_t capture_epoch_ = 0;
+  std::vector<std::array<uint64_t, kStreams>> epoch_end_positions_;
+  // A burst of work on one capture's streams (DoBurstStep): its capture id, steps left.
+  uint64_t burst_capture_ = 0;
+  int burst_left_ = 0;
 };
 
 TEST_CASE("a million random pool operations agree with the model of routing and references") {
