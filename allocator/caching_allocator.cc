@@ -262,6 +262,7 @@ void CachingAllocatorImpl::NoteCaptureBegin() {
   // capture become reusable for this one here, once their events have completed.
   if (captures_underway_.load() == 0) {
     for (Arena* arena : Arenas()) {
+      if (arena->state.load() == Arena::kGone) continue;  // no blocks; cannot change while held
       for (Shard* shard : arena->Shards()) {
         MutexLock lock(&shard->mu);
         shard->HarvestEvents(/*all=*/true).IgnoreError();  // a failed query: harvested later
@@ -270,8 +271,10 @@ void CachingAllocatorImpl::NoteCaptureBegin() {
   }
   captures_underway_.fetch_add(1, std::memory_order_acq_rel);
   // A barrier: a shard reads the count under its own lock, so once every shard's lock has been
-  // taken once, no call that read "no capture" is still at work, and none can start again.
+  // taken once, no call that read "no capture" is still at work, and none can start again. A
+  // gone arena has no blocks to free or harvest (and is revived only under growth_mu_).
   for (Arena* arena : Arenas()) {
+    if (arena->state.load() == Arena::kGone) continue;
     for (Shard* shard : arena->Shards()) {
       MutexLock lock(&shard->mu);
     }
@@ -289,6 +292,8 @@ absl::Status CachingAllocatorImpl::NoteCaptureEnd() {
   // The last capture is over: what it held back can go ahead.
   absl::Status first_error;
   for (Arena* arena : Arenas()) {
+    // A gone arena went before the capture began: it deferred nothing.
+    if (arena->state.load() == Arena::kGone) continue;
     for (Shard* shard : arena->Shards()) {
       MutexLock lock(&shard->mu);
       if (absl::Status s = shard->RecordDeferredFrees(); !s.ok() && first_error.ok()) {
