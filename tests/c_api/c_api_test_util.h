@@ -9,9 +9,15 @@
 #define TIDEPOOL_TESTS_C_API_C_API_TEST_UTIL_H_
 
 #include <cstddef>
+#include <functional>
+#include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "allocator/caching_allocator.h"
 #include "allocator/device.h"
+#include "allocator/simulated_device.h"
 #include "allocator/stats.h"
 #include "catch2/catch.hpp"
 #include "integrations/c_api/global_runtime.h"
@@ -98,6 +104,60 @@ inline tidepool_pool_id PoolOf(const void* ptr) {
   tidepool_pool_id pool{};
   TIDEPOOL_REQUIRE_OK(tidepool_pool_of(ptr, &device, &pool));
   return pool;
+}
+
+// The simulated device behind a device ordinal of the runtime.
+inline SimulatedDevice& Simulated(int device) {
+  auto* simulated = dynamic_cast<SimulatedDevice*>(PoolsOf(device).allocator()->device());
+  REQUIRE(simulated != nullptr);
+  return *simulated;
+}
+
+// Everything a failed call must leave as it was, as text: each device's stats, snapshot, captures
+// and graphs, its route for the NULL stream, and the counts of `pools`.
+inline std::string Fingerprint(const std::vector<tidepool_pool_id>& pools) {
+  std::string state;
+  for (int device = 0; device < kDevices; ++device) {
+    PoolManager& manager = PoolsOf(device);
+    absl::StrAppend(&state, "device ", device, " stats ", manager.allocator()->GetStats().ToJson(),
+                    " snapshot ", manager.allocator()->SnapshotJson(), " captures ",
+                    manager.allocator()->captures_underway(), " graphs ",
+                    Simulated(device).live_graphs());
+    absl::StatusOr<PoolId> route = manager.RouteOf(nullptr);
+    absl::StrAppend(&state, " route ", route.ok() ? route->ToString() : route.status().ToString());
+    for (tidepool_pool_id pool : pools) {
+      absl::StatusOr<PoolInfo> info = manager.Info(ToPoolId(pool));
+      if (!info.ok()) continue;
+      absl::StrAppend(&state, " pool ", ToPoolId(pool).ToString(), " references ", info->references,
+                      " routes ", info->routes, " live ", info->live_blocks, " released ",
+                      info->released);
+    }
+  }
+  return state;
+}
+
+// One misuse of the C API: the call, the code it must return, and a phrase its message holds.
+struct Misuse {
+  const char* function;  // the C function called: the message starts with its name
+  std::function<tidepool_status()> call;
+  tidepool_status expected;
+  const char* message_holds;
+};
+
+// Makes each call and checks its code, that its message starts with the function's name and holds
+// the phrase, and that nothing (Fingerprint of `pools`) changed.
+inline void CheckMisuses(const std::vector<Misuse>& misuses,
+                         const std::vector<tidepool_pool_id>& pools) {
+  for (const Misuse& misuse : misuses) {
+    const std::string before = Fingerprint(pools);
+    const tidepool_status status = misuse.call();
+    const std::string message = tidepool_last_error();
+    INFO(misuse.function << " -> " << tidepool_status_name(status) << ": \"" << message << "\"");
+    CHECK(status == misuse.expected);
+    CHECK(message.rfind(absl::StrCat(misuse.function, ": "), 0) == 0);
+    CHECK(message.find(misuse.message_holds) != std::string::npos);
+    CHECK(Fingerprint(pools) == before);
+  }
 }
 
 }  // namespace c_api_test

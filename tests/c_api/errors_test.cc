@@ -16,6 +16,8 @@
 namespace tidepool {
 namespace {
 
+using c_api_test::CheckMisuses;
+using c_api_test::Misuse;
 using c_api_test::InfoOf;
 using c_api_test::kDevices;
 using c_api_test::NewPoolId;
@@ -29,32 +31,6 @@ constexpr tidepool_pool_id kDefaultPool = {0, 0};
 void* AllocateSegment(size_t, int, void*) { return nullptr; }
 void FreeSegment(void*, size_t, int, void*) {}
 
-struct Misuse {
-  const char* function;  // the C function called: the message starts with its name
-  std::function<tidepool_status()> call;
-  tidepool_status expected;
-  const char* message_holds;
-};
-
-// Everything a failed call must leave as it was.
-std::string Fingerprint(const std::vector<tidepool_pool_id>& pools) {
-  std::string state;
-  for (int device = 0; device < kDevices; ++device) {
-    PoolManager& manager = PoolsOf(device);
-    absl::StrAppend(&state, "device ", device, " stats ", manager.allocator()->GetStats().ToJson(),
-                    " snapshot ", manager.allocator()->SnapshotJson());
-    absl::StatusOr<PoolId> route = manager.RouteOf(nullptr);
-    absl::StrAppend(&state, " route ", route.ok() ? route->ToString() : route.status().ToString());
-    for (tidepool_pool_id pool : pools) {
-      absl::StatusOr<PoolInfo> info = manager.Info(ToPoolId(pool));
-      if (!info.ok()) continue;
-      absl::StrAppend(&state, " pool ", ToPoolId(pool).ToString(), " references ", info->references,
-                      " routes ", info->routes, " live ", info->live_blocks, " released ",
-                      info->released);
-    }
-  }
-  return state;
-}
 
 TEST_CASE("every misuse returns its code and a message, and changes nothing") {
   StartSimulatedRuntime();
@@ -207,16 +183,7 @@ TEST_CASE("every misuse returns its code and a message, and changes nothing") {
   };
 
   const std::vector<tidepool_pool_id> pools = {kDefaultPool, released, routed, never};
-  for (const Misuse& misuse : misuses) {
-    const std::string before = Fingerprint(pools);
-    const tidepool_status status = misuse.call();
-    const std::string message = tidepool_last_error();
-    INFO(misuse.function << " -> " << tidepool_status_name(status) << ": \"" << message << "\"");
-    CHECK(status == misuse.expected);
-    CHECK(message.rfind(absl::StrCat(misuse.function, ": "), 0) == 0);
-    CHECK(message.find(misuse.message_holds) != std::string::npos);
-    CHECK(Fingerprint(pools) == before);
-  }
+  CheckMisuses(misuses, pools);
 
   TIDEPOOL_REQUIRE_OK(tidepool_end_allocate_to_pool(1, routed));
   TIDEPOOL_REQUIRE_OK(tidepool_release_pool(1, routed));

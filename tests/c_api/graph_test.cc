@@ -22,6 +22,8 @@
 namespace tidepool {
 namespace {
 
+using c_api_test::CheckMisuses;
+using c_api_test::Misuse;
 using c_api_test::InfoOf;
 using c_api_test::kDevices;
 using c_api_test::NewPoolId;
@@ -29,17 +31,13 @@ using c_api_test::NewStream;
 using c_api_test::PoolOf;
 using c_api_test::PoolsOf;
 using c_api_test::SamePool;
+using c_api_test::Simulated;
 using c_api_test::StartSimulatedRuntime;
 using c_api_test::StatsOf;
 using c_api_test::ToPoolId;
 
 constexpr tidepool_pool_id kDefaultPool = {0, 0};
 
-SimulatedDevice& Simulated(int device) {
-  auto* simulated = dynamic_cast<SimulatedDevice*>(PoolsOf(device).allocator()->device());
-  REQUIRE(simulated != nullptr);
-  return *simulated;
-}
 
 int CapturesUnderway(int device) { return PoolsOf(device).allocator()->captures_underway(); }
 
@@ -354,34 +352,6 @@ TEST_CASE("the capture modes are accepted") {
   CHECK(CapturesUnderway(0) == 0);
 }
 
-struct Misuse {
-  const char* function;  // the C function called: the message starts with its name
-  std::function<tidepool_status()> call;
-  tidepool_status expected;
-  const char* message_holds;
-};
-
-// Everything a failed call must leave as it was.
-std::string Fingerprint(const std::vector<tidepool_pool_id>& pools) {
-  std::string state;
-  for (int device = 0; device < kDevices; ++device) {
-    PoolManager& manager = PoolsOf(device);
-    absl::StrAppend(&state, "device ", device, " stats ", manager.allocator()->GetStats().ToJson(),
-                    " snapshot ", manager.allocator()->SnapshotJson(), " captures ",
-                    manager.allocator()->captures_underway(), " graphs ",
-                    Simulated(device).live_graphs());
-    absl::StatusOr<PoolId> route = manager.RouteOf(nullptr);
-    absl::StrAppend(&state, " route ", route.ok() ? route->ToString() : route.status().ToString());
-    for (tidepool_pool_id pool : pools) {
-      absl::StatusOr<PoolInfo> info = manager.Info(ToPoolId(pool));
-      if (!info.ok()) continue;
-      absl::StrAppend(&state, " pool ", ToPoolId(pool).ToString(), " references ", info->references,
-                      " routes ", info->routes, " live ", info->live_blocks, " released ",
-                      info->released);
-    }
-  }
-  return state;
-}
 
 TEST_CASE("every misuse of the graph calls returns its code and a message, and changes nothing") {
   StartSimulatedRuntime();
@@ -474,16 +444,7 @@ TEST_CASE("every misuse of the graph calls returns its code and a message, and c
   const std::vector<tidepool_pool_id> pools = {kDefaultPool, PoolOfCapture(capture),
                                                PoolOfGraph(graph), user_pool, released, never,
                                                held};
-  for (const Misuse& misuse : misuses) {
-    const std::string before = Fingerprint(pools);
-    const tidepool_status status = misuse.call();
-    const std::string message = tidepool_last_error();
-    INFO(misuse.function << " -> " << tidepool_status_name(status) << ": \"" << message << "\"");
-    CHECK(status == misuse.expected);
-    CHECK(message.rfind(absl::StrCat(misuse.function, ": "), 0) == 0);
-    CHECK(message.find(misuse.message_holds) != std::string::npos);
-    CHECK(Fingerprint(pools) == before);
-  }
+  CheckMisuses(misuses, pools);
   CHECK(out_graph == nullptr);
 
   // What was set up still works, and goes.

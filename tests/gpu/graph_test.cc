@@ -367,39 +367,30 @@ TEST_CASE("two graphs share one pool and replay alternately on one stream", "[gp
   CaptureOptions options;
   options.pool = pool;
 
-  Graph a;
-  void* tmp_a = nullptr;
-  {
+  // Captures a graph that copies `in` through a temporary of the shared pool into `out`, with
+  // the quarter `quarter` replaced by `pattern`; `references` is the pool's count during it.
+  auto capture_graph = [&](size_t quarter, uint32_t pattern, void* out, int64_t references,
+                           void** tmp) {
     Capture capture = RequireBegin(pools, stream, options);
     CHECK(capture.pool() == pool);
-    CHECK(RequireInfo(pools, pool).references == 2);
-    tmp_a = RequireAllocate(pools, kBytes, stream);
-    CHECK(RequirePoolOf(pools, tmp_a) == pool);
-    CopyAsync(*device, tmp_a, in, kBytes, stream);
-    FillPattern(*device, Address(tmp_a), kQuarter * 4, kA, stream);
-    CopyAsync(*device, out_a, tmp_a, kBytes, stream);
-    TIDEPOOL_REQUIRE_OK(allocator->Free(tmp_a));
-    a = RequireEnd(capture);
-  }
+    CHECK(RequireInfo(pools, pool).references == references);
+    *tmp = RequireAllocate(pools, kBytes, stream);
+    CHECK(RequirePoolOf(pools, *tmp) == pool);
+    CopyAsync(*device, *tmp, in, kBytes, stream);
+    FillPattern(*device, Address(*tmp) + quarter * kQuarter * 4, kQuarter * 4, pattern, stream);
+    CopyAsync(*device, out, *tmp, kBytes, stream);
+    TIDEPOOL_REQUIRE_OK(allocator->Free(*tmp));
+    return RequireEnd(capture);
+  };
+  void* tmp_a = nullptr;
+  Graph a = capture_graph(/*quarter=*/0, kA, out_a, /*references=*/2, &tmp_a);
   CHECK(a.pool() == pool);
   CHECK(RequireInfo(pools, pool).references == 2);
   const int64_t reserved_after_a = ReservedIn(pools, pool);
   CHECK(reserved_after_a >= static_cast<int64_t>(kBytes));
 
-  Graph b;
   void* tmp_b = nullptr;
-  {
-    Capture capture = RequireBegin(pools, stream, options);
-    CHECK(capture.pool() == pool);
-    CHECK(RequireInfo(pools, pool).references == 3);
-    tmp_b = RequireAllocate(pools, kBytes, stream);
-    CHECK(RequirePoolOf(pools, tmp_b) == pool);
-    CopyAsync(*device, tmp_b, in, kBytes, stream);
-    FillPattern(*device, Address(tmp_b) + kQuarter * 4, kQuarter * 4, kB, stream);
-    CopyAsync(*device, out_b, tmp_b, kBytes, stream);
-    TIDEPOOL_REQUIRE_OK(allocator->Free(tmp_b));
-    b = RequireEnd(capture);
-  }
+  Graph b = capture_graph(/*quarter=*/1, kB, out_b, /*references=*/3, &tmp_b);
   CHECK(b.pool() == pool);
   CHECK(RequireInfo(pools, pool).references == 3);
   // B's temporary came from A's free memory: the pool is shared, and it did not grow.
