@@ -22,6 +22,9 @@
 //   * a capture the driver invalidates, and one abandoned, release their pool and route: the
 //     blocks they allocated free normally, the pool's memory goes back, and the driver's free
 //     memory returns to where it was;
+//   * a pool scope entered inside a capture (sglang's symmetric buffer) takes that thread's
+//     allocations to its pool and gives the capture's routing back after, with balanced
+//     references, and the graph writes the scope's buffer on every replay;
 //   * a capture that must take new device memory (a 256 MiB block and more) still ends and
 //     replays correctly.
 // Each case runs with expandable segments on and off.
@@ -857,6 +860,83 @@ TEST_CASE("an abandoned capture leaves nothing behind", "[gpu]") {
   RequireCleanedUp(*device, pools, s1, pool, live, free_before);
   TIDEPOOL_REQUIRE_OK(device->DestroyStream(s1));
   TIDEPOOL_REQUIRE_OK(device->DestroyStream(s2));
+}
+
+TEST_CASE("a pool scope inside a capture redirects this thread only, and restores the capture's "
+          "routing with balanced references", "[gpu]") {
+  std::unique_ptr<CudaDevice> device = RequireDevice();
+  const bool expandable = GENERATE(false, true);
+  INFO("expandable_segments=" << expandable);
+  std::unique_ptr<CachingAllocator> allocator = RequireAllocator(*device, expandable);
+  PoolManager pools(allocator.get());
+  Stream stream = RequireStream(*device);
+  const PoolId symmetric = NewUserPoolId();
+  TIDEPOOL_REQUIRE_OK(pools.Create(symmetric, PoolOptions{}));
+
+  // The graph copies `in` into a temporary of its own pool, then into a buffer of `symmetric`
+  // allocated inside the scope (sglang's symmetric buffer, which outlives the capture), then,
+  // after the scope, through a second temporary of its own pool into `out`.
+  constexpr size_t kWords = size_t{1} << 16;
+  constexpr size_t kBytes = kWords * sizeof(uint32_t);
+  void* in = RequireAllocate(pools, kBytes, stream);
+  void* out = RequireAllocate(pools, kBytes, stream);
+  TIDEPOOL_REQUIRE_OK(device->SynchronizeStream(stream));
+  const PoolInfo symmetric_before = RequireInfo(pools, symmetric);
+
+  void* buffer = nullptr;
+  Graph graph;
+  {
+    Capture capture = RequireBegin(pools, stream);
+    const PoolInfo graph_before = RequireInfo(pools, capture.pool());
+    void* first = RequireAllocate(pools, kBytes, stream);
+    CHECK(RequirePoolOf(pools, first) == capture.pool());
+    CopyAsync(*device, first, in, kBytes, stream);
+    {
+      PoolScope scope(&pools, symmetric);
+      TIDEPOOL_REQUIRE_OK(scope.status());
+      buffer = RequireAllocate(pools, kBytes, stream);
+      CHECK(RequirePoolOf(pools, buffer) == symmetric);
+      CHECK(RequireRouteOf(pools, stream) == symmetric);
+      CopyAsync(*device, buffer, first, kBytes, stream);
+    }
+    CHECK(RequireRouteOf(pools, stream) == capture.pool());
+    void* second = RequireAllocate(pools, kBytes, stream);
+    CHECK(RequirePoolOf(pools, second) == capture.pool());
+    CopyAsync(*device, second, buffer, kBytes, stream);
+    CopyAsync(*device, out, second, kBytes, stream);
+    TIDEPOOL_REQUIRE_OK(allocator->Free(first));
+    TIDEPOOL_REQUIRE_OK(allocator->Free(second));
+    const PoolInfo graph_after = RequireInfo(pools, capture.pool());
+    CHECK(graph_after.references == graph_before.references);
+    CHECK(graph_after.routes == graph_before.routes);
+    graph = RequireEnd(capture);
+  }
+  const PoolInfo symmetric_after = RequireInfo(pools, symmetric);
+  CHECK(symmetric_after.references == symmetric_before.references);
+  CHECK(symmetric_after.routes == symmetric_before.routes);
+  CHECK(symmetric_after.live_blocks == 1);
+
+  for (int round = 0; round < 20; ++round) {
+    INFO("replay " << round);
+    const std::vector<uint32_t> input = InputWords(kWords, round);
+    Upload(*device, in, input);
+    FillPattern(*device, Address(out), kBytes, kPoison, stream);
+    FillPattern(*device, Address(buffer), kBytes, kPoison, stream);
+    TIDEPOOL_REQUIRE_OK(graph.Launch(stream));
+    REQUIRE(Compare(Download(*device, out, kWords, stream), input).words == 0);
+    REQUIRE(Compare(Download(*device, buffer, kWords, stream), input).words == 0);
+  }
+
+  TIDEPOOL_REQUIRE_OK(device->SynchronizeStream(stream));
+  const PoolId graph_pool = graph.pool();
+  TIDEPOOL_REQUIRE_OK(graph.Reset());
+  CHECK(RequireInfo(pools, graph_pool).gone);
+  TIDEPOOL_REQUIRE_OK(allocator->Free(buffer));
+  TIDEPOOL_REQUIRE_OK(pools.Release(symmetric));
+  CHECK(RequireInfo(pools, symmetric).gone);
+  TIDEPOOL_REQUIRE_OK(allocator->Free(in));
+  TIDEPOOL_REQUIRE_OK(allocator->Free(out));
+  TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
 }
 
 TEST_CASE("a capture that takes new device memory for large blocks ends and replays correctly",
