@@ -101,21 +101,19 @@ absl::StatusOr<Graph> Capture::End() {
   }
   PoolManager* manager = manager_;
   Device* device = manager->allocator()->device();
-  const std::string context = absl::StrFormat(
-      "tidepool: capture %u on stream %p (pool %s) failed, and was cleaned up: its route and "
-      "pool reference are gone",
-      capture_id_, stream_, pool_.ToString());
+  // A failed capture drops its reference (its route is gone already) and says so.
+  auto failed = [&](const absl::Status& cause) {
+    manager->Release(pool_).IgnoreError();
+    return WithContext(cause, absl::StrFormat("tidepool: capture %u on stream %p (pool %s) "
+                                              "failed, and was cleaned up: its route and pool "
+                                              "reference are gone",
+                                              capture_id_, stream_, pool_.ToString()));
+  };
   absl::StatusOr<GraphHandle> graph = Finish();
-  if (!graph.ok()) {
-    manager->Release(pool_).IgnoreError();  // the route is gone, so this reference can go
-    return WithContext(graph.status(), context);
-  }
+  if (!graph.ok()) return failed(graph.status());
   absl::StatusOr<GraphExecHandle> exec = device->InstantiateGraph(*graph);
   device->DestroyGraph(*graph).IgnoreError();  // the executable graph does not need it
-  if (!exec.ok()) {
-    manager->Release(pool_).IgnoreError();
-    return WithContext(exec.status(), context);
-  }
+  if (!exec.ok()) return failed(exec.status());
   return Graph(manager, *exec, pool_);
 }
 
