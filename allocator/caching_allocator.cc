@@ -122,6 +122,7 @@ absl::StatusOr<Arena*> CachingAllocatorImpl::CreateArena(const ArenaOptions& opt
   bool expandable = options.source == nullptr && config_.expandable_segments;
   uint64_t id = arenas_.size() + 1;
   arenas_.push_back(std::make_unique<Arena>(id, options, source, expandable));
+  live_arenas_.push_back(arenas_.back().get());
   return arenas_.back().get();
 }
 
@@ -130,6 +131,17 @@ std::vector<Arena*> CachingAllocatorImpl::Arenas() {
   result.reserve(arenas_.size());
   for (const auto& arena : arenas_) result.push_back(arena.get());
   return result;
+}
+
+void CachingAllocatorImpl::NoteGone(Arena& arena) {
+  live_arenas_.erase(std::find(live_arenas_.begin(), live_arenas_.end(), &arena));
+  if (arena.device_stats.segments.current > 0) gone_holding_.push_back(&arena);
+}
+
+void CachingAllocatorImpl::ForgetIfEmpty(Arena& arena) {
+  if (arena.state.load() != Arena::kGone || arena.device_stats.segments.current > 0) return;
+  auto it = std::find(gone_holding_.begin(), gone_holding_.end(), &arena);
+  if (it != gone_holding_.end()) gone_holding_.erase(it);
 }
 
 absl::Status CachingAllocatorImpl::CheckArena(const Arena* arena) const {
@@ -165,15 +177,15 @@ absl::StatusOr<void*> CachingAllocatorImpl::Allocate(Arena* arena, size_t bytes,
                                                      Stream stream) {
   absl::StatusOr<size_t> rounded = RoundRequest(bytes);
   if (!rounded.ok()) return rounded.status();
-  if (arena->state.load(std::memory_order_acquire) != Arena::kActive) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "tidepool: allocation from arena '%s', which has been retired", arena->label));
-  }
   absl::StatusOr<Shard*> found = ShardFor(arena, stream);
   if (!found.ok()) return found.status();
   Shard& shard = **found;
   {
     MutexLock lock(&shard.mu);
+    // Read under the shard's lock: RetireArena stores the state before it takes this lock to
+    // count live blocks, so an allocation either sees the arena retired here or holds a block
+    // that count sees. No block ever comes from an arena that is gone.
+    if (arena->state.load(std::memory_order_acquire) != Arena::kActive) return Retired(*arena);
     if (shard.HasPendingEvents()) {
       if (absl::Status s = shard.HarvestEvents(/*all=*/false); !s.ok()) return s;
     }
@@ -188,6 +200,9 @@ absl::StatusOr<void*> CachingAllocatorImpl::Allocate(Arena* arena, size_t bytes,
   MutexLock growth(&growth_mu_);
   bool retried = false;
   for (int growths = 0;; ++growths) {
+    // The state changes only under growth_mu_: a release that ran since the fast path looked
+    // is seen here, before any growth.
+    if (arena->state.load(std::memory_order_acquire) != Arena::kActive) return Retired(*arena);
     {
       MutexLock lock(&shard.mu);
       if (absl::Status s = shard.HarvestEvents(/*all=*/true); !s.ok()) return s;
@@ -214,15 +229,24 @@ absl::StatusOr<void*> CachingAllocatorImpl::Allocate(Arena* arena, size_t bytes,
   }
 }
 
+absl::Status CachingAllocatorImpl::Retired(const Arena& arena) const {
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "tidepool: allocation from arena '%s', which has been retired", arena.label));
+}
+
 absl::StatusOr<Segment*> CachingAllocatorImpl::SegmentOf(uintptr_t address,
                                                          const char* operation) const {
   Segment* segment = page_map_.Lookup(address);
-  if (segment == nullptr) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "tidepool: %s of %#x, which tidepool did not allocate (device %d)", operation, address,
-        device_->ordinal()));
-  }
+  if (segment == nullptr) return NotHeld(address, operation);
   return segment;
+}
+
+absl::Status CachingAllocatorImpl::NotHeld(uintptr_t address, const char* operation) const {
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "tidepool: %s of %#x, which is not in memory tidepool holds on device %d: it was not "
+      "allocated by tidepool, or its memory has gone back to the device since it was freed (a "
+      "double free after empty_cache, a pool's release or trim, say); nothing was changed",
+      operation, address, device_->ordinal()));
 }
 
 absl::Status CachingAllocatorImpl::Free(void* ptr) {
@@ -232,12 +256,8 @@ absl::Status CachingAllocatorImpl::Free(void* ptr) {
   Shard& shard = *(*segment)->shard;
   {
     MutexLock lock(&shard.mu);
-    if (!(*segment)->live) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "tidepool: free of %#x, whose memory tidepool has already given back to the device "
-          "(device %d): not a live allocation",
-          address, device_->ordinal()));
-    }
+    // A racing release may have given the segment back since the lookup.
+    if (!(*segment)->live) return NotHeld(address, "free");
     Block* block = shard.FindLive(address);
     if (block == nullptr) {
       return absl::FailedPreconditionError(absl::StrFormat(
@@ -261,8 +281,7 @@ void CachingAllocatorImpl::NoteCaptureBegin() {
   // (StreamIdOf), which no allocation outside a capture visits, so blocks deferred by an earlier
   // capture become reusable for this one here, once their events have completed.
   if (captures_underway_.load() == 0) {
-    for (Arena* arena : Arenas()) {
-      if (arena->state.load() == Arena::kGone) continue;  // no blocks; cannot change while held
+    for (Arena* arena : live_arenas_) {  // a gone arena has no blocks
       for (Shard* shard : arena->Shards()) {
         MutexLock lock(&shard->mu);
         shard->HarvestEvents(/*all=*/true).IgnoreError();  // a failed query: harvested later
@@ -273,8 +292,7 @@ void CachingAllocatorImpl::NoteCaptureBegin() {
   // A barrier: a shard reads the count under its own lock, so once every shard's lock has been
   // taken once, no call that read "no capture" is still at work, and none can start again. A
   // gone arena has no blocks to free or harvest (and is revived only under growth_mu_).
-  for (Arena* arena : Arenas()) {
-    if (arena->state.load() == Arena::kGone) continue;
+  for (Arena* arena : live_arenas_) {
     for (Shard* shard : arena->Shards()) {
       MutexLock lock(&shard->mu);
     }
@@ -289,14 +307,26 @@ absl::Status CachingAllocatorImpl::NoteCaptureEnd() {
         device_->ordinal()));
   }
   if (captures_underway_.fetch_sub(1, std::memory_order_acq_rel) != 1) return absl::OkStatus();
-  // The last capture is over: what it held back can go ahead.
-  absl::Status first_error;
-  for (Arena* arena : Arenas()) {
-    // A gone arena went before the capture began: it deferred nothing.
-    if (arena->state.load() == Arena::kGone) continue;
+  // The last capture is over: what it held back can go ahead. Deferred frees used on a stream
+  // outside the captures wait for the device first (shard.h says why not for their streams).
+  bool synchronize = false;
+  for (Arena* arena : live_arenas_) {
     for (Shard* shard : arena->Shards()) {
       MutexLock lock(&shard->mu);
-      if (absl::Status s = shard->RecordDeferredFrees(); !s.ok() && first_error.ok()) {
+      synchronize = synchronize || shard->DeferredNeedSynchronization();
+    }
+  }
+  if (synchronize) {
+    // Should it fail, the deferred blocks stay unusable (leaked, never handed out early).
+    if (absl::Status s = SynchronizeFreedWork(); !s.ok()) return s;
+  }
+  absl::Status first_error;
+  // A gone arena went before the capture began: it deferred nothing. FinishIfDrained may take
+  // an arena off the list, so the loop walks a copy.
+  for (Arena* arena : std::vector<Arena*>(live_arenas_)) {
+    for (Shard* shard : arena->Shards()) {
+      MutexLock lock(&shard->mu);
+      if (absl::Status s = shard->ReleaseDeferredFrees(); !s.ok() && first_error.ok()) {
         first_error = s;
       }
     }
@@ -322,7 +352,8 @@ absl::Status CachingAllocatorImpl::RecordStream(void* ptr, Stream stream) {
   if (!segment.ok()) return segment.status();
   Shard& shard = *(*segment)->shard;
   MutexLock lock(&shard.mu);
-  Block* block = (*segment)->live ? shard.FindLive(address) : nullptr;
+  if (!(*segment)->live) return NotHeld(address, "record_stream");
+  Block* block = shard.FindLive(address);
   if (block == nullptr) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "tidepool: record_stream on %#x, which is not a live allocation (freed already?)",
@@ -348,7 +379,8 @@ absl::StatusOr<Arena*> CachingAllocatorImpl::ArenaOf(const void* ptr) {
   if (!segment.ok()) return segment.status();
   Shard& shard = *(*segment)->shard;
   MutexLock lock(&shard.mu);
-  if (!(*segment)->live || shard.FindLive(address) == nullptr) {
+  if (!(*segment)->live) return NotHeld(address, "arena query");
+  if (shard.FindLive(address) == nullptr) {
     return absl::FailedPreconditionError(
         absl::StrFormat("tidepool: %#x is not a live allocation", address));
   }
@@ -359,7 +391,9 @@ absl::Status CachingAllocatorImpl::TrimArena(Arena* arena) {
   if (absl::Status s = CheckArena(arena); !s.ok()) return s;
   MutexLock growth(&growth_mu_);
   if (absl::Status s = RefuseDuringCapture("trim"); !s.ok()) return s;
-  return ReleaseArenaCache(*arena, AddressRanges::kRelease);
+  absl::Status released = ReleaseArenaCache(*arena, AddressRanges::kRelease);
+  ForgetIfEmpty(*arena);
+  return released;
 }
 
 absl::StatusOr<bool> CachingAllocatorImpl::RetireArena(Arena* arena) {
@@ -382,6 +416,16 @@ absl::StatusOr<bool> CachingAllocatorImpl::RetireArena(Arena* arena) {
 absl::Status CachingAllocatorImpl::ReviveArena(Arena* arena) {
   if (absl::Status s = CheckArena(arena); !s.ok()) return s;
   MutexLock growth(&growth_mu_);
+  if (arena->state.load() == Arena::kGone) {
+    auto holding = std::find(gone_holding_.begin(), gone_holding_.end(), arena);
+    if (holding != gone_holding_.end()) gone_holding_.erase(holding);
+    // Back in creation order, so that walks stay deterministic.
+    live_arenas_.insert(std::upper_bound(live_arenas_.begin(), live_arenas_.end(), arena,
+                                         [](const Arena* a, const Arena* b) {
+                                           return a->id < b->id;
+                                         }),
+                        arena);
+  }
   arena->state.store(Arena::kActive, std::memory_order_release);
   return absl::OkStatus();
 }
@@ -408,6 +452,7 @@ absl::Status CachingAllocatorImpl::FinishIfDrained(Arena& arena) {
   }
   if (absl::Status s = ReleaseArenaCache(arena, AddressRanges::kKeep); !s.ok()) return s;
   arena.state.store(Arena::kGone, std::memory_order_release);
+  NoteGone(arena);
   return absl::OkStatus();
 }
 
@@ -417,7 +462,8 @@ absl::StatusOr<size_t> CachingAllocatorImpl::BlockSize(const void* ptr) {
   if (!segment.ok()) return segment.status();
   Shard& shard = *(*segment)->shard;
   MutexLock lock(&shard.mu);
-  Block* block = (*segment)->live ? shard.FindLive(address) : nullptr;
+  if (!(*segment)->live) return NotHeld(address, "size query");
+  Block* block = shard.FindLive(address);
   if (block == nullptr) {
     return absl::FailedPreconditionError(
         absl::StrFormat("tidepool: %#x is not a live allocation", address));
@@ -471,11 +517,11 @@ absl::Status CachingAllocatorImpl::GrowPlain(Shard& shard, size_t rounded) {
   ++arena.device_stats.device_allocations;
   arena.device_stats.reserved_bytes.Increase(static_cast<int64_t>(size));
   Segment* segment = NewSegment(shard, *base, size, /*expandable=*/false, IsSmall(rounded));
-  {
-    MutexLock lock(&shard.mu);
-    shard.AddSegment(segment, BlockState::kFree);
-  }
+  // The page map first: once the shard has the segment, another thread's fast path may hand out
+  // a block of it, and a free of that block must find it.
   page_map_.Register(segment->base, segment->size, segment);
+  MutexLock lock(&shard.mu);
+  shard.AddSegment(segment, BlockState::kFree);
   return absl::OkStatus();
 }
 
@@ -515,8 +561,9 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
   }
   Segment* new_segment = nullptr;
   if (target == nullptr) {
-    size_t reserve = config_.expandable_reserve != 0 ? config_.expandable_reserve
-                                                     : RoundUp(total_memory_, g);
+    size_t reserve = config_.expandable_reserve != 0
+                         ? config_.expandable_reserve
+                         : RoundUp(std::min(total_memory_, kMaxExpandableReserve), g);
     if (small) reserve = std::max(g, RoundUp(reserve / 16, g));
     reserve = std::max(reserve, RoundUp(rounded, g));
     absl::StatusOr<uintptr_t> base = device_->ReserveAddressRange(reserve);
@@ -527,9 +574,9 @@ absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) 
           absl::StrFormat("tidepool: device address %#x is outside the page map", *base));
     }
     new_segment = NewSegment(shard, *base, reserve, /*expandable=*/true, small);
+    page_map_.Register(new_segment->base, new_segment->size, new_segment);  // before any block
     MutexLock lock(&shard.mu);
     shard.AddSegment(new_segment, BlockState::kUnmapped);
-    page_map_.Register(new_segment->base, new_segment->size, new_segment);
     target = new_segment->first;
     map_at = target->address;
     to_map = RoundUp(rounded, g);
@@ -625,9 +672,8 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t want
     absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles);
     if (!s.ok()) return s;
   }
-  for (Arena* arena : Arenas()) {
+  for (Arena* arena : live_arenas_) {  // a gone arena has no free chunks, only ranges
     if (!arena->expandable || !arena->shares_free_memory) continue;
-    if (arena != shard.arena && arena->state.load() == Arena::kGone) continue;
     for (Shard* other : arena->Shards()) {
       if (handles->size() == wanted) return absl::OkStatus();
       if (other == &shard) continue;
@@ -700,11 +746,16 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
 // --- Returning memory ------------------------------------------------------------------------
 
 absl::Status CachingAllocatorImpl::ReleaseCached() {
-  for (Arena* arena : Arenas()) {
-    // A gone arena holds nothing anyone may use, whether or not it shares its free memory: its
-    // address ranges go too (a graph's pool, once its last graph is gone, is never begun again).
-    if (!arena->shares_free_memory && arena->state.load() != Arena::kGone) continue;
+  for (Arena* arena : live_arenas_) {
+    if (!arena->shares_free_memory) continue;
     if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kRelease); !s.ok()) return s;
+  }
+  // A gone arena holds nothing anyone may use, whether or not it shares its free memory: its
+  // address ranges go too (a graph's pool, once its last graph is gone, is never begun again).
+  // Once they have, no walk visits it again.
+  for (Arena* arena : std::vector<Arena*>(gone_holding_)) {
+    if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kRelease); !s.ok()) return s;
+    ForgetIfEmpty(*arena);
   }
   return absl::OkStatus();
 }
@@ -780,7 +831,7 @@ std::string CachingAllocatorImpl::OutOfMemoryMessage(size_t bytes, size_t rounde
   size_t reserved = 0;
   size_t allocated = 0;
   std::string by_pool;
-  for (Arena* arena : Arenas()) {
+  for (Arena* arena : live_arenas_) {  // gone arenas hold no memory
     size_t arena_reserved = static_cast<size_t>(arena->device_stats.reserved_bytes.current);
     size_t arena_allocated = 0;
     for (Shard* other : arena->Shards()) {

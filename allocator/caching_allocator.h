@@ -80,14 +80,15 @@ class CachingAllocator {
   CachingAllocator& operator=(const CachingAllocator&) = delete;
 
   // Returns a block of at least `bytes` usable on `stream`, 512-byte aligned, from the default
-  // arena. INVALID_ARGUMENT for 0 or a size that overflows when rounded; RESOURCE_EXHAUSTED
-  // (with the breakdown of where memory is) when the device is full even after returning the
-  // cache.
+  // arena. INVALID_ARGUMENT for 0; RESOURCE_EXHAUSTED (with the breakdown of where memory is)
+  // when the device is full even after returning the cache, and for any size larger than the
+  // device could hold.
   absl::StatusOr<void*> Allocate(size_t bytes, Stream stream);
   // The same from `arena`; FAILED_PRECONDITION if the arena is retired or gone.
   absl::StatusOr<void*> Allocate(Arena* arena, size_t bytes, Stream stream);
-  // Returns a block. INVALID_ARGUMENT for a pointer tidepool does not own; FAILED_PRECONDITION
-  // for a pointer inside tidepool's memory that is not a live block (a double free).
+  // Returns a block. INVALID_ARGUMENT for a pointer outside the memory tidepool holds now (never
+  // allocated, or given back to the device since it was freed); FAILED_PRECONDITION for a pointer
+  // inside that memory that is not a live block (a double free, a pointer into a block).
   absl::Status Free(void* ptr);
   // Marks a live block as used on `stream` (see the contract above).
   absl::Status RecordStream(void* ptr, Stream stream);

@@ -106,9 +106,21 @@ class CachingAllocatorImpl {
   absl::StatusOr<Shard*> ShardFor(Arena* arena, Stream stream);
   // The segment holding an address tidepool handed out, or an error naming the pointer.
   absl::StatusOr<Segment*> SegmentOf(uintptr_t address, const char* operation) const;
-  // Every arena, in creation order.
+  // INVALID_ARGUMENT for an address outside the memory tidepool holds: never allocated, or given
+  // back to the device since (the segment that held it is dead).
+  absl::Status NotHeld(uintptr_t address, const char* operation) const;
+  // Every arena, in creation order, gone ones included: for observation only. Growth, release
+  // and capture marks walk live_arenas_ and gone_holding_, so their cost follows the pools in
+  // use, not every pool there ever was (a program that captures often makes one per graph).
   std::vector<Arena*> Arenas() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // An arena that has just gone leaves live_arenas_, for gone_holding_ if it still holds
+  // address ranges.
+  void NoteGone(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // A gone arena that holds nothing any more leaves gone_holding_: no walk visits it again.
+  void ForgetIfEmpty(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status CheckArena(const Arena* arena) const;
+  // FAILED_PRECONDITION: an allocation from an arena that is not active.
+  absl::Status Retired(const Arena& arena) const;
   // FAILED_PRECONDITION naming `operation` while a capture is underway: memory cannot go back to
   // the device then.
   absl::Status RefuseDuringCapture(const char* operation) const
@@ -194,6 +206,11 @@ class CachingAllocatorImpl {
   // drop a shard's lock and take it again without losing its place.
   Mutex growth_mu_;
   std::vector<std::unique_ptr<Arena>> arenas_ ABSL_GUARDED_BY(growth_mu_);  // incl. gone ones
+  // Active and retired arenas, in creation order.
+  std::vector<Arena*> live_arenas_ ABSL_GUARDED_BY(growth_mu_);
+  // Gone arenas that still hold address ranges (kept so that a pool begun again reuses them);
+  // EmptyCache and out-of-memory recovery release them.
+  std::vector<Arena*> gone_holding_ ABSL_GUARDED_BY(growth_mu_);
   std::vector<std::unique_ptr<Segment>> segments_ ABSL_GUARDED_BY(growth_mu_);  // incl. retired
   Arena* default_arena_ = nullptr;  // set once, in the constructor
   // Blocks freed with an epoch below this are idle: a device synchronization started after

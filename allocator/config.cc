@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "allocator/size_policy.h"
 
 namespace tidepool {
 namespace {
@@ -19,11 +20,13 @@ absl::StatusOr<bool> ParseBool(absl::string_view key, absl::string_view value) {
       absl::StrCat("TIDEPOOL_CONF: ", key, " takes true or false, not '", value, "'"));
 }
 
-absl::StatusOr<size_t> ParseMegabytes(absl::string_view key, absl::string_view value) {
+absl::StatusOr<size_t> ParseMegabytes(absl::string_view key, absl::string_view value,
+                                      uint64_t max_mb) {
   uint64_t mb = 0;
-  if (!absl::SimpleAtoi(value, &mb) || mb == 0 || mb > (uint64_t{1} << 40)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "TIDEPOOL_CONF: ", key, " takes a positive number of MiB, not '", value, "'"));
+  if (!absl::SimpleAtoi(value, &mb) || mb == 0 || mb > max_mb) {
+    return absl::InvalidArgumentError(absl::StrCat("TIDEPOOL_CONF: ", key,
+                                                   " takes a positive number of MiB up to ",
+                                                   max_mb, ", not '", value, "'"));
   }
   return static_cast<size_t>(mb) << 20;
 }
@@ -50,11 +53,11 @@ absl::StatusOr<Config> Config::Parse(absl::string_view text) {
       if (!v.ok()) return v.status();
       config.release_free_chunks_on_growth = *v;
     } else if (key == "max_split_size_mb") {
-      auto v = ParseMegabytes(key, value);
+      auto v = ParseMegabytes(key, value, uint64_t{1} << 40);
       if (!v.ok()) return v.status();
       config.max_split_size = *v;
     } else if (key == "expandable_reserve_mb") {
-      auto v = ParseMegabytes(key, value);
+      auto v = ParseMegabytes(key, value, kMaxExpandableReserve >> 20);
       if (!v.ok()) return v.status();
       config.expandable_reserve = *v;
     } else {

@@ -154,7 +154,10 @@ Block* Shard::TakeFreeBlock(size_t rounded, size_t requested) {
   if (it == index.end() || !MayServe((*it)->size, rounded, max_split_size_)) return nullptr;
   Block* block = *it;
   index.erase(it);
-  if (block->size < max_split_size_ && ShouldSplit(block->size, rounded, block->segment->expandable)) {
+  // max_split_size keeps large blocks whole; a small segment (2 MiB, for small requests only)
+  // is always carved, or a limit at or below 2 MiB would give every small request a segment.
+  if ((block->segment->small || block->size < max_split_size_) &&
+      ShouldSplit(block->size, rounded, block->segment->expandable)) {
     // The tail's right neighbour cannot be free: it would have been merged into `block`.
     Block* tail = SplitFront(block, rounded);
     tail->state = BlockState::kFree;
@@ -202,18 +205,26 @@ absl::Status Shard::FreeLive(Block* block) {
   return AwaitUses(block);
 }
 
-absl::Status Shard::RecordDeferredFrees() {
+bool Shard::DeferredNeedSynchronization() const {
+  for (const Block* block : deferred_) {
+    for (const StreamUse& use : block->uses) {
+      if ((use.id & kCapturingStreamIdBit) == 0) return true;
+    }
+  }
+  return false;
+}
+
+absl::Status Shard::ReleaseDeferredFrees() {
   if (Capturing()) {
     return absl::FailedPreconditionError(
-        "tidepool: deferred frees recorded while a capture is underway");
+        "tidepool: deferred frees released while a capture is underway");
   }
-  std::vector<Block*> deferred;
-  deferred.swap(deferred_);
-  absl::Status first_error;
-  for (Block* block : deferred) {
-    if (absl::Status s = AwaitUses(block); !s.ok() && first_error.ok()) first_error = s;
+  for (Block* block : deferred_) {
+    block->uses.clear();
+    MakeFree(block);
   }
-  return first_error;
+  deferred_.clear();
+  return absl::OkStatus();
 }
 
 absl::Status Shard::AwaitUses(Block* block) {

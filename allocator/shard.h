@@ -17,11 +17,14 @@
 //
 // While a CUDA graph capture is underway on the device, nothing may query or synchronize an
 // event (the driver would invalidate the capture, or the capture would swallow the event). The
-// shard then harvests nothing, and a block freed after use on other streams is deferred: it keeps
-// its uses and waits, unusable, until the allocator says the captures are over
-// (RecordDeferredFrees), when its events are recorded as for any other such free. A block used
-// on its own stream only is reusable at once, during capture as outside it: inside a graph,
-// stream order is the graph's dependency order.
+// shard then harvests nothing, and a block freed after use on other streams is deferred: it waits,
+// unusable, until the allocator says the captures are over (ReleaseDeferredFrees). Its streams'
+// handles are never touched again after the free: the caller may destroy a stream while a
+// capture runs. Uses on capturing streams are graph work, which never runs outside a replay, so
+// they need no wait; a use on a stream outside every capture may still have work queued, so the
+// allocator synchronizes the device before such blocks go ahead (DeferredNeedSynchronization).
+// A block used on its own stream only is reusable at once, during capture as outside it: inside
+// a graph, stream order is the graph's dependency order.
 #ifndef TIDEPOOL_ALLOCATOR_SHARD_H_
 #define TIDEPOOL_ALLOCATOR_SHARD_H_
 
@@ -66,11 +69,12 @@ class alignas(64) Shard {
   // Frees a live block: at once if it was used on this stream only, else after events recorded
   // now on each stream it was used on (or, during capture, deferred: see above).
   absl::Status FreeLive(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
-  // Records the events of the blocks deferred during capture. Only once no capture is underway.
-  absl::Status RecordDeferredFrees() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
-  int64_t deferred_frees() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    return static_cast<int64_t>(deferred_.size());
-  }
+  // Whether a block deferred during capture was used on a stream outside every capture: then
+  // the device must be synchronized before ReleaseDeferredFrees.
+  bool DeferredNeedSynchronization() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Frees the blocks deferred during capture, without touching their streams. Only once no
+  // capture is underway, and after a device synchronization if DeferredNeedSynchronization.
+  absl::Status ReleaseDeferredFrees() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Coalesces every parked block into the best-fit index.
   void FlushQuick() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Turns a block not in any index into a free block, coalesced with free neighbours, and

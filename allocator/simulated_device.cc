@@ -42,14 +42,55 @@ absl::Status SimulatedDevice::TakeMemory(size_t bytes) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<uintptr_t> SimulatedDevice::TakeAddresses(size_t bytes) {
+  const uintptr_t end = options_.base_address + options_.address_space;
+  // Fresh addresses first, so a stale pointer stays foreign for as long as possible.
+  if (bytes <= end - next_address_) {
+    const uintptr_t address = next_address_;
+    next_address_ += bytes;
+    return address;
+  }
+  // Then the lowest gap between live segments and ranges, as a driver reuses freed addresses.
+  uintptr_t candidate = options_.base_address;
+  auto next_segment = segments_.begin();
+  auto next_range = ranges_.begin();
+  while (true) {
+    // The held block that starts first at or after `candidate`, skipping those before it.
+    uintptr_t held_start = end;
+    size_t held_size = 0;
+    if (next_segment != segments_.end() && next_segment->first < held_start) {
+      held_start = next_segment->first;
+      held_size = RoundUp(next_segment->second, options_.granularity);
+    }
+    if (next_range != ranges_.end() && next_range->first < held_start) {
+      held_start = next_range->first;
+      held_size = next_range->second;
+    }
+    if (held_start >= candidate && held_start - candidate >= bytes) return candidate;
+    if (held_start == end) break;
+    candidate = std::max(candidate, held_start + held_size);
+    if (next_segment != segments_.end() && next_segment->first == held_start) {
+      ++next_segment;
+    } else {
+      ++next_range;
+    }
+  }
+  return absl::ResourceExhaustedError(absl::StrFormat(
+      "simulated device %d: no %u bytes of addresses left in its %u-byte address space",
+      options_.ordinal, bytes, options_.address_space));
+}
+
 absl::StatusOr<uintptr_t> SimulatedDevice::AllocateSegment(size_t bytes) {
   MutexLock lock(&mu_);
   if (bytes == 0) return absl::InvalidArgumentError("simulated device: zero-byte segment");
   if (absl::Status s = TakeMemory(bytes); !s.ok()) return s;
-  uintptr_t address = next_address_;
-  next_address_ += RoundUp(bytes, options_.granularity);
-  segments_[address] = bytes;
-  return address;
+  absl::StatusOr<uintptr_t> address = TakeAddresses(RoundUp(bytes, options_.granularity));
+  if (!address.ok()) {
+    used_ -= bytes;
+    return address.status();
+  }
+  segments_[*address] = bytes;
+  return *address;
 }
 
 absl::Status SimulatedDevice::FreeSegment(uintptr_t address, size_t bytes) {
@@ -69,10 +110,10 @@ absl::StatusOr<uintptr_t> SimulatedDevice::ReserveAddressRange(size_t bytes) {
   if (bytes == 0 || bytes % options_.granularity != 0) {
     return absl::InvalidArgumentError("simulated device: range not a multiple of granularity");
   }
-  uintptr_t address = next_address_;
-  next_address_ += bytes;
-  ranges_[address] = bytes;
-  return address;
+  absl::StatusOr<uintptr_t> address = TakeAddresses(bytes);
+  if (!address.ok()) return address.status();
+  ranges_[*address] = bytes;
+  return *address;
 }
 
 absl::Status SimulatedDevice::ReleaseAddressRange(uintptr_t address, size_t bytes) {
@@ -181,6 +222,9 @@ absl::Status SimulatedDevice::DestroyEvent(Event event) {
 absl::StatusOr<SimulatedDevice::StreamState*> SimulatedDevice::FindStream(Stream stream) {
   auto it = streams_.find(stream);
   if (it == streams_.end()) {
+    // Handles are never reused here, so a destroyed one is recognized (a driver would read freed
+    // memory through it).
+    if (destroyed_streams_.contains(stream)) ++destroyed_stream_uses_;
     return absl::InvalidArgumentError(
         absl::StrFormat("simulated device: unknown stream %p", stream));
   }
@@ -304,6 +348,7 @@ absl::Status SimulatedDevice::DestroyStream(Stream stream) {
   if (stream == nullptr || streams_.erase(stream) == 0) {
     return absl::InvalidArgumentError("simulated device: unknown or default stream");
   }
+  destroyed_streams_.insert(stream);
   return absl::OkStatus();
 }
 
@@ -423,6 +468,11 @@ absl::Status SimulatedDevice::DestroyGraphExec(GraphExecHandle exec) {
     return absl::InvalidArgumentError("simulated device: unknown executable graph");
   }
   return absl::OkStatus();
+}
+
+int64_t SimulatedDevice::destroyed_stream_uses() const {
+  MutexLock lock(&mu_);
+  return destroyed_stream_uses_;
 }
 
 int64_t SimulatedDevice::live_graphs() const {

@@ -18,6 +18,7 @@
 #include <memory>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "allocator/device.h"
 #include "allocator/mutex.h"
 
@@ -29,8 +30,12 @@ class SimulatedDevice : public Device {
     int ordinal = 0;
     size_t capacity = size_t{80} << 30;  // bytes of "physical" memory
     size_t granularity = size_t{2} << 20;
-    // Addresses handed out start here and are never reused, so a stale pointer stays foreign.
+    // Addresses handed out lie in [base_address, base_address + address_space): fresh ones
+    // first, so a stale pointer stays foreign for as long as possible; once the space has been
+    // walked through, freed addresses are reused, lowest first. Running out of addresses is
+    // RESOURCE_EXHAUSTED. Devices given disjoint spaces never hand out the same address.
     uintptr_t base_address = uintptr_t{0x7f0000000000};
+    size_t address_space = size_t{1} << 46;
   };
 
   SimulatedDevice();
@@ -91,6 +96,9 @@ class SimulatedDevice : public Device {
   int64_t capture_violations() const;
   // Graphs and executable graphs made and not yet destroyed.
   int64_t live_graphs() const;
+  // Calls that named a stream after it was destroyed: a violation (the CUDA driver reads freed
+  // memory through such a handle, seen crashing on the H200).
+  int64_t destroyed_stream_uses() const;
 
   // --- Faults ---
   // The `n`th device allocation (segment or physical chunk) from now fails (n = 1: the next).
@@ -120,6 +128,8 @@ class SimulatedDevice : public Device {
   };
 
   absl::Status TakeMemory(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `bytes` (a multiple of the granularity) of addresses: see Options::address_space.
+  absl::StatusOr<uintptr_t> TakeAddresses(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<StreamState*> FindStream(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool AnyCaptureLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -141,6 +151,8 @@ class SimulatedDevice : public Device {
   uintptr_t next_event_handle_ ABSL_GUARDED_BY(mu_) = 0x10;
   uint64_t next_capture_id_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t capture_violations_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::flat_hash_set<Stream> destroyed_streams_ ABSL_GUARDED_BY(mu_);
+  int64_t destroyed_stream_uses_ ABSL_GUARDED_BY(mu_) = 0;
   // Graphs and executable graphs: handle -> the capture id they came from.
   absl::flat_hash_map<GraphHandle, uint64_t> graphs_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<GraphExecHandle, uint64_t> graph_execs_ ABSL_GUARDED_BY(mu_);

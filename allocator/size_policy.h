@@ -21,14 +21,21 @@ inline constexpr size_t kSmallSegment = size_t{2} << 20;  // plain segments for 
 inline constexpr size_t kMediumSegment = size_t{20} << 20;  // for requests up to 10 MiB
 inline constexpr size_t kMediumRequest = size_t{10} << 20;
 inline constexpr size_t kLargeRounding = size_t{2} << 20;  // larger segments round to this
-// The largest request accepted: far beyond any device, and safe from overflow when rounded.
+// The largest request looked at: far beyond any device, and safe from overflow when rounded.
 inline constexpr size_t kMaxRequest = size_t{1} << 56;
 
-// Rounds a request to its block size, or explains why it cannot be served.
+// The most address space one expandable segment reserves (and the largest expandable_reserve_mb):
+// the host keeps a page-map entry per 2 MiB and a chunk-table entry per granule of it, so an
+// absurd device size must not turn into gigabytes of host memory. Far above any GPU's memory.
+inline constexpr size_t kMaxExpandableReserve = size_t{1} << 40;
+
+// Rounds a request to its block size, or explains why it cannot be served. Every size larger
+// than a device can hold is RESOURCE_EXHAUSTED, however large (as cudaMalloc answers); only 0 is
+// INVALID_ARGUMENT.
 inline absl::StatusOr<size_t> RoundRequest(size_t bytes) {
   if (bytes == 0) return absl::InvalidArgumentError("tidepool: allocation of 0 bytes");
   if (bytes > kMaxRequest) {
-    return absl::InvalidArgumentError(absl::StrFormat(
+    return absl::ResourceExhaustedError(absl::StrFormat(
         "tidepool: allocation of %u bytes is larger than any device (limit %u)", bytes,
         kMaxRequest));
   }
@@ -37,12 +44,14 @@ inline absl::StatusOr<size_t> RoundRequest(size_t bytes) {
 
 inline bool IsSmall(size_t rounded) { return rounded <= kSmallRequest; }
 
-// The size of a new plain segment for a rounded request. A request below max_split_size never
-// gets a segment at or above it (the segment would be an oversize block it may not use).
+// The size of a new plain segment for a rounded request. A segment for large requests that is at
+// or above max_split_size is never split, so it is no larger than the request rounded to 2 MiB.
+// Small segments are split whatever the limit (they serve small requests only).
 inline size_t PlainSegmentSize(size_t rounded, size_t max_split_size) {
   const size_t exact = (rounded + kLargeRounding - 1) / kLargeRounding * kLargeRounding;
-  size_t size = IsSmall(rounded) ? kSmallSegment : rounded <= kMediumRequest ? kMediumSegment : exact;
-  if (rounded < max_split_size && size >= max_split_size) size = exact;
+  if (IsSmall(rounded)) return kSmallSegment;
+  size_t size = rounded <= kMediumRequest ? kMediumSegment : exact;
+  if (size >= max_split_size) size = exact;
   return size;
 }
 

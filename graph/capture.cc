@@ -34,6 +34,22 @@ absl::StatusOr<Capture> Capture::Begin(PoolManager* pools, Stream stream,
   }
   CachingAllocator* allocator = pools->allocator();
   Device* device = allocator->device();
+  // Refusals the device would give come first: the mark harvests completed events, and a call
+  // that fails must change nothing.
+  if (stream == nullptr) {
+    return absl::InvalidArgumentError(
+        "tidepool: cannot begin a capture on the legacy default stream (NULL): the default "
+        "stream cannot be captured");
+  }
+  absl::StatusOr<CaptureInfo> before = device->GetCaptureInfo(stream);
+  if (!before.ok()) {
+    return WithContext(before.status(),
+                       absl::StrFormat("tidepool: cannot begin a capture on stream %p", stream));
+  }
+  if (before->capturing || before->invalidated) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: cannot begin a capture on stream %p, which is capturing already", stream));
+  }
   allocator->NoteCaptureBegin();
   absl::StatusOr<uint64_t> capture_id = device->BeginCapture(stream, options.mode);
   if (!capture_id.ok()) {
@@ -44,6 +60,7 @@ absl::StatusOr<Capture> Capture::Begin(PoolManager* pools, Stream stream,
   // Sharing: the pool must still be held, checked and begun as one step (its last holder may be
   // going away on another thread).
   const RouteFilter route = RouteFilter::InCapture(*capture_id);
+  const uint64_t began_at = pools->NextRouteSequence();
   absl::Status routed = shared ? pools->BeginHeld(pool, route)
                                : pools->Begin(pool, route);
   if (!routed.ok()) {
@@ -54,14 +71,15 @@ absl::StatusOr<Capture> Capture::Begin(PoolManager* pools, Stream stream,
     return WithContext(routed, absl::StrFormat("tidepool: cannot share pool %s in a capture",
                                                pool.ToString()));
   }
-  return Capture(pools, stream, pool, *capture_id);
+  return Capture(pools, stream, pool, *capture_id, began_at);
 }
 
 Capture::Capture(Capture&& other) noexcept
     : manager_(std::exchange(other.manager_, nullptr)),
       stream_(other.stream_),
       pool_(other.pool_),
-      capture_id_(other.capture_id_) {}
+      capture_id_(other.capture_id_),
+      began_at_(other.began_at_) {}
 
 Capture& Capture::operator=(Capture&& other) noexcept {
   if (this != &other) {
@@ -70,6 +88,7 @@ Capture& Capture::operator=(Capture&& other) noexcept {
     stream_ = other.stream_;
     pool_ = other.pool_;
     capture_id_ = other.capture_id_;
+    began_at_ = other.began_at_;
   }
   return *this;
 }
@@ -85,6 +104,11 @@ absl::StatusOr<GraphHandle> Capture::Finish() {
   // The device first: once the stream stops capturing, nothing new can match the route.
   absl::StatusOr<GraphHandle> graph = device->EndCapture(stream_);
   absl::Status unrouted = manager->End(pool_, RouteFilter::InCapture(capture_id_));
+  if (absl::IsFailedPrecondition(unrouted)) {
+    // Someone ended the capture's route by hand (capture.h): the graph is still good. A route
+    // this thread began to the pool since, to resume it, is the capture's now.
+    unrouted = manager->EndResumedRoute(pool_, began_at_);
+  }
   absl::Status unmarked = allocator->NoteCaptureEnd();
   if (!graph.ok()) return graph.status();
   absl::Status first = !unrouted.ok() ? unrouted : unmarked;

@@ -30,6 +30,14 @@
 // memory) pauses the capture's routing for that thread only, since the newest route wins, and
 // gets it back exactly when the scope ends; references stay balanced (docs/graphs.md).
 //
+// Routes begun by hand belong to whoever began them, with one exception, for sglang's own call
+// order, which pauses a capture without a scope: it ends the capture's route by hand
+// (PoolManager::End of the capture's pool), routes to its own pool and back, and resumes with a
+// current-thread Begin of the capture's pool. At End (or Abandon), a capture whose route someone
+// else ended still ends and returns its graph; and a current-thread route to its pool that the
+// ending thread began after the capture began is the capture's route resumed: End ends it and
+// drops the reference its Begin took, as PyTorch's capture end does.
+//
 // Thread safety: a Capture and a Graph are used by one thread at a time; different captures and
 // graphs may be used from different threads at once.
 #ifndef TIDEPOOL_GRAPH_CAPTURE_H_
@@ -117,8 +125,13 @@ class Capture {
   Stream stream() const { return stream_; }
 
  private:
-  Capture(PoolManager* manager, Stream stream, PoolId pool, uint64_t capture_id)
-      : manager_(manager), stream_(stream), pool_(pool), capture_id_(capture_id) {}
+  Capture(PoolManager* manager, Stream stream, PoolId pool, uint64_t capture_id,
+          uint64_t began_at)
+      : manager_(manager),
+        stream_(stream),
+        pool_(pool),
+        capture_id_(capture_id),
+        began_at_(began_at) {}
   // Stops the capture, its route and its mark; returns the graph the driver made, if any. The
   // pool reference is the caller's to keep or release.
   absl::StatusOr<GraphHandle> Finish();
@@ -127,6 +140,8 @@ class Capture {
   Stream stream_ = nullptr;
   PoolId pool_;
   uint64_t capture_id_ = 0;
+  // PoolManager::NextRouteSequence() before the capture's route: routes begun later are newer.
+  uint64_t began_at_ = 0;
 };
 
 // A graph pool that exists before, between and after the graphs that share it (PyTorch's

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "allocator/thread_exit_safe.h"
 
 namespace tidepool {
 namespace {
@@ -53,13 +54,13 @@ struct ThreadState {
   ~ThreadState();
 };
 
-// The hot path reads current_thread_state, a plain pointer (trivial thread-local storage: no
-// initialization guard); the object it points to lives in a thread_local with a destructor,
-// touched only to create it.
-thread_local ThreadState* current_thread_state = nullptr;
+// The hot path reads the thread's state through ThreadExitSafe (one load of a trivial
+// thread_local pointer). The state outlives every thread_local destructor, so a program that
+// allocates, frees or begins a route from one at thread exit finds it intact
+// (allocator/thread_exit_safe.h).
+using ThreadStates = ThreadExitSafe<ThreadState>;
 
 ThreadState::~ThreadState() {
-  current_thread_state = nullptr;  // later thread-exit code sees no routes, not freed ones
   for (ThreadRoutes& mine : managers) {
     if (mine.routes.empty()) continue;
     MutexLock lock(&registry_mu);
@@ -68,13 +69,7 @@ ThreadState::~ThreadState() {
   }
 }
 
-ThreadState& MyThreadState() {
-  if (current_thread_state == nullptr) {
-    thread_local ThreadState state;
-    current_thread_state = &state;
-  }
-  return *current_thread_state;
-}
+ThreadState& MyThreadState() { return ThreadStates::Get(); }
 
 }  // namespace
 
@@ -245,10 +240,16 @@ absl::Status PoolManager::Release(PoolId id) {
   absl::StatusOr<Pool*> pool = KnownPool(id, "release");
   if (!pool.ok()) return pool.status();
   if ((*pool)->references == 0) {
+    const int64_t dropped = (*pool)->dropped_at_thread_exit;
     return absl::FailedPreconditionError(absl::StrFormat(
-        "tidepool: release of pool %s, which has no references left (a double release); nothing "
-        "was changed",
-        id.ToString()));
+        "tidepool: release of pool %s, which has no references left (%s); nothing was changed",
+        id.ToString(),
+        dropped == 0
+            ? "a double release"
+            : absl::StrFormat("%d of them were dropped when threads exited with routes to it "
+                              "still open, as their scopes would have done (docs/pools.md rule "
+                              "10), so this release had none left to drop",
+                              dropped)));
   }
   // Every Begin takes a reference and makes a route, so a pool keeps at least as many
   // references as routes as long as routes are ended before their references are released.
@@ -263,6 +264,26 @@ absl::Status PoolManager::Release(PoolId id) {
   return DropReference(**pool);
 }
 
+uint64_t PoolManager::NextRouteSequence() {
+  MutexLock lock(&mu_);
+  return next_sequence_;
+}
+
+absl::Status PoolManager::EndResumedRoute(PoolId id, uint64_t since) {
+  MutexLock lock(&mu_);
+  Pool* pool = FindPool(id);
+  ThreadRoutes* mine = MyThreadState().Find(serial_);
+  if (pool == nullptr || mine == nullptr) return absl::OkStatus();
+  for (auto it = mine->routes.rbegin(); it != mine->routes.rend(); ++it) {
+    if (it->pool != pool || it->sequence < since) continue;
+    mine->routes.erase(std::next(it).base());
+    EraseRoute(*pool, /*mine=*/true);
+    // Its Begin took a reference, and the route was the reason for it.
+    return id.is_default() ? absl::OkStatus() : DropReference(*pool);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status PoolManager::DropReference(Pool& pool) {
   if (--pool.references > 0) return absl::OkStatus();
   return allocator_->RetireArena(pool.arena.load()).status();
@@ -274,6 +295,7 @@ void PoolManager::EndThreadRoutes(const std::vector<Route>& routes) {
     --route.pool->routes;
     active_routes_.fetch_sub(1, std::memory_order_relaxed);
     if (!route.pool->id.is_default() && route.pool->references > 0) {
+      ++route.pool->dropped_at_thread_exit;
       DropReference(*route.pool).IgnoreError();  // nothing to report to: the thread is gone
     }
   }
@@ -299,7 +321,7 @@ const std::vector<PoolManager::Route>& PoolManager::GlobalRoutes() {
 
 absl::StatusOr<PoolManager::Pool*> PoolManager::Choose(Stream stream) {
   const Route* best = nullptr;
-  if (ThreadState* state = current_thread_state; state != nullptr) {
+  if (ThreadState* state = ThreadStates::Find(); state != nullptr) {
     if (ThreadRoutes* mine = state->Find(serial_); mine != nullptr && !mine->routes.empty()) {
       best = &mine->routes.back();
     }

@@ -91,6 +91,13 @@ class PoolManager {
   absl::Status End(PoolId pool, const RouteFilter& filter);
   absl::Status Release(PoolId pool);
 
+  // The sequence the next routing entry will have: entries begun later have larger ones.
+  uint64_t NextRouteSequence();
+  // For a capture whose own route was ended by hand (graph/capture.h): ends this thread's newest
+  // current-thread route to `pool` with a sequence of at least `since`, the capture's route
+  // resumed, and drops the reference its Begin took. Does nothing (OK) if there is none.
+  absl::Status EndResumedRoute(PoolId pool, uint64_t since);
+
   // An allocation, routed. A route to a pool released while still routed (by another thread's
   // Release) gives FAILED_PRECONDITION naming the pool.
   absl::StatusOr<void*> Allocate(size_t bytes, Stream stream);
@@ -117,6 +124,9 @@ class PoolManager {
     std::atomic<Arena*> arena{nullptr};
     int64_t references = 0;  // guarded by mu_
     int64_t routes = 0;      // guarded by mu_
+    // References dropped because the thread that began a route exited with it open (for the
+    // message of a release that then finds none left); guarded by mu_.
+    int64_t dropped_at_thread_exit = 0;
   };
 
   // A routing entry. Pools are never deleted while the manager lives, so the pointer is stable.

@@ -96,7 +96,9 @@ absl::StatusOr<int> Runtime::DeviceOf(const void* ptr) const {
     if (!absl::IsInvalidArgument(size.status())) return size.status();
   }
   return absl::InvalidArgumentError(absl::StrFormat(
-      "tidepool: %p was not allocated by tidepool (on %s)", ptr, AnyDevice(device_count())));
+      "tidepool: %p was not allocated by tidepool (on %s), or its memory has gone back to the "
+      "device since it was freed",
+      ptr, AnyDevice(device_count())));
 }
 
 absl::StatusOr<BlockHome> Runtime::HomeOf(const void* ptr) const {
@@ -115,8 +117,10 @@ absl::Status Runtime::Free(void* ptr) {
     if (!absl::IsInvalidArgument(freed)) return freed;
   }
   return absl::InvalidArgumentError(absl::StrFormat(
-      "tidepool: free of %p, which was not allocated by tidepool (on %s); nothing was changed", ptr,
-      AnyDevice(device_count())));
+      "tidepool: free of %p, which was not allocated by tidepool (on %s), or whose memory has "
+      "gone back to the device since it was freed (a double free after empty_cache, a pool's "
+      "release or trim, say); nothing was changed",
+      ptr, AnyDevice(device_count())));
 }
 
 absl::Status Runtime::RecordStream(void* ptr, Stream stream) {

@@ -10,10 +10,28 @@ namespace {
 // block is aligned only if the segment is.
 constexpr uintptr_t kSegmentAlignment = 512;
 
+// Callbacks running on this thread (trivial, so it is readable at thread exit too).
+thread_local int callbacks_running = 0;
+
+// Marks the calling thread as inside a callback for the scope's life.
+class CallingBackScope {
+ public:
+  CallingBackScope() { ++callbacks_running; }
+  ~CallingBackScope() { --callbacks_running; }
+  CallingBackScope(const CallingBackScope&) = delete;
+  CallingBackScope& operator=(const CallingBackScope&) = delete;
+};
+
 }  // namespace
 
+bool CallbackSegments::CallingBack() { return callbacks_running > 0; }
+
 absl::StatusOr<uintptr_t> CallbackSegments::AllocateSegment(size_t bytes) {
-  void* segment = allocate_(bytes, device_, context_);
+  void* segment;
+  {
+    CallingBackScope scope;
+    segment = allocate_(bytes, device_, context_);
+  }
   if (segment == nullptr) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "tidepool: the pool's allocate callback returned NULL for %u bytes on device %d", bytes,
@@ -21,7 +39,10 @@ absl::StatusOr<uintptr_t> CallbackSegments::AllocateSegment(size_t bytes) {
   }
   const uintptr_t address = reinterpret_cast<uintptr_t>(segment);
   if (address % kSegmentAlignment != 0) {
-    free_(segment, bytes, device_, context_);
+    {
+      CallingBackScope scope;
+      free_(segment, bytes, device_, context_);
+    }
     return absl::InternalError(absl::StrFormat(
         "tidepool: the pool's allocate callback returned %p for %u bytes on device %d, which is "
         "not %u-byte aligned; the segment was given back",
@@ -31,6 +52,7 @@ absl::StatusOr<uintptr_t> CallbackSegments::AllocateSegment(size_t bytes) {
 }
 
 absl::Status CallbackSegments::FreeSegment(uintptr_t address, size_t bytes) {
+  CallingBackScope scope;
   free_(reinterpret_cast<void*>(address), bytes, device_, context_);
   return absl::OkStatus();
 }

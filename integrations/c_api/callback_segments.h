@@ -40,6 +40,13 @@ class CallbackSegments final : public SegmentSource {
 
   absl::StatusOr<uintptr_t> AllocateSegment(size_t bytes) override;
   absl::Status FreeSegment(uintptr_t address, size_t bytes) override;
+
+  // Whether the calling thread is inside one of the callbacks. The allocator calls them under
+  // its device-wide growth lock, so a callback that called tidepool on the same device would
+  // wait for that lock forever; the C API refuses every call made from inside a callback
+  // instead (FAILED_PRECONDITION). A callback that hands the work to another thread and waits
+  // for it cannot be told apart, and deadlocks: the contract forbids both.
+  static bool CallingBack();
   std::string name() const override { return "callbacks"; }
 
  private:

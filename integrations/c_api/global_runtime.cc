@@ -18,13 +18,18 @@ namespace tidepool {
 namespace c_api {
 namespace {
 
-// Where simulated device 0's addresses start, and the distance between two devices' ranges.
+// Where simulated device 0's addresses start, and the size of each device's address space.
 // The start is above every host address (x86-64 user space ends at 2^47 with 4-level page
 // tables), so host memory that a callback pool hands in never lands inside a simulated range.
-// Simulated addresses are never reused, so each device gets 2^48 bytes of them; 64 devices end
-// below 2^55, inside the allocator's 57-bit page map.
+// Each device hands out addresses from its own 2^48 bytes only (reusing freed ones once it has
+// walked through them), so two devices never hand out the same address; 64 devices end below
+// 2^55, inside the allocator's 57-bit page map.
 constexpr uintptr_t kFirstSimulatedAddress = uintptr_t{1} << 52;
 constexpr uintptr_t kSimulatedAddressRange = uintptr_t{1} << 48;
+// The largest simulated device: the host keeps tables in proportion to a device's size (its
+// expandable segments reserve that much address space), so a size no GPU has is refused rather
+// than turned into gigabytes of host memory.
+constexpr size_t kMaxSimulatedBytes = size_t{1} << 40;
 
 struct GlobalState {
   Mutex mu;
@@ -73,8 +78,11 @@ absl::Status InitSimulated(int device_count, size_t bytes_per_device) {
         absl::StrFormat("tidepool: %d simulated devices asked for; 1 to %d can be made",
                         device_count, kMaxSimulatedDevices));
   }
-  if (bytes_per_device == 0) {
-    return absl::InvalidArgumentError("tidepool: simulated devices of 0 bytes asked for");
+  if (bytes_per_device == 0 || bytes_per_device > kMaxSimulatedBytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "tidepool: simulated devices of %u bytes asked for; 1 byte to %u bytes (1 TiB) can be "
+        "made",
+        bytes_per_device, kMaxSimulatedBytes));
   }
   GlobalState& state = State();
   MutexLock lock(&state.mu);
@@ -93,6 +101,7 @@ absl::Status InitSimulated(int device_count, size_t bytes_per_device) {
     options.ordinal = ordinal;
     options.capacity = bytes_per_device;
     options.base_address = kFirstSimulatedAddress + ordinal * kSimulatedAddressRange;
+    options.address_space = kSimulatedAddressRange;
     devices.push_back(std::make_unique<SimulatedDevice>(options));
     ordered.push_back(devices.back().get());
   }

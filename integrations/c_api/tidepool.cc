@@ -22,6 +22,7 @@
 #include "absl/strings/strip.h"
 #include "allocator/caching_allocator.h"
 #include "allocator/device.h"
+#include "allocator/thread_exit_safe.h"
 #include "graph/capture.h"
 #include "integrations/c_api/callback_segments.h"
 #include "integrations/c_api/global_runtime.h"
@@ -34,8 +35,13 @@ namespace tidepool {
 namespace c_api {
 namespace {
 
-// The calling thread's last error message (tidepool_last_error).
-thread_local std::string last_error;
+// The calling thread's last error message (tidepool_last_error). Not a thread_local string: a
+// call that fails from a thread_local destructor at thread exit must still have somewhere to
+// write (allocator/thread_exit_safe.h).
+struct LastError {
+  std::string message;
+};
+using LastErrors = ThreadExitSafe<LastError>;
 
 tidepool_status CodeOf(const absl::Status& status) {
   switch (status.code()) {
@@ -64,7 +70,7 @@ tidepool_status CodeOf(const absl::Status& status) {
 tidepool_status Fail(const char* function, const absl::Status& status) {
   absl::string_view message = status.message();
   absl::ConsumePrefix(&message, "tidepool: ");
-  last_error = absl::StrCat(function, ": ", message);
+  LastErrors::Get().message = absl::StrCat(function, ": ", message);
   return CodeOf(status);
 }
 
@@ -73,6 +79,13 @@ tidepool_status Fail(const char* function, const absl::Status& status) {
 template <typename Body>
 tidepool_status Guarded(const char* function, Body&& body) noexcept {
   try {
+    if (CallbackSegments::CallingBack()) {
+      return Fail(function, absl::FailedPreconditionError(
+                                "called from inside a pool's segment callback, which tidepool "
+                                "runs under its device lock; a callback must not call tidepool "
+                                "(only tidepool_last_error, tidepool_status_name and "
+                                "tidepool_api_version). Nothing was changed"));
+    }
     const absl::Status status = body();
     return status.ok() ? TIDEPOOL_OK : Fail(function, status);
   } catch (const std::bad_alloc&) {
@@ -224,7 +237,10 @@ extern "C" {
 
 int tidepool_api_version(void) { return TIDEPOOL_API_VERSION; }
 
-const char* tidepool_last_error(void) { return tidepool::c_api::last_error.c_str(); }
+const char* tidepool_last_error(void) {
+  const tidepool::c_api::LastError* last = tidepool::c_api::LastErrors::Find();
+  return last == nullptr ? "" : last->message.c_str();
+}
 
 const char* tidepool_status_name(tidepool_status status) {
   switch (status) {

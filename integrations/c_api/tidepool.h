@@ -47,7 +47,8 @@ typedef enum tidepool_status {
   // Bad input: a NULL output argument, a size of 0, a negative device, a pointer tidepool did
   // not allocate, a filter kind that does not exist, a buffer too small.
   TIDEPOOL_INVALID_ARGUMENT = 1,
-  // The device has no memory left for the request, even after tidepool returned its cache.
+  // The device has no memory left for the request, even after tidepool returned its cache, or
+  // the request is larger than the device could ever hold.
   TIDEPOOL_OUT_OF_MEMORY = 2,
   // A device or a pool that tidepool does not know.
   TIDEPOOL_NOT_FOUND = 3,
@@ -100,7 +101,8 @@ const char* tidepool_last_error(void);
 const char* tidepool_status_name(tidepool_status status);
 
 // For tests, and for programs without a GPU (replaying traces, dry runs): makes the process's
-// runtime out of `device_count` simulated devices (1 to 64) of `bytes_per_device` each, with
+// runtime out of `device_count` simulated devices (1 to 64) of `bytes_per_device` each (1 byte
+// to 1 TiB: the host keeps tables in proportion to a device's size), with
 // TIDEPOOL_CONF's configuration. Simulated memory has no backing: the pointers it gives must
 // never be dereferenced. Streams of a simulated device exist only inside tidepool, so only the
 // NULL stream can be passed from C. Must come before every other call that needs the runtime:
@@ -119,16 +121,20 @@ tidepool_status tidepool_device_count(int* count);
 // Stores in *ptr a block of at least `size` bytes (512-byte aligned) usable on `stream` of
 // `device`, from the pool that routing chooses for this thread and stream (the default pool if
 // no routing entry matches). INVALID_ARGUMENT for a size of 0; OUT_OF_MEMORY when the device
-// is full, with a message saying where its memory is.
+// is full, with a message saying where its memory is, and for every size larger than the device
+// could ever hold, however large (SIZE_MAX included), as cudaMalloc answers.
 tidepool_status tidepool_malloc(void** ptr, size_t size, int device, void* stream);
 
 // Returns a block to the pool it came from, whatever routing is active now, on any device.
-// NULL does nothing (as free(NULL)). INVALID_ARGUMENT for a pointer tidepool did not allocate;
-// FAILED_PRECONDITION for a double free or a pointer into the middle of a block.
+// NULL does nothing (as free(NULL)). INVALID_ARGUMENT for a pointer outside the memory tidepool
+// holds now; FAILED_PRECONDITION for a double free or a pointer into the middle of a block while
+// tidepool still holds the block's memory. A double free after that memory went back to the
+// device (tidepool_empty_cache, a pool's release or trim, out-of-memory recovery) cannot be told
+// from a foreign pointer: it is INVALID_ARGUMENT, and the message says both are possible.
 tidepool_status tidepool_free(void* ptr);
 
 // Declares that the live block at `ptr` is used on `stream` (a stream of the block's device)
-// as well as the one it was allocated on.
+// as well as the one it was allocated on. Errors as for tidepool_free.
 tidepool_status tidepool_record_stream(void* ptr, void* stream);
 
 // Returns every whole free segment of `device`, in every pool that lets its free memory be
@@ -162,8 +168,11 @@ tidepool_status tidepool_begin_allocate_to_pool(int device, tidepool_pool_id poo
 tidepool_status tidepool_end_allocate_to_pool(int device, tidepool_pool_id pool);
 
 // Drops one reference to `pool`. NOT_FOUND for a pool the device never had; FAILED_PRECONDITION
-// for a pool with no references left, or for the last reference while routing entries still
-// send allocations to it; INVALID_ARGUMENT for the default pool.
+// for a pool with no references left (a double release, or references that thread exit dropped:
+// the message says which), or for a release that would leave the pool fewer references than
+// routing entries still sending allocations to it (every begin takes one reference and makes
+// one entry: end the entries first; docs/pools.md rule 9); INVALID_ARGUMENT for the default
+// pool.
 tidepool_status tidepool_release_pool(int device, tidepool_pool_id pool);
 
 // Creates `pool` on `device` with its segments from user callbacks, and takes one reference to
@@ -175,7 +184,11 @@ tidepool_status tidepool_release_pool(int device, tidepool_pool_id pool);
 //     aligned, or NULL when it has none;
 //   * free_segment(ptr, size, device, context) takes back a segment, with its size, once no
 //     queued work uses it.
-// `context` is passed to both and never read. The id must be new on the device:
+// `context` is passed to both and never read. tidepool runs the callbacks under its device lock,
+// so they must not call tidepool: a call from inside one (other than tidepool_last_error,
+// tidepool_status_name and tidepool_api_version) returns FAILED_PRECONDITION and changes
+// nothing, and a callback that waits for another thread calling tidepool deadlocks. The id must
+// be new on the device:
 // FAILED_PRECONDITION if the device has had a pool with this id; INVALID_ARGUMENT for the
 // default pool or a NULL callback.
 tidepool_status tidepool_create_callback_pool(

@@ -142,7 +142,7 @@ TEST_CASE("a zero-byte request is INVALID_ARGUMENT") {
   f.CheckStillWorks();
 }
 
-TEST_CASE("a size that overflows when rounded is INVALID_ARGUMENT") {
+TEST_CASE("a size that overflows when rounded is RESOURCE_EXHAUSTED, like any size no device has") {
   const bool expandable = GENERATE(true, false);
   // Rounding up to 512 bytes overflows for every size above SIZE_MAX - 511.
   const size_t size = GENERATE(SIZE_MAX, SIZE_MAX - 100, SIZE_MAX - 510);
@@ -151,7 +151,7 @@ TEST_CASE("a size that overflows when rounded is INVALID_ARGUMENT") {
   const Observed before = f.Observe();
   absl::StatusOr<void*> huge = f.allocator().Allocate(size, f.stream());
   REQUIRE_FALSE(huge.ok());
-  CHECK(absl::IsInvalidArgument(huge.status()));
+  CHECK(absl::IsResourceExhausted(huge.status()));
   f.CheckUnchanged(before);
   f.CheckStillWorks();
 }
@@ -185,8 +185,8 @@ class HostMemoryCap {
 };
 
 TEST_CASE("a size no device can hold is refused and leaves the allocator usable") {
-  // These do not overflow when rounded, so RESOURCE_EXHAUSTED is as right as INVALID_ARGUMENT;
-  // what matters is that the refusal leaves no reservation, mapping or broken state behind.
+  // One code for every size too large, whether or not it overflows when rounded
+  // (size_policy.h); and the refusal leaves no reservation, mapping or broken state behind.
   const bool expandable = GENERATE(true, false);
   const size_t size =
       GENERATE(size_t{1} << 40, size_t{1} << 50, size_t{1} << 56, (size_t{1} << 56) + 1,
@@ -207,7 +207,7 @@ TEST_CASE("a size no device can hold is refused and leaves the allocator usable"
     }();
     REQUIRE_FALSE(huge.ok());
     INFO(huge.status().ToString());
-    CHECK((absl::IsInvalidArgument(huge.status()) || absl::IsResourceExhausted(huge.status())));
+    CHECK(absl::IsResourceExhausted(huge.status()));
   }
   const AllocatorStats stats = f.allocator().GetStats();
   CHECK(stats.reserved_bytes.current == static_cast<int64_t>(f.device().used_bytes()));

@@ -66,7 +66,7 @@ TEST_CASE("every misuse returns its code and a message, and changes nothing") {
       {"tidepool_malloc", [&] { return tidepool_malloc(&out, 0, 0, nullptr); },
        TIDEPOOL_INVALID_ARGUMENT, "0 bytes"},
       {"tidepool_malloc", [&] { return tidepool_malloc(&out, SIZE_MAX, 0, nullptr); },
-       TIDEPOOL_INVALID_ARGUMENT, "larger than any device"},
+       TIDEPOOL_OUT_OF_MEMORY, "larger than any device"},
       {"tidepool_malloc", [&] { return tidepool_malloc(&out, 1000, 2, nullptr); },
        TIDEPOOL_NOT_FOUND, "device 2 is not a device tidepool knows"},
       {"tidepool_malloc", [&] { return tidepool_malloc(&out, 1000, -1, nullptr); },

@@ -17,6 +17,11 @@ TEST_CASE("init_simulated refuses bad arguments and configuration, then starts o
   TIDEPOOL_REQUIRE_STATUS(TIDEPOOL_INVALID_ARGUMENT, tidepool_init_simulated(0, 1 << 30));
   TIDEPOOL_REQUIRE_STATUS(TIDEPOOL_INVALID_ARGUMENT, tidepool_init_simulated(65, 1 << 30));
   TIDEPOOL_REQUIRE_STATUS(TIDEPOOL_INVALID_ARGUMENT, tidepool_init_simulated(1, 0));
+  // A device no host could describe is refused, not turned into host memory at the first malloc.
+  TIDEPOOL_REQUIRE_STATUS(TIDEPOOL_INVALID_ARGUMENT,
+                          tidepool_init_simulated(1, size_t{1} << 56));
+  TIDEPOOL_REQUIRE_STATUS(TIDEPOOL_INVALID_ARGUMENT,
+                          tidepool_init_simulated(1, (size_t{1} << 40) + 1));
 
   REQUIRE(setenv("TIDEPOOL_CONF", "expandable_segments:true,no_such_key:1", 1) == 0);
   TIDEPOOL_REQUIRE_STATUS(TIDEPOOL_INVALID_ARGUMENT, tidepool_init_simulated(1, 1 << 30));
