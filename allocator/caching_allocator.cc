@@ -435,6 +435,11 @@ int64_t CachingAllocatorImpl::LiveBlocks(Arena* arena) {
   return LiveBlocksLocked(*arena);
 }
 
+int64_t CachingAllocatorImpl::walked_arenas() {
+  MutexLock growth(&growth_mu_);
+  return static_cast<int64_t>(live_arenas_.size() + gone_holding_.size());
+}
+
 int64_t CachingAllocatorImpl::LiveBlocksLocked(Arena& arena) {
   int64_t live = 0;
   for (Shard* shard : arena.Shards()) {
@@ -975,6 +980,7 @@ bool CachingAllocator::IsActive(const Arena* arena) const {
 bool CachingAllocator::IsGone(const Arena* arena) const {
   return arena->state.load(std::memory_order_acquire) == Arena::kGone;
 }
+int64_t CachingAllocator::walked_arenas() const { return impl_->walked_arenas(); }
 AllocatorStats CachingAllocator::GetStats() const { return impl_->GetStats(nullptr); }
 AllocatorStats CachingAllocator::GetStats(const Arena* arena) const {
   return impl_->GetStats(const_cast<Arena*>(arena));

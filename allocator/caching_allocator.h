@@ -127,6 +127,11 @@ class CachingAllocator {
   bool IsActive(const Arena* arena) const;
   bool IsGone(const Arena* arena) const;
 
+  // How many arenas growth, release, out-of-memory recovery and capture marks visit: the active
+  // and retired ones, and gone ones that still hold address ranges. Gone arenas that hold
+  // nothing are never visited again, so that cost follows the pools in use.
+  int64_t walked_arenas() const;
+
   // All arenas together, or one.
   AllocatorStats GetStats() const;
   AllocatorStats GetStats(const Arena* arena) const;

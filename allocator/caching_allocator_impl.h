@@ -93,6 +93,7 @@ class CachingAllocatorImpl {
   absl::StatusOr<bool> RetireArena(Arena* arena);
   absl::Status ReviveArena(Arena* arena);
   int64_t LiveBlocks(Arena* arena);
+  int64_t walked_arenas();
 
   AllocatorStats GetStats(Arena* arena);  // nullptr: every arena
   std::string SnapshotJson(Arena* arena);  // nullptr: every arena

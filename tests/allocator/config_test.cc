@@ -131,6 +131,10 @@ TEST_CASE("a bad size is an error that names its key") {
     RequireErrorNaming(std::string("max_split_size_mb:") + value, "max_split_size_mb");
     RequireErrorNaming(std::string("expandable_reserve_mb:") + value, "expandable_reserve_mb");
   }
+  // A reserve the host could not keep tables for is refused (1 TiB is the most).
+  CHECK(Config::Parse("expandable_reserve_mb:1048576").ok());
+  RequireErrorNaming("expandable_reserve_mb:1048577", "expandable_reserve_mb");
+  RequireErrorNaming("expandable_reserve_mb:1099511627776", "expandable_reserve_mb");
   // So large that the byte count would not fit: refused, not wrapped around.
   absl::StatusOr<Config> huge = Config::Parse("max_split_size_mb:18446744073709551615");
   REQUIRE_FALSE(huge.ok());

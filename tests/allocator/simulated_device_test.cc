@@ -45,6 +45,48 @@ bool EventDone(SimulatedDevice& device, Event event) {
   return *done;
 }
 
+TEST_CASE("addresses stay inside the device's own space: fresh first, then reused lowest first") {
+  constexpr size_t kSpace = 16 * kMiB;
+  SimulatedDevice::Options first_options = SmallDeviceOptions(64 * kMiB);
+  first_options.base_address = uintptr_t{1} << 40;
+  first_options.address_space = kSpace;
+  SimulatedDevice::Options second_options = first_options;
+  second_options.ordinal = 1;
+  second_options.base_address = first_options.base_address + kSpace;
+  SimulatedDevice first(first_options);
+  SimulatedDevice second(second_options);
+  const uintptr_t base = first_options.base_address;
+
+  // Fresh addresses, in order, until the space is walked through.
+  std::vector<uintptr_t> held;
+  for (int i = 0; i < 8; ++i) {
+    absl::StatusOr<uintptr_t> range = first.ReserveAddressRange(2 * kMiB);
+    REQUIRE(range.ok());
+    CHECK(*range == base + i * 2 * kMiB);
+    held.push_back(*range);
+  }
+  // Full: RESOURCE_EXHAUSTED, never an address of the next device.
+  absl::StatusOr<uintptr_t> none = first.AllocateSegment(kMiB);
+  REQUIRE_FALSE(none.ok());
+  CHECK(absl::IsResourceExhausted(none.status()));
+  CHECK(first.used_bytes() == 0);  // the refused segment took no memory either
+  // Freed addresses come back, lowest gap first, whether ranges or segments held them.
+  REQUIRE(first.ReleaseAddressRange(held[5], 2 * kMiB).ok());
+  REQUIRE(first.ReleaseAddressRange(held[2], 2 * kMiB).ok());
+  REQUIRE(first.ReleaseAddressRange(held[3], 2 * kMiB).ok());
+  absl::StatusOr<uintptr_t> segment = first.AllocateSegment(3 * kMiB);  // 4 MiB of addresses
+  REQUIRE(segment.ok());
+  CHECK(*segment == held[2]);
+  absl::StatusOr<uintptr_t> range = first.ReserveAddressRange(2 * kMiB);
+  REQUIRE(range.ok());
+  CHECK(*range == held[5]);
+  CHECK_FALSE(first.ReserveAddressRange(2 * kMiB).ok());
+  // The other device's addresses are its own.
+  absl::StatusOr<uintptr_t> other = second.AllocateSegment(kMiB);
+  REQUIRE(other.ok());
+  CHECK(*other == second_options.base_address);
+}
+
 TEST_CASE("the logical clock of a stream advances only when told") {
   SimulatedDevice device;
   Stream stream = NewStream(device);

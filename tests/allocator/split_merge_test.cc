@@ -280,6 +280,26 @@ TEST_CASE("blocks above max_split_size are never split") {
   h.RequireClean();
 }
 
+// The bug: with max_split_size at or below 2 MiB and plain segments, every small request got a
+// whole 2 MiB segment (a small segment is at the limit, so it was never split): 32 mallocs of
+// 512 B ran a 64 MiB device out of memory. Small segments are split whatever the limit, and a
+// large request never gets a segment bigger than it needs that it may not split.
+TEST_CASE("a max_split_size of 1 or 2 MiB still packs small requests into one segment") {
+  const size_t max_split_mb = GENERATE(1, 2);
+  INFO("max_split_size_mb=" << max_split_mb);
+  Config config = ModeConfig(/*expandable=*/false);
+  config.max_split_size = max_split_mb * kMiB;
+  Harness h(config, 64 * kMiB);
+  std::vector<void*> live;
+  for (int i = 0; i < 1000; ++i) live.push_back(h.Allocate(512));
+  CHECK(h.device->used_bytes() == 2 * kMiB);
+  // Large requests: each exactly its own size rounded to 2 MiB, not a 20 MiB segment.
+  for (int i = 0; i < 10; ++i) live.push_back(h.Allocate(3 * kMiB));
+  CHECK(h.device->used_bytes() == 2 * kMiB + 10 * 4 * kMiB);
+  for (void* ptr : live) h.Free(ptr);
+  h.RequireClean();
+}
+
 TEST_CASE("requests below max_split_size are served even when growth yields an oversize block") {
   // A fresh plain segment for a 1-10 MiB request is 20 MiB, and an expandable segment grows in
   // 2 MiB chunks: either can make the new free block reach max_split_size, which must not make

@@ -25,6 +25,11 @@
 //   * a pool scope entered inside a capture (sglang's symmetric buffer) takes that thread's
 //     allocations to its pool and gives the capture's routing back after, with balanced
 //     references, and the graph writes the scope's buffer on every replay;
+//   * sglang's own order, which pauses a capture without a scope (ends the capture's route by hand,
+//     routes to its pool and back, resumes with a begin): the capture still ends with a graph
+//     that replays correctly, and references balance;
+//   * a side stream destroyed during a capture after a deferred free's use on it is never touched
+//     again (the deferred free waits for the device instead);
 //   * a capture that must take new device memory (a 256 MiB block and more) still ends and
 //     replays correctly.
 // Each case runs with expandable segments on and off.
@@ -49,6 +54,7 @@
 #include "graph/capture.h"
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
+#include "pool/route.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace tidepool {
@@ -937,6 +943,131 @@ TEST_CASE("a pool scope inside a capture redirects this thread only, and restore
   TIDEPOOL_REQUIRE_OK(allocator->Free(in));
   TIDEPOOL_REQUIRE_OK(allocator->Free(out));
   TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
+}
+
+TEST_CASE("sglang's own order inside a capture: the capture's route ended by hand, another pool "
+          "used, the route resumed by a begin; the capture ends with a graph that replays",
+          "[gpu]") {
+  std::unique_ptr<CudaDevice> device = RequireDevice();
+  const bool expandable = GENERATE(false, true);
+  INFO("expandable_segments=" << expandable);
+  std::unique_ptr<CachingAllocator> allocator = RequireAllocator(*device, expandable);
+  PoolManager pools(allocator.get());
+  Stream stream = RequireStream(*device);
+  const PoolId symmetric = NewUserPoolId();
+  TIDEPOOL_REQUIRE_OK(pools.Create(symmetric, PoolOptions{}));
+
+  constexpr size_t kWords = size_t{1} << 16;
+  constexpr size_t kBytes = kWords * sizeof(uint32_t);
+  void* in = RequireAllocate(pools, kBytes, stream);
+  void* out = RequireAllocate(pools, kBytes, stream);
+  TIDEPOOL_REQUIRE_OK(device->SynchronizeStream(stream));
+
+  void* buffer = nullptr;
+  Graph graph;
+  PoolId graph_pool;
+  {
+    Capture capture = RequireBegin(pools, stream);
+    graph_pool = capture.pool();
+    void* first = RequireAllocate(pools, kBytes, stream);
+    CHECK(RequirePoolOf(pools, first) == graph_pool);
+    CopyAsync(*device, first, in, kBytes, stream);
+    // SymmetricMemoryContext.__enter__ under a capture: end the graph pool's route by hand, begin
+    // its own pool for this thread (the C API's end / begin_allocate_current_thread_to_pool).
+    TIDEPOOL_REQUIRE_OK(pools.End(graph_pool));
+    TIDEPOOL_REQUIRE_OK(pools.Begin(symmetric, RouteFilter::CurrentThread()));
+    buffer = RequireAllocate(pools, kBytes, stream);
+    CHECK(RequirePoolOf(pools, buffer) == symmetric);
+    CopyAsync(*device, buffer, first, kBytes, stream);
+    // __exit__: end and release its own pool, begin the graph pool again for this thread.
+    TIDEPOOL_REQUIRE_OK(pools.End(symmetric));
+    TIDEPOOL_REQUIRE_OK(pools.Release(symmetric));
+    TIDEPOOL_REQUIRE_OK(pools.Begin(graph_pool, RouteFilter::CurrentThread()));
+    void* second = RequireAllocate(pools, kBytes, stream);
+    CHECK(RequirePoolOf(pools, second) == graph_pool);
+    CopyAsync(*device, second, buffer, kBytes, stream);
+    CopyAsync(*device, out, second, kBytes, stream);
+    TIDEPOOL_REQUIRE_OK(allocator->Free(first));
+    TIDEPOOL_REQUIRE_OK(allocator->Free(second));
+    graph = RequireEnd(capture);
+  }
+  // The resumed route was the capture's: gone with its reference; the graph holds the last one.
+  const PoolInfo graph_info = RequireInfo(pools, graph_pool);
+  CHECK(graph_info.routes == 0);
+  CHECK(graph_info.references == 1);
+  CHECK(RequireRouteOf(pools, stream) == kDefaultPool);
+  const PoolInfo symmetric_info = RequireInfo(pools, symmetric);
+  CHECK(symmetric_info.references == 1);
+  CHECK(symmetric_info.routes == 0);
+  CHECK(symmetric_info.live_blocks == 1);
+
+  for (int round = 0; round < 20; ++round) {
+    INFO("replay " << round);
+    const std::vector<uint32_t> input = InputWords(kWords, round);
+    Upload(*device, in, input);
+    FillPattern(*device, Address(out), kBytes, kPoison, stream);
+    FillPattern(*device, Address(buffer), kBytes, kPoison, stream);
+    TIDEPOOL_REQUIRE_OK(graph.Launch(stream));
+    REQUIRE(Compare(Download(*device, out, kWords, stream), input).words == 0);
+    REQUIRE(Compare(Download(*device, buffer, kWords, stream), input).words == 0);
+  }
+
+  TIDEPOOL_REQUIRE_OK(device->SynchronizeStream(stream));
+  TIDEPOOL_REQUIRE_OK(graph.Reset());
+  CHECK(RequireInfo(pools, graph_pool).gone);
+  TIDEPOOL_REQUIRE_OK(allocator->Free(buffer));
+  TIDEPOOL_REQUIRE_OK(pools.Release(symmetric));
+  CHECK(RequireInfo(pools, symmetric).gone);
+  TIDEPOOL_REQUIRE_OK(allocator->Free(in));
+  TIDEPOOL_REQUIRE_OK(allocator->Free(out));
+  TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
+  TIDEPOOL_REQUIRE_OK(device->DestroyStream(stream));
+}
+
+TEST_CASE("a side stream destroyed while a capture runs, after a deferred free's use on it, is "
+          "never touched again", "[gpu]") {
+  std::unique_ptr<CudaDevice> device = RequireDevice();
+  const bool expandable = GENERATE(false, true);
+  INFO("expandable_segments=" << expandable);
+  std::unique_ptr<CachingAllocator> allocator = RequireAllocator(*device, expandable);
+  PoolManager pools(allocator.get());
+  Stream stream = RequireStream(*device);
+  Stream side = RequireStream(*device);
+  constexpr size_t kWords = size_t{1} << 20;
+  constexpr size_t kBytes = kWords * sizeof(uint32_t);
+  // A block of the default pool used on `side` (real work, queued before the capture), freed
+  // while a capture runs on `stream`: deferred. `side` is destroyed before the capture ends.
+  void* shared = RequireAllocate(pools, kBytes, stream);
+  TIDEPOOL_REQUIRE_OK(allocator->RecordStream(shared, side));
+  for (int i = 0; i < 16; ++i) FillPattern(*device, Address(shared), kBytes, 0x5a5a5a5a, side);
+  void* out = RequireAllocate(pools, kBytes, stream);
+  Graph graph;
+  {
+    Capture capture = RequireBegin(pools, stream, CaptureOptions{kDefaultPool, CaptureMode::kRelaxed});
+    void* temporary = RequireAllocate(pools, kBytes, stream);
+    FillPattern(*device, Address(temporary), kBytes, 0x01020304, stream);
+    CopyAsync(*device, out, temporary, kBytes, stream);
+    TIDEPOOL_REQUIRE_OK(allocator->Free(temporary));
+    TIDEPOOL_REQUIRE_OK(allocator->Free(shared));
+    TIDEPOOL_REQUIRE_OK(device->DestroyStream(side));  // its work may still be running
+    graph = RequireEnd(capture);                          // must not touch `side`
+  }
+  // The deferred block was waited for (a device synchronization), never through `side`.
+  CHECK(allocator->SnapshotJson().find("awaiting_events") == std::string::npos);
+  void* again = RequireAllocate(pools, kBytes, stream);
+  CHECK(again == shared);
+  for (int round = 0; round < 10; ++round) {
+    FillPattern(*device, Address(out), kBytes, kPoison, stream);
+    TIDEPOOL_REQUIRE_OK(graph.Launch(stream));
+    const std::vector<uint32_t> got = Download(*device, out, kWords, stream);
+    REQUIRE(Compare(got, std::vector<uint32_t>(kWords, 0x01020304)).words == 0);
+  }
+  TIDEPOOL_REQUIRE_OK(device->SynchronizeStream(stream));
+  TIDEPOOL_REQUIRE_OK(graph.Reset());
+  TIDEPOOL_REQUIRE_OK(allocator->Free(again));
+  TIDEPOOL_REQUIRE_OK(allocator->Free(out));
+  TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
+  TIDEPOOL_REQUIRE_OK(device->DestroyStream(stream));
 }
 
 TEST_CASE("a capture that takes new device memory for large blocks ends and replays correctly",

@@ -31,6 +31,7 @@ namespace {
 
 constexpr size_t kKiB = size_t{1} << 10;
 constexpr size_t kMiB = size_t{1} << 20;
+constexpr size_t kGiB = size_t{1} << 30;
 
 using testing::PoolHarness;
 
@@ -129,6 +130,69 @@ TEST_CASE("a routed allocation's error blames the pool only when the pool was re
   } else {
     h.Free(*during);
   }
+}
+
+// The bug: gone arenas were never dropped, so growth, empty_cache and out-of-memory recovery
+// walked every pool ever made (a program that captures often makes one per graph): with 20,000
+// dead pools an empty_cache with nothing to free took 5 ms. Now only arenas in use, and gone ones
+// still holding address ranges, are walked, and the first EmptyCache takes those off.
+TEST_CASE("walks over arenas visit pools in use, not every pool there ever was") {
+  for (bool expandable : {true, false}) {
+    CAPTURE(expandable);
+    PoolHarness h(expandable);
+    Stream stream = h.NewStream();
+    constexpr int kPools = 20000;
+    for (int i = 0; i < kPools; ++i) {
+      const PoolId pool = i % 2 == 0 ? NewUserPoolId() : NewGraphPoolId();
+      PoolScope scope(h.manager.get(), pool);
+      h.Free(h.Allocate(i % 3 == 0 ? 3 * kMiB : 4096, stream));
+    }
+    // Gone: nothing but address ranges are left of them, and only in expandable arenas.
+    CHECK(h.allocator->walked_arenas() <= 1 + kPools);
+    REQUIRE(h.allocator->EmptyCache().ok());
+    CHECK(h.allocator->walked_arenas() == 1);
+    CHECK(h.device->used_bytes() == 0);
+    // A pool in use is walked; once it is gone and empty, it is not.
+    const PoolId live = NewUserPoolId();
+    h.Begin(live, RouteFilter::CurrentThread());
+    void* block = h.Allocate(kMiB, stream);
+    CHECK(h.allocator->walked_arenas() == 2);
+    h.End(live);
+    h.Release(live);
+    CHECK(h.allocator->walked_arenas() == 2);  // retired, its block still live
+    h.Free(block);
+    REQUIRE(h.allocator->EmptyCache().ok());
+    CHECK(h.allocator->walked_arenas() == 1);
+    // Begun again, it is walked again; out-of-memory recovery still finds every byte.
+    h.Begin(live, RouteFilter::CurrentThread());
+    CHECK(h.allocator->walked_arenas() == 2);
+    absl::StatusOr<void*> most = h.manager->Allocate(kGiB - 64 * kMiB, stream);
+    REQUIRE(most.ok());
+    h.End(live);
+    h.Release(live);
+    h.Free(*most);
+    absl::StatusOr<void*> whole = h.allocator->Allocate(kGiB - 64 * kMiB, stream);
+    REQUIRE(whole.ok());
+    h.Free(*whole);
+  }
+}
+
+// The bug: a release refused because thread exit had already dropped the reference (rule 10)
+// said "(a double release)".
+TEST_CASE("a release refused after thread exit dropped the references says so") {
+  PoolHarness h;
+  const PoolId pool = NewUserPoolId();
+  std::thread worker([&] { h.manager->Begin(pool, RouteFilter::CurrentThread()).IgnoreError(); });
+  worker.join();
+  absl::Status refused = h.manager->Release(pool);
+  CHECK(absl::IsFailedPrecondition(refused));
+  CHECK(absl::StrContains(refused.message(), "dropped when threads exited"));
+  CHECK_FALSE(absl::StrContains(refused.message(), "double release"));
+  const PoolId other = NewUserPoolId();
+  h.Begin(other, RouteFilter::CurrentThread());
+  h.End(other);
+  h.Release(other);
+  CHECK(absl::StrContains(h.manager->Release(other).message(), "a double release"));
 }
 
 }  // namespace
