@@ -278,8 +278,9 @@ absl::Status CachingAllocatorImpl::Free(void* ptr) {
 void CachingAllocatorImpl::NoteCaptureBegin() {
   MutexLock growth(&growth_mu_);
   // The last chance to harvest before the capture: a capturing stream has shards of its own
-  // (StreamIdOf), which no allocation outside a capture visits, so blocks deferred by an earlier
-  // capture become reusable for this one here, once their events have completed.
+  // (StreamIdOf), which no allocation outside a capture visits, so blocks of those shards that
+  // wait for events (freed after a capture, with uses recorded since) become reusable for this
+  // capture here, once their events have completed.
   if (captures_underway_.load() == 0) {
     for (Arena* arena : live_arenas_) {  // a gone arena has no blocks
       for (Shard* shard : arena->Shards()) {
