@@ -13,7 +13,8 @@
 //     reusable only once all those events have completed. Completed events are harvested without
 //     blocking.
 //   * Memory is returned to the device (`EmptyCache`, out-of-memory recovery, trimming) only after
-//     the streams that may still use it have been synchronized.
+//     the work that may still use it is done: a device synchronization that began after its
+//     free (one serves every block freed before it; the freeing stream may be gone by then).
 //   * `Free` takes no stream: a block is always freed on the stream it was allocated on.
 //
 // DURING CUDA GRAPH CAPTURE (between NoteCaptureBegin and NoteCaptureEnd; graph/ calls them):

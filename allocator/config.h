@@ -19,10 +19,12 @@ struct Config {
   bool expandable_segments = true;
   // Blocks larger than this are never split for a smaller request (bytes; SIZE_MAX = no limit).
   size_t max_split_size = SIZE_MAX;
-  // Address space reserved for each expandable segment (bytes; 0 = the device's total memory).
+  // Address space reserved for each expandable segment (bytes; 0 = the device's total memory, at
+  // most kMaxExpandableReserve).
   size_t expandable_reserve = 0;
-  // When growing an expandable segment, first unmap whole free chunks elsewhere in the same
-  // shard (after synchronizing its stream), so that reserved memory tracks live memory.
+  // When growing an expandable segment, first unmap whole free chunks anywhere in the allocator
+  // (after a device synchronization, unless one has started since they were freed) and map them
+  // where they are needed, so that reserved memory tracks live memory.
   bool release_free_chunks_on_growth = true;
 
   // Parses "key:value,..." ("" gives the defaults).

@@ -119,7 +119,6 @@ absl::Status ResolveRest(GetProcAddressFn get_proc_address, CudaDriver* driver) 
   TIDEPOOL_RESOLVE(cuEventRecord, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuEventQuery, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuEventSynchronize, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuEventElapsedTime, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuStreamCreate, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuStreamDestroy, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuStreamSynchronize, CUDA_VERSION);

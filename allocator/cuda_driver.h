@@ -90,7 +90,6 @@ class CudaDriver {
   decltype(&::cuEventRecord) cuEventRecord = nullptr;
   decltype(&::cuEventQuery) cuEventQuery = nullptr;
   decltype(&::cuEventSynchronize) cuEventSynchronize = nullptr;
-  decltype(&::cuEventElapsedTime) cuEventElapsedTime = nullptr;
   // Streams and capture.
   decltype(&::cuStreamCreate) cuStreamCreate = nullptr;
   decltype(&::cuStreamDestroy) cuStreamDestroy = nullptr;

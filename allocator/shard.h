@@ -109,9 +109,6 @@ class alignas(64) Shard {
   const BlockIndex& unmapped(bool small) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     return unmapped_[small];
   }
-  const BlockIndex& free_blocks(bool small) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    return free_[small];
-  }
 
   // requested / allocated / active_blocks of this shard.
   const AllocatorStats& stats() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return stats_; }

@@ -83,7 +83,6 @@ class Graph {
 
   bool valid() const { return manager_ != nullptr; }
   PoolId pool() const { return pool_; }
-  GraphExecHandle exec() const { return exec_; }
 
  private:
   friend class Capture;

@@ -2,6 +2,7 @@
 // every later call reads it without the lock. See global_runtime.h.
 #include "integrations/c_api/global_runtime.h"
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <utility>
@@ -18,14 +19,23 @@ namespace tidepool {
 namespace c_api {
 namespace {
 
-// Where simulated device 0's addresses start, and the size of each device's address space.
+// Where simulated device 0's addresses start, and the distance between two devices' spaces.
 // The start is above every host address (x86-64 user space ends at 2^47 with 4-level page
 // tables), so host memory that a callback pool hands in never lands inside a simulated range.
-// Each device hands out addresses from its own 2^48 bytes only (reusing freed ones once it has
-// walked through them), so two devices never hand out the same address; 64 devices end below
-// 2^55, inside the allocator's 57-bit page map.
+// Each device hands out addresses from its own space only (reusing freed ones once it has walked
+// through it), so two devices never hand out the same address; 64 devices end below 2^55,
+// inside the allocator's 57-bit page map.
 constexpr uintptr_t kFirstSimulatedAddress = uintptr_t{1} << 52;
 constexpr uintptr_t kSimulatedAddressRange = uintptr_t{1} << 48;
+
+// A device's own space: 64 times its memory (room for many streams' expandable segments, each
+// reserving as much as the device has), from 1 TiB up to the distance between devices. Not more:
+// the page map keeps host memory for every stretch of addresses ever handed out.
+size_t SimulatedAddressSpace(size_t bytes_per_device) {
+  const size_t wanted = bytes_per_device <= kSimulatedAddressRange / 64 ? 64 * bytes_per_device
+                                                                         : kSimulatedAddressRange;
+  return std::max(wanted, size_t{1} << 40);
+}
 // The largest simulated device: the host keeps tables in proportion to a device's size (its
 // expandable segments reserve that much address space), so a size no GPU has is refused rather
 // than turned into gigabytes of host memory.
@@ -101,7 +111,7 @@ absl::Status InitSimulated(int device_count, size_t bytes_per_device) {
     options.ordinal = ordinal;
     options.capacity = bytes_per_device;
     options.base_address = kFirstSimulatedAddress + ordinal * kSimulatedAddressRange;
-    options.address_space = kSimulatedAddressRange;
+    options.address_space = SimulatedAddressSpace(bytes_per_device);
     devices.push_back(std::make_unique<SimulatedDevice>(options));
     ordered.push_back(devices.back().get());
   }

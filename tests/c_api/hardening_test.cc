@@ -113,10 +113,14 @@ TEST_CASE("a device that grows and empties its cache for ever never reaches anot
   // A block of device 1, live throughout, somewhere near the start of device 1's addresses.
   void* on_one = Malloc(2 * kMiB, 1);
   // Each round on device 0 reserves a fresh range as large as the device (2 MiB is a large
-  // request) and gives it back; a device's addresses span 2^48 bytes, so this walks through all
-  // of device 0's addresses and 64 GiB further, over where device 1's begin.
-  const size_t rounds = (size_t{1} << 48) / c_api_test::kBytesPerDevice + 64;
-  for (size_t round = 0; round < rounds; ++round) {
+  // request) and gives it back, walking through device 0's addresses. Once they are used up it
+  // must come back to its own lowest free ones (the address goes down), never walk on into
+  // device 1's. The distance between two devices' spaces is 2^48 bytes: the bound lets a walk
+  // that never turns back go past device 1's first addresses.
+  const size_t max_rounds = (size_t{1} << 48) / c_api_test::kBytesPerDevice + 64;
+  uintptr_t previous = 0;
+  size_t rounds_after_turning = 0;
+  for (size_t round = 0; round < max_rounds && rounds_after_turning < 64; ++round) {
     void* on_zero = nullptr;
     const tidepool_status status = tidepool_malloc(&on_zero, 2 * kMiB, 0, nullptr);
     int device = -1;
@@ -131,9 +135,13 @@ TEST_CASE("a device that grows and empties its cache for ever never reaches anot
       REQUIRE(of == TIDEPOOL_OK);
       REQUIRE(device == 1);
     }
+    const uintptr_t address = reinterpret_cast<uintptr_t>(on_zero);
+    if (rounds_after_turning > 0 || address < previous) ++rounds_after_turning;
+    previous = address;
     REQUIRE(tidepool_free(on_zero) == TIDEPOOL_OK);
     REQUIRE(tidepool_empty_cache(0) == TIDEPOOL_OK);
   }
+  CHECK(rounds_after_turning == 64);  // it did come back to its own addresses
   TIDEPOOL_REQUIRE_OK(tidepool_free(on_one));
 }
 
