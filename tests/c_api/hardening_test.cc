@@ -325,15 +325,21 @@ TEST_CASE("a pool released while another thread allocates into it hands out noth
 
 // --- sglang's call order inside a capture -----------------------------------------------------
 
+// A capture of `stream` on device 0 into a new private pool, whose id goes to *pool.
+tidepool_capture* BeginPrivateCapture(Stream stream, tidepool_pool_id* pool) {
+  tidepool_capture* capture = nullptr;
+  TIDEPOOL_REQUIRE_OK(
+      tidepool_capture_begin(0, stream, nullptr, TIDEPOOL_CAPTURE_MODE_GLOBAL, &capture));
+  TIDEPOOL_REQUIRE_OK(tidepool_capture_pool(capture, pool));
+  return capture;
+}
+
 TEST_CASE("sglang's order: end a capture's route by hand, use another pool, resume; the capture "
           "still ends with its graph") {
   StartSimulatedRuntime();
   const Stream stream = NewStream(0);
-  tidepool_capture* capture = nullptr;
-  TIDEPOOL_REQUIRE_OK(
-      tidepool_capture_begin(0, stream, nullptr, TIDEPOOL_CAPTURE_MODE_GLOBAL, &capture));
   tidepool_pool_id graph_pool{};
-  TIDEPOOL_REQUIRE_OK(tidepool_capture_pool(capture, &graph_pool));
+  tidepool_capture* capture = BeginPrivateCapture(stream, &graph_pool);
   void* before_pause = Malloc(kMiB, 0, stream);
   CHECK(SamePool(PoolOf(before_pause), graph_pool));
 
@@ -375,11 +381,8 @@ TEST_CASE("sglang's order: end a capture's route by hand, use another pool, resu
 TEST_CASE("a capture whose route someone else ended, and nobody resumed, still ends") {
   StartSimulatedRuntime();
   const Stream stream = NewStream(0);
-  tidepool_capture* capture = nullptr;
-  TIDEPOOL_REQUIRE_OK(
-      tidepool_capture_begin(0, stream, nullptr, TIDEPOOL_CAPTURE_MODE_GLOBAL, &capture));
   tidepool_pool_id graph_pool{};
-  TIDEPOOL_REQUIRE_OK(tidepool_capture_pool(capture, &graph_pool));
+  tidepool_capture* capture = BeginPrivateCapture(stream, &graph_pool);
   tidepool_status ended = TIDEPOOL_INTERNAL;
   std::thread other([&] {
     // Another thread, with no route of its own, ends the pool's newest route: the capture's.
