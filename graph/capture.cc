@@ -50,6 +50,14 @@ absl::StatusOr<Capture> Capture::Begin(PoolManager* pools, Stream stream,
     return absl::FailedPreconditionError(absl::StrFormat(
         "tidepool: cannot begin a capture on stream %p, which is capturing already", stream));
   }
+  // A shared pool that is unknown or released is refused before the mark too (and checked again
+  // as the route is made: its last holder may go meanwhile).
+  if (shared) {
+    if (absl::Status held = pools->CheckHeld(pool); !held.ok()) {
+      return WithContext(held, absl::StrFormat("tidepool: cannot share pool %s in a capture",
+                                               pool.ToString()));
+    }
+  }
   allocator->NoteCaptureBegin();
   absl::StatusOr<uint64_t> capture_id = device->BeginCapture(stream, options.mode);
   if (!capture_id.ok()) {

@@ -158,6 +158,18 @@ absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
 
 absl::Status PoolManager::BeginHeld(PoolId id, const RouteFilter& filter) {
   MutexLock lock(&mu_);
+  absl::StatusOr<Pool*> pool = HeldPool(id);
+  if (!pool.ok()) return pool.status();
+  AddRoute(**pool, filter);
+  return absl::OkStatus();
+}
+
+absl::Status PoolManager::CheckHeld(PoolId id) {
+  MutexLock lock(&mu_);
+  return HeldPool(id).status();
+}
+
+absl::StatusOr<PoolManager::Pool*> PoolManager::HeldPool(PoolId id) {
   absl::StatusOr<Pool*> pool = KnownPool(id, "begin");
   if (!pool.ok()) return pool.status();
   if (!id.is_default() && (*pool)->references == 0) {
@@ -166,8 +178,7 @@ absl::Status PoolManager::BeginHeld(PoolId id, const RouteFilter& filter) {
         "nothing was changed",
         id.ToString(), allocator_->device()->ordinal()));
   }
-  AddRoute(**pool, filter);
-  return absl::OkStatus();
+  return pool;
 }
 
 void PoolManager::AddRoute(Pool& pool, const RouteFilter& filter) {

@@ -85,6 +85,8 @@ class PoolManager {
   // a pool the device has never had, FAILED_PRECONDITION for one with no references left (it is
   // not revived). For sharing a graph pool, whose last holder may be going away on another thread.
   absl::Status BeginHeld(PoolId pool, const RouteFilter& filter);
+  // BeginHeld's refusals without the begin: what a capture checks before it marks the device.
+  absl::Status CheckHeld(PoolId pool);
   absl::Status End(PoolId pool);
   // Ends the newest route to `pool` whose filter is exactly `filter` (for a current-thread
   // filter, this thread's): what a capture uses, since two captures may route to one pool.
@@ -146,6 +148,8 @@ class PoolManager {
   absl::Status MakeArena(Pool& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Pool*> KnownPool(PoolId id, const char* operation)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // KnownPool for a begin, also refusing a pool that nothing holds.
+  absl::StatusOr<Pool*> HeldPool(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops one reference; retires the arena at zero.
   absl::Status DropReference(Pool& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // End of the newest route to `pool` that `filter` matches exactly (nullptr: any filter).

@@ -416,6 +416,18 @@ TEST_CASE("a capture_begin that fails harvests nothing") {
         TIDEPOOL_INVALID_ARGUMENT);
   CHECK(capture == nullptr);
   CHECK(PoolsOf(0).allocator()->SnapshotJson() == before);
+  // A shared pool the device never had, or one nothing holds, is refused before the mark too.
+  tidepool_pool_id never{};
+  TIDEPOOL_REQUIRE_OK(tidepool_new_graph_pool_id(&never));
+  CHECK(tidepool_capture_begin(0, mine, &never, TIDEPOOL_CAPTURE_MODE_GLOBAL, &capture) ==
+        TIDEPOOL_NOT_FOUND);
+  tidepool_pool_id released{};
+  TIDEPOOL_REQUIRE_OK(tidepool_graph_pool_create(0, &released));
+  TIDEPOOL_REQUIRE_OK(tidepool_release_pool(0, released));
+  CHECK(tidepool_capture_begin(0, mine, &released, TIDEPOOL_CAPTURE_MODE_GLOBAL, &capture) ==
+        TIDEPOOL_FAILED_PRECONDITION);
+  CHECK(capture == nullptr);
+  CHECK(PoolsOf(0).allocator()->SnapshotJson() == before);
   void* again = Malloc(kMiB, 0, mine);  // harvests, and reuses it
   CHECK(again == block);
   TIDEPOOL_REQUIRE_OK(tidepool_free(again));
