@@ -49,6 +49,11 @@
 //   TIDEPOOL_FUZZ_PHASES        quiescent checks in the concurrent mode (default 6)
 //   TIDEPOOL_FUZZ_DEVICES       simulated devices (default 3)
 //   TIDEPOOL_FUZZ_DEVICE_MIB    MiB per simulated device (default 256)
+//   TIDEPOOL_FUZZ_CHECK_EVERY   serial mode: compare whole states (before and after each call,
+//                               and the invariants after each step) on every Nth step only
+//                               (default 1: every step). Return codes, messages, pool_of of new
+//                               blocks and the checks on release, trim and empty_cache still run
+//                               on every step; long sanitizer runs use 64.
 //   TIDEPOOL_FUZZ_TRACE         1: print every operation as it runs
 // A failure prints the seed, the mode, the thread, the step, the operation, the operations before
 // it and the command line that runs the same again. The serial mode replays exactly from the seed;
@@ -187,6 +192,7 @@ struct FuzzOptions {
   int phases = 6;
   int devices = 3;
   size_t bytes_per_device = 256 * kMiB;
+  int64_t check_every = 1;
   bool trace = false;
 
   static FuzzOptions FromEnvironment() {
@@ -204,6 +210,8 @@ struct FuzzOptions {
         std::clamp<uint64_t>(EnvNumber("TIDEPOOL_FUZZ_DEVICES", options.devices), 1, 8));
     options.bytes_per_device =
         std::clamp<uint64_t>(EnvNumber("TIDEPOOL_FUZZ_DEVICE_MIB", 256), 16, 4096) * kMiB;
+    options.check_every = static_cast<int64_t>(
+        std::clamp<uint64_t>(EnvNumber("TIDEPOOL_FUZZ_CHECK_EVERY", 1), 1, 1 << 20));
     options.trace = EnvNumber("TIDEPOOL_FUZZ_TRACE", 0) != 0;
     return options;
   }
@@ -215,10 +223,11 @@ struct FuzzOptions {
         "--test_env=TIDEPOOL_FUZZ_STEPS=%d --test_env=TIDEPOOL_FUZZ_THREADS=%d "
         "--test_env=TIDEPOOL_FUZZ_THREAD_STEPS=%d --test_env=TIDEPOOL_FUZZ_PHASES=%d "
         "--test_env=TIDEPOOL_FUZZ_DEVICES=%d --test_env=TIDEPOOL_FUZZ_DEVICE_MIB=%u "
-        "--test_arg='%s' --test_output=all (add --test_env=TIDEPOOL_FUZZ_TRACE=1 to see every "
-        "call)",
+        "--test_env=TIDEPOOL_FUZZ_CHECK_EVERY=%d --test_arg='%s' --test_output=all (add "
+        "--test_env=TIDEPOOL_FUZZ_TRACE=1 to see every call; CHECK_EVERY=1 to find the first "
+        "step that goes wrong)",
         seed, serial_steps, threads, thread_steps, phases, devices, bytes_per_device / kMiB,
-        test_case);
+        check_every, test_case);
   }
 };
 
@@ -855,7 +864,8 @@ class SerialFuzzer {
              world.options.Reproduce("fuzz: serial*")),
         steps_(steps),
         heap_foreign_(std::malloc(64)),
-        device_stats_(world.devices) {
+        device_stats_(world.devices),
+        stats_fresh_(world.devices, false) {
     for (int device = 0; device < w_.devices; ++device) {
       pools_[KeyOf(device, kDefaultPool)] = MPool{device, kDefaultPool, 0, nullptr};
     }
@@ -867,10 +877,25 @@ class SerialFuzzer {
     CheckInvariants(/*all_pools=*/true);
     for (step_ = 1; step_ <= steps_; ++step_) {
       touched_.clear();
+      compare_states_ = step_ % w_.options.check_every == 0;
       Step();
-      CheckInvariants(/*all_pools=*/step_ % 16 == 0);
+      if (compare_states_) {
+        CheckInvariants(/*all_pools=*/(step_ / w_.options.check_every) % 16 == 0);
+      } else {
+        std::vector<Sums> by_device;
+        std::map<Key, Sums> by_pool;
+        SumLiveAndMarkGone(&by_device, &by_pool);
+        std::fill(stats_fresh_.begin(), stats_fresh_.end(), false);
+      }
     }
+    compare_states_ = true;
     Drain();
+  }
+
+  int64_t Calls() const {
+    int64_t calls = 0;
+    for (const auto& [what, count] : outcomes_) calls += count;
+    return calls;
   }
 
   std::string Summary() const {
@@ -1124,8 +1149,8 @@ class SerialFuzzer {
     if (pool.refs == 0 && CapturesOn(device) == 0) CheckHoldsOnlyLive(pool, "released");
   }
 
-  uint32_t FreedCodes(const MFreed& freed) const {
-    return device_stats_[freed.device].segments_removed == freed.epoch ? kFP : (kFP | kIA);
+  uint32_t FreedCodes(const MFreed& freed) {
+    return StatsAtStepStart(freed.device).segments_removed == freed.epoch ? kFP : (kFP | kIA);
   }
 
   // --- Memory bounds ---------------------------------------------------------------------------
@@ -1236,6 +1261,16 @@ class SerialFuzzer {
   }
   Stats PoolStats(int device, tidepool_pool_id id) { return ReadStats(device, &id); }
 
+  // The device's statistics as the last check read them; after a step that skipped the check
+  // (TIDEPOOL_FUZZ_CHECK_EVERY), read again on first use, before or after this step's own calls.
+  const Stats& StatsAtStepStart(int device) {
+    if (!stats_fresh_[device]) {
+      device_stats_[device] = ReadStats(device, nullptr);
+      stats_fresh_[device] = true;
+    }
+    return device_stats_[device];
+  }
+
   std::string RouteText(int device, void* stream) {
     absl::StatusOr<PoolId> route = w_.managers[device]->RouteOf(stream);
     return route.ok() ? route->ToString() : route.status().ToString();
@@ -1300,6 +1335,10 @@ class SerialFuzzer {
                        const std::function<tidepool_status()>& call,
                        Compare on_failure = Compare::kFull, bool unchanged_on_success = false) {
     // A call that may only succeed needs no "before": failing is wrong whatever it changed.
+    if (!compare_states_) {
+      on_failure = Compare::kNone;
+      unchanged_on_success = false;
+    }
     Fingerprint before;
     if (((allowed & kAnyError) != 0 && on_failure != Compare::kNone) || unchanged_on_success) {
       before = TakeFingerprint();
@@ -1449,7 +1488,7 @@ class SerialFuzzer {
                                       device, StreamName(stream), IdText(target),
                                       pool.callback != nullptr ? " (callbacks)" : "",
                                       may_oom ? " [may run out]" : ""));
-    const Stats before = device_stats_[device];
+    const Stats before = StatsAtStepStart(device);
     const MRoute* route = ChooseRoute(device, stream, kMainThread);
     const char* const kinds[] = {"current thread", "stream", "capture", "everyone"};
     ++outcomes_[absl::StrCat("(malloc routed by ",
@@ -1547,7 +1586,7 @@ class SerialFuzzer {
     }
     const MBlock block = RandomLive()->second;
     rep_.Begin(step_, absl::StrCat("tidepool_free(", BlockText(block), ")"));
-    const int64_t epoch = device_stats_[block.device].segments_removed;
+    const int64_t epoch = StatsAtStepStart(block.device).segments_removed;
     Call("tidepool_free", kOK,
          [&] { return tidepool_free(reinterpret_cast<void*>(block.address)); });
     RemoveBlock(block.address, epoch);
@@ -2499,7 +2538,7 @@ class SerialFuzzer {
                           end_one ? ", ends one route" : "",
                           free_at_exit ? ", frees a block from a thread_local destructor" : "",
                           may_oom ? " [may run out]" : ""));
-    const int64_t epoch = device_stats_[device].segments_removed;
+    const int64_t epoch = StatsAtStepStart(device).segments_removed;
     const int64_t routes_before = RoutesTo(device, id);
     const std::string main_error = tidepool_last_error();
 
@@ -2719,32 +2758,45 @@ class SerialFuzzer {
 
   // --- Invariants ------------------------------------------------------------------------------
 
-  void CheckInvariants(bool all_pools) {
-    for (const std::string& violation : CallbackRegistry::Get().TakeViolations()) {
-      rep_.Fail(absl::StrCat("segment callback contract: ", violation));
-    }
-    struct Sums {
-      int64_t requested = 0;
-      int64_t allocated = 0;
-      int64_t active = 0;
-    };
-    std::vector<Sums> by_device(w_.devices);
-    std::map<Key, Sums> by_pool;
-    std::vector<size_t> callback_bytes(w_.devices, 0);
+  struct Sums {
+    int64_t requested = 0;
+    int64_t allocated = 0;
+    int64_t active = 0;
+  };
+
+  // The model's sums of live blocks per device and per pool; and which pools are gone now (a pool
+  // is gone once it has no reference, no block and no capture under way on its device, and stays
+  // gone until begun again: so this runs after every step, checked or not).
+  void SumLiveAndMarkGone(std::vector<Sums>* by_device, std::map<Key, Sums>* by_pool) {
+    by_device->assign(w_.devices, Sums{});
+    by_pool->clear();
     for (const auto& [address, block] : live_) {
-      for (Sums* sums : {&by_device[block.device], &by_pool[KeyOf(block.device, block.pool)]}) {
+      for (Sums* sums :
+           {&(*by_device)[block.device], &(*by_pool)[KeyOf(block.device, block.pool)]}) {
         sums->requested += block.requested;
         sums->allocated += block.size;
         ++sums->active;
       }
     }
     for (auto& [key, pool] : pools_) {
-      if (pool.refs > 0 || by_pool[key].active > 0) {
+      auto sums = by_pool->find(key);
+      const int64_t active = sums == by_pool->end() ? 0 : sums->second.active;
+      if (pool.refs > 0 || active > 0) {
         pool.gone = false;  // begun again (a block can come only from a pool that is not gone)
-      } else if (!IsDefault(pool.id) && by_pool[key].active == 0 && CapturesOn(key.device) == 0) {
+      } else if (!IsDefault(pool.id) && CapturesOn(key.device) == 0) {
         pool.gone = true;
       }
     }
+  }
+
+  void CheckInvariants(bool all_pools) {
+    for (const std::string& violation : CallbackRegistry::Get().TakeViolations()) {
+      rep_.Fail(absl::StrCat("segment callback contract: ", violation));
+    }
+    std::vector<Sums> by_device;
+    std::map<Key, Sums> by_pool;
+    SumLiveAndMarkGone(&by_device, &by_pool);
+    std::vector<size_t> callback_bytes(w_.devices, 0);
     for (int device = 0; device < w_.devices; ++device) {
       const Stats stats = ReadStats(device, nullptr);
       const Sums& sums = by_device[device];
@@ -2854,6 +2906,7 @@ class SerialFuzzer {
         }
       }
       device_stats_[device] = stats;
+      stats_fresh_[device] = true;
     }
     // A sample of live blocks are where the model says.
     for (int i = 0; i < 4 && !live_.empty(); ++i) CheckPoolOf(RandomLive()->second);
@@ -2874,7 +2927,7 @@ class SerialFuzzer {
       Call(
           "tidepool_free", kOK,
           [&] { return tidepool_free(reinterpret_cast<void*>(block.address)); }, Compare::kNone);
-      RemoveBlock(block.address, device_stats_[block.device].segments_removed);
+      RemoveBlock(block.address, StatsAtStepStart(block.device).segments_removed);
     }
     while (!routes_.empty()) {
       const MRoute route = routes_.back();
@@ -2946,6 +2999,8 @@ class SerialFuzzer {
   Reporter rep_;
   const int64_t steps_;
   int64_t step_ = 0;
+  // Whether this step compares whole states (TIDEPOOL_FUZZ_CHECK_EVERY); true outside steps.
+  bool compare_states_ = true;
   void* heap_foreign_;
   std::map<uintptr_t, MBlock> live_;
   std::map<uint64_t, uintptr_t> live_order_;     // serial -> address
@@ -2958,6 +3013,7 @@ class SerialFuzzer {
   std::vector<MCapture> captures_;
   std::vector<MGraph> graphs_;
   std::vector<Stats> device_stats_;  // at the last check
+  std::vector<bool> stats_fresh_;     // whether device_stats_ is from the last step
   std::set<Key> touched_;            // pools this step changed
   uint64_t last_user_id_ = 0;
   uint64_t last_graph_id_ = 0;
@@ -4659,9 +4715,9 @@ TEST_CASE("fuzz: serial, every step checked against the model") {
   } catch (const FuzzFailure& caught) {
     failure = caught.message;
   }
-  std::printf("tidepool fuzz serial: %s after %.2f s; outcomes:\n%s%s",
-              failure.empty() ? "passed" : "FAILED", SecondsSince(start), fuzzer.Summary().c_str(),
-              failure.c_str());
+  std::printf("tidepool fuzz serial: %s after %.2f s, %lld checked C calls; outcomes:\n%s%s",
+              failure.empty() ? "passed" : "FAILED", SecondsSince(start),
+              static_cast<long long>(fuzzer.Calls()), fuzzer.Summary().c_str(), failure.c_str());
   std::fflush(stdout);
   if (!failure.empty()) FAIL(failure);
 }
@@ -4814,11 +4870,17 @@ TEST_CASE("fuzz: concurrent threads, each with its own model, checked at quiesce
     for (const auto& [what, count] : worker->outcomes()) outcomes[what] += count;
   }
   std::string summary;
-  for (const auto& [what, count] : outcomes)
+  int64_t calls = 0;
+  for (const auto& [what, count] : outcomes) {
     absl::StrAppendFormat(&summary, "    %s: %d\n", what, count);
-  std::printf("tidepool fuzz concurrent: %s after %.2f s, %lld steps in all; outcomes:\n%s%s",
-              shared.failure.empty() ? "passed" : "FAILED", SecondsSince(start),
-              static_cast<long long>(steps), summary.c_str(), shared.failure.c_str());
+    calls += count;
+  }
+  std::printf(
+      "tidepool fuzz concurrent: %s after %.2f s, %lld steps in all, %lld checked C calls; "
+      "outcomes:\n%s%s",
+      shared.failure.empty() ? "passed" : "FAILED", SecondsSince(start),
+      static_cast<long long>(steps), static_cast<long long>(calls), summary.c_str(),
+      shared.failure.c_str());
   std::fflush(stdout);
   if (!shared.failure.empty()) FAIL(shared.failure);
 }
