@@ -24,12 +24,12 @@
 #include "allocator/device.h"
 #include "allocator/thread_exit_safe.h"
 #include "graph/capture.h"
-#include "integrations/c_api/callback_segments.h"
-#include "integrations/c_api/global_runtime.h"
+#include "allocator/callback_segments.h"
+#include "runtime/global_runtime.h"
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
 #include "pool/route.h"
-#include "pool/runtime.h"
+#include "runtime/runtime.h"
 
 namespace tidepool {
 namespace c_api {
@@ -263,14 +263,15 @@ const char* tidepool_status_name(tidepool_status status) {
 }
 
 tidepool_status tidepool_init_simulated(int device_count, size_t bytes_per_device) {
-  return Guarded("tidepool_init_simulated",
-                 [&] { return tidepool::c_api::InitSimulated(device_count, bytes_per_device); });
+  return Guarded("tidepool_init_simulated", [&] {
+    return tidepool::InitSimulatedGlobalRuntime(device_count, bytes_per_device);
+  });
 }
 
 tidepool_status tidepool_device_count(int* count) {
   return Guarded("tidepool_device_count", [&]() -> absl::Status {
     if (count == nullptr) return NullArgument("count");
-    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     *count = (*runtime)->device_count();
     return absl::OkStatus();
@@ -293,7 +294,7 @@ tidepool_status tidepool_malloc(void** ptr, size_t size, int device, void* strea
 tidepool_status tidepool_free(void* ptr) {
   return Guarded("tidepool_free", [&]() -> absl::Status {
     if (ptr == nullptr) return absl::OkStatus();
-    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     return (*runtime)->Free(ptr);
   });
@@ -301,7 +302,7 @@ tidepool_status tidepool_free(void* ptr) {
 
 tidepool_status tidepool_record_stream(void* ptr, void* stream) {
   return Guarded("tidepool_record_stream", [&]() -> absl::Status {
-    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     return (*runtime)->RecordStream(ptr, stream);
   });
@@ -333,7 +334,7 @@ tidepool_status tidepool_new_graph_pool_id(tidepool_pool_id* pool) {
 
 tidepool_status tidepool_begin_allocate_current_thread_to_pool(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_begin_allocate_current_thread_to_pool", [&]() -> absl::Status {
-    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     return (*runtime)->BeginAllocateCurrentThreadToPool(device, ToPoolId(pool));
   });
@@ -353,7 +354,7 @@ tidepool_status tidepool_begin_allocate_to_pool(int device, tidepool_pool_id poo
 
 tidepool_status tidepool_end_allocate_to_pool(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_end_allocate_to_pool", [&]() -> absl::Status {
-    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     return (*runtime)->EndAllocateToPool(device, ToPoolId(pool));
   });
@@ -361,7 +362,7 @@ tidepool_status tidepool_end_allocate_to_pool(int device, tidepool_pool_id pool)
 
 tidepool_status tidepool_release_pool(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_release_pool", [&]() -> absl::Status {
-    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     return (*runtime)->ReleasePool(device, ToPoolId(pool));
   });
@@ -380,7 +381,7 @@ tidepool_status tidepool_create_callback_pool(
           "the default pool {0,0} takes its memory from the device and cannot be given "
           "callbacks");
     }
-    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     absl::StatusOr<PoolManager*> pools = (*runtime)->Pools(device);
     if (!pools.ok()) return pools.status();
@@ -411,7 +412,7 @@ tidepool_status tidepool_pool_of(const void* ptr, int* device, tidepool_pool_id*
   return Guarded("tidepool_pool_of", [&]() -> absl::Status {
     if (device == nullptr) return NullArgument("device");
     if (pool == nullptr) return NullArgument("pool");
-    absl::StatusOr<Runtime*> runtime = tidepool::c_api::GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
     absl::StatusOr<BlockHome> home = (*runtime)->HomeOf(ptr);
     if (!home.ok()) return home.status();

@@ -20,11 +20,11 @@
 #include "allocator/simulated_device.h"
 #include "allocator/stats.h"
 #include "catch2/catch.hpp"
-#include "integrations/c_api/global_runtime.h"
+#include "runtime/global_runtime.h"
 #include "integrations/c_api/tidepool.h"
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
-#include "pool/runtime.h"
+#include "runtime/runtime.h"
 
 namespace tidepool {
 namespace c_api_test {
@@ -55,7 +55,7 @@ inline void StartSimulatedRuntime() {
 // The C++ runtime behind the C API (started first).
 inline Runtime& TheRuntime() {
   StartSimulatedRuntime();
-  absl::StatusOr<Runtime*> runtime = c_api::GlobalRuntime();
+  absl::StatusOr<Runtime*> runtime = GlobalRuntime();
   REQUIRE(runtime.ok());
   return **runtime;
 }

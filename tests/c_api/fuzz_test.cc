@@ -85,10 +85,10 @@
 #include "allocator/caching_allocator.h"
 #include "allocator/simulated_device.h"
 #include "catch2/catch.hpp"
-#include "integrations/c_api/global_runtime.h"
+#include "runtime/global_runtime.h"
 #include "integrations/c_api/tidepool.h"
 #include "pool/pool_manager.h"
-#include "pool/runtime.h"
+#include "runtime/runtime.h"
 #include "tests/c_api/c_api_test_util.h"
 
 namespace tidepool {
@@ -694,7 +694,7 @@ World& TheWorld() {
     int count = 0;
     TIDEPOOL_REQUIRE_OK(tidepool_device_count(&count));
     REQUIRE(count == made->options.devices);
-    absl::StatusOr<Runtime*> runtime = c_api::GlobalRuntime();
+    absl::StatusOr<Runtime*> runtime = GlobalRuntime();
     REQUIRE(runtime.ok());
     made->devices = count;
     made->capacity = made->options.bytes_per_device;

@@ -5,9 +5,9 @@
 #include <string>
 
 #include "catch2/catch.hpp"
-#include "integrations/c_api/global_runtime.h"
+#include "runtime/global_runtime.h"
 #include "integrations/c_api/tidepool.h"
-#include "pool/runtime.h"
+#include "runtime/runtime.h"
 #include "tests/c_api/c_api_test_util.h"
 
 namespace tidepool {
@@ -35,7 +35,7 @@ TEST_CASE("init_simulated refuses bad arguments and configuration, then starts o
   int count = 0;
   TIDEPOOL_REQUIRE_OK(tidepool_device_count(&count));
   CHECK(count == 3);
-  absl::StatusOr<Runtime*> runtime = c_api::GlobalRuntime();
+  absl::StatusOr<Runtime*> runtime = GlobalRuntime();
   REQUIRE(runtime.ok());
   absl::StatusOr<PoolManager*> pools = (*runtime)->Pools(0);
   REQUIRE(pools.ok());

@@ -1,4 +1,4 @@
-// Pools on a real GPU, through the runtime (pool/runtime.h): sglang's pattern, and the runtime
+// Pools on a real GPU, through the runtime (runtime/runtime.h): sglang's pattern, and the runtime
 // made from the driver's devices.
 //
 // sglang's pattern: a PoolScope routes the calling thread to a pool (begin), the thread allocates
@@ -24,7 +24,8 @@
 #include "catch2/catch.hpp"
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
-#include "pool/runtime.h"
+#include "runtime/cuda_runtime.h"
+#include "runtime/runtime.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace tidepool {
@@ -200,7 +201,7 @@ TEST_CASE(
 }
 
 TEST_CASE("a runtime made from the driver's devices serves each of them") {
-  absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::CreateForCuda(Config{});
+  absl::StatusOr<std::unique_ptr<Runtime>> runtime = CreateCudaRuntime(Config{});
   INFO("These tests need an NVIDIA GPU and its driver.");
   TIDEPOOL_REQUIRE_OK(runtime);
   REQUIRE((*runtime)->device_count() >= 1);

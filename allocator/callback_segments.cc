@@ -1,5 +1,5 @@
 // Segments from user callbacks: see callback_segments.h for the callbacks' contract.
-#include "integrations/c_api/callback_segments.h"
+#include "allocator/callback_segments.h"
 
 #include "absl/strings/str_format.h"
 

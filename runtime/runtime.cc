@@ -1,13 +1,11 @@
 // The per-device registry: see runtime.h for what it holds, how a pointer's device is found, and
 // the order things are destroyed in.
-#include "pool/runtime.h"
+#include "runtime/runtime.h"
 
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_format.h"
-#include "allocator/cuda_device.h"
-#include "allocator/cuda_driver.h"
 
 namespace tidepool {
 namespace {
@@ -26,26 +24,13 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(std::vector<Device*> de
   return runtime;
 }
 
-absl::StatusOr<std::unique_ptr<Runtime>> Runtime::CreateForCuda(const Config& config) {
-  absl::StatusOr<const CudaDriver*> driver = CudaDriver::Get();
-  if (!driver.ok()) return driver.status();
-  int count = 0;
-  if (absl::Status s = (*driver)->Check((*driver)->cuDeviceGetCount(&count), "cuDeviceGetCount");
-      !s.ok()) {
-    return s;
-  }
-  if (count == 0) {
-    return absl::UnavailableError("tidepool: the CUDA driver reports no device");
-  }
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(
+    std::vector<std::unique_ptr<Device>> devices, const Config& config) {
   std::unique_ptr<Runtime> runtime(new Runtime());
-  std::vector<Device*> devices;
-  for (int ordinal = 0; ordinal < count; ++ordinal) {
-    absl::StatusOr<std::unique_ptr<CudaDevice>> device = CudaDevice::Create(ordinal);
-    if (!device.ok()) return device.status();
-    devices.push_back(device->get());
-    runtime->owned_devices_.push_back(*std::move(device));
-  }
-  if (absl::Status s = runtime->AddDevices(devices, config); !s.ok()) return s;
+  std::vector<Device*> ordered;
+  for (const std::unique_ptr<Device>& device : devices) ordered.push_back(device.get());
+  runtime->owned_devices_ = std::move(devices);
+  if (absl::Status s = runtime->AddDevices(ordered, config); !s.ok()) return s;
   return runtime;
 }
 

@@ -16,8 +16,8 @@
 //     with, once no queued work uses it;
 //   * both are called with the same `context`, which tidepool never reads.
 // A misaligned segment is given back at once and the growth fails with INTERNAL.
-#ifndef TIDEPOOL_INTEGRATIONS_C_API_CALLBACK_SEGMENTS_H_
-#define TIDEPOOL_INTEGRATIONS_C_API_CALLBACK_SEGMENTS_H_
+#ifndef TIDEPOOL_ALLOCATOR_CALLBACK_SEGMENTS_H_
+#define TIDEPOOL_ALLOCATOR_CALLBACK_SEGMENTS_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -58,4 +58,4 @@ class CallbackSegments final : public SegmentSource {
 
 }  // namespace tidepool
 
-#endif  // TIDEPOOL_INTEGRATIONS_C_API_CALLBACK_SEGMENTS_H_
+#endif  // TIDEPOOL_ALLOCATOR_CALLBACK_SEGMENTS_H_

@@ -1,6 +1,6 @@
 // The process's runtime: made once, under a lock, published through an atomic pointer so that
 // every later call reads it without the lock. See global_runtime.h.
-#include "integrations/c_api/global_runtime.h"
+#include "runtime/global_runtime.h"
 
 #include <algorithm>
 #include <atomic>
@@ -14,9 +14,9 @@
 #include "allocator/config.h"
 #include "allocator/mutex.h"
 #include "allocator/simulated_device.h"
+#include "runtime/cuda_runtime.h"
 
 namespace tidepool {
-namespace c_api {
 namespace {
 
 // Where simulated device 0's addresses start, and the distance between two devices' spaces.
@@ -43,8 +43,6 @@ constexpr size_t kMaxSimulatedBytes = size_t{1} << 40;
 
 struct GlobalState {
   Mutex mu;
-  // The simulated devices InitSimulated made (they must outlive the runtime, which never goes).
-  std::vector<std::unique_ptr<SimulatedDevice>> simulated_devices ABSL_GUARDED_BY(mu);
   std::unique_ptr<Runtime> runtime ABSL_GUARDED_BY(mu);
   // runtime.get() once made; read without mu.
   std::atomic<Runtime*> published{nullptr};
@@ -71,7 +69,7 @@ absl::StatusOr<Runtime*> GlobalRuntime() {
   if (state.runtime != nullptr) return state.runtime.get();
   absl::StatusOr<Config> config = Config::FromEnvironment();
   if (!config.ok()) return config.status();
-  absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::CreateForCuda(*config);
+  absl::StatusOr<std::unique_ptr<Runtime>> runtime = CreateCudaRuntime(*config);
   if (!runtime.ok()) {
     return absl::Status(
         runtime.status().code(),
@@ -82,7 +80,7 @@ absl::StatusOr<Runtime*> GlobalRuntime() {
   return state.runtime.get();
 }
 
-absl::Status InitSimulated(int device_count, size_t bytes_per_device) {
+absl::Status InitSimulatedGlobalRuntime(int device_count, size_t bytes_per_device) {
   if (device_count < 1 || device_count > kMaxSimulatedDevices) {
     return absl::InvalidArgumentError(
         absl::StrFormat("tidepool: %d simulated devices asked for; 1 to %d can be made",
@@ -104,8 +102,7 @@ absl::Status InitSimulated(int device_count, size_t bytes_per_device) {
   }
   absl::StatusOr<Config> config = Config::FromEnvironment();
   if (!config.ok()) return config.status();
-  std::vector<std::unique_ptr<SimulatedDevice>> devices;
-  std::vector<Device*> ordered;
+  std::vector<std::unique_ptr<Device>> devices;
   for (int ordinal = 0; ordinal < device_count; ++ordinal) {
     SimulatedDevice::Options options;
     options.ordinal = ordinal;
@@ -113,14 +110,11 @@ absl::Status InitSimulated(int device_count, size_t bytes_per_device) {
     options.base_address = kFirstSimulatedAddress + ordinal * kSimulatedAddressRange;
     options.address_space = SimulatedAddressSpace(bytes_per_device);
     devices.push_back(std::make_unique<SimulatedDevice>(options));
-    ordered.push_back(devices.back().get());
   }
-  absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::Create(ordered, *config);
+  absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::Create(std::move(devices), *config);
   if (!runtime.ok()) return runtime.status();
-  state.simulated_devices = std::move(devices);
   Publish(state, *std::move(runtime));
   return absl::OkStatus();
 }
 
-}  // namespace c_api
 }  // namespace tidepool

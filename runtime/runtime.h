@@ -4,8 +4,14 @@
 // it, the `CachingAllocator` that caches its memory and the `PoolManager` that routes
 // allocations to its pools; and for a bare pointer (a free or a record_stream from a host that
 // passes nothing else) it needs to find which device's allocator owns it. The runtime holds
-// those and answers that question. The C API (integrations/c_api/) keeps one runtime for the
-// process; C++ programs may make their own.
+// those and answers that question. The runtime knows nothing of CUDA: it drives whatever
+// `Device`s it is given (cuda_runtime.h makes one from every GPU; tests give simulated ones).
+//
+// One runtime per process serves every integration: global_runtime.h holds it, inside
+// libtidepool.so, and every integration (the C API, the preload library, PyTorch, CuPy, Numba)
+// reaches it through that library's C ABI or is built into the same library. A pointer is then
+// freed by the runtime that allocated it, whichever way it came in (docs/design.md, "One runtime
+// per process"). C++ programs and tests may make runtimes of their own.
 //
 // Devices are indexed by ordinal: device i of the runtime has Device::ordinal() == i. An
 // ordinal the runtime does not have is an error (INVALID_ARGUMENT when negative, NOT_FOUND
@@ -24,8 +30,8 @@
 //
 // Thread safety: every method may be called from any thread; the set of devices is fixed at
 // creation.
-#ifndef TIDEPOOL_POOL_RUNTIME_H_
-#define TIDEPOOL_POOL_RUNTIME_H_
+#ifndef TIDEPOOL_RUNTIME_RUNTIME_H_
+#define TIDEPOOL_RUNTIME_RUNTIME_H_
 
 #include <memory>
 #include <vector>
@@ -56,9 +62,9 @@ class Runtime {
   // null device or an ordinal out of place.
   static absl::StatusOr<std::unique_ptr<Runtime>> Create(std::vector<Device*> devices,
                                                          const Config& config);
-  // A CudaDevice (owned) for every GPU the driver reports. UNAVAILABLE, with the driver's
-  // reason, on a machine without a usable driver or GPU.
-  static absl::StatusOr<std::unique_ptr<Runtime>> CreateForCuda(const Config& config);
+  // The same over devices the runtime owns (destroyed after everything else).
+  static absl::StatusOr<std::unique_ptr<Runtime>> Create(
+      std::vector<std::unique_ptr<Device>> devices, const Config& config);
 
   ~Runtime() = default;
   Runtime(const Runtime&) = delete;
@@ -105,7 +111,7 @@ class Runtime {
   absl::Status AddDevices(const std::vector<Device*>& devices, const Config& config);
 
   // Members go in the reverse of the order they are declared in, as the file comment says.
-  // Destroyed last: the devices CreateForCuda made.
+  // Destroyed last: the devices it owns.
   std::vector<std::unique_ptr<Device>> owned_devices_;
   // Destroyed after the allocators, which return their segments to these.
   Mutex sources_mu_;
@@ -115,4 +121,4 @@ class Runtime {
 
 }  // namespace tidepool
 
-#endif  // TIDEPOOL_POOL_RUNTIME_H_
+#endif  // TIDEPOOL_RUNTIME_RUNTIME_H_
