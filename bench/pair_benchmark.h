@@ -1,6 +1,6 @@
 // The malloc + free pair benchmark, shared by every allocator it compares.
 //
-// Two measurements, the ones reference.md §1 gives H200 anchor figures for:
+// Two measurements, the ones docs/background.md §1 gives H200 anchor figures for:
 //   * latency: one thread, one non-blocking stream, a cached block allocated and freed again and
 //     again, at 512 B, 1 MiB and 64 MiB; batches of pairs are timed and the median batch gives the
 //     nanoseconds per pair;
@@ -81,8 +81,8 @@ constexpr size_t kMiB = size_t{1} << 20;
 constexpr int kThreadCounts[] = {1, 2, 4, 8, 16};
 constexpr size_t kThroughputBytes = kMiB;
 
-// reference.md §1, measured on an H200 (CUDA 13.0, driver 580, PyTorch 2.11.0), in nanoseconds.
-// The latency table is measured at exactly these sizes.
+// docs/background.md §1, measured on an H200 (CUDA 13.0, driver 580, PyTorch 2.11.0), in
+// nanoseconds. The latency table is measured at exactly these sizes.
 struct ReferenceLatency {
   size_t bytes;
   double cuda_malloc_ns;
@@ -199,7 +199,7 @@ inline double MeasureThroughput(PairAllocator& allocator, int thread_count, bool
   return Median(run_ns_per_pair);
 }
 
-// "382 ns", "74.5 µs", as reference.md writes them.
+// "382 ns", "74.5 µs", as docs/background.md writes them.
 inline std::string FormatNs(double ns) {
   char text[32];
   if (ns >= 100000) {
@@ -243,7 +243,7 @@ inline void RunPairBenchmarks(const std::vector<PairAllocator*>& allocators, boo
 
   std::printf("## Cached malloc + free pair, one thread, one non-blocking stream\n\n");
   std::printf("Median of batches, nanoseconds per pair (lower is better); `H200 ref` columns are\n"
-              "reference.md §1.\n\n");
+              "docs/background.md §1.\n\n");
   std::vector<std::string> headings = {"size"};
   for (PairAllocator* allocator : allocators) headings.push_back(allocator->name());
   headings.insert(headings.end(), {"H200 ref: cudaMalloc + cudaFree",
@@ -270,7 +270,7 @@ inline void RunPairBenchmarks(const std::vector<PairAllocator*>& allocators, boo
   std::printf("Wall time divided by all pairs done, nanoseconds (lower is better; perfect scaling\n"
               "divides the 1-thread figure by the thread count). `own`: each thread on its own\n"
               "stream; `shared`: all threads on one stream. `H200 ref` columns (own streams) are\n"
-              "reference.md §1.\n\n");
+              "docs/background.md §1.\n\n");
   headings = {"threads"};
   for (PairAllocator* allocator : allocators) {
     headings.push_back(allocator->name() + (allocator->stream_ordered() ? ", own" : ""));
