@@ -10,6 +10,13 @@
 // maps those again where they are needed, after synchronizing the device, since blocks freed in
 // stream order may still be in use by queued work: reserved memory then follows live memory
 // instead of the history of the heap.
+//
+// The machinery is one class whose methods live in files by job: caching_allocator.cc (the hot
+// paths), arenas.cc (arenas and capture marks), growth.cc, release.cc and observation.cc.
+//
+// Lock order: growth_mu_, then one shard's mu (never two at once), then an arena's shards_mu (a
+// leaf). The public entry points take what they need themselves: none may be called with any of
+// these held (ABSL_LOCKS_EXCLUDED).
 #ifndef TIDEPOOL_ALLOCATOR_CACHING_ALLOCATOR_IMPL_H_
 #define TIDEPOOL_ALLOCATOR_CACHING_ALLOCATOR_IMPL_H_
 
@@ -40,30 +47,29 @@ class Arena {
  public:
   enum State : int { kActive, kRetired, kGone };
 
-  Arena(uint64_t id, const ArenaOptions& options, SegmentSource* source, bool expandable)
-      : id(id),
+  Arena(size_t index, const ArenaOptions& options, SegmentSource* source, bool expandable)
+      : index(index),
         label(options.label),
         source(source),
         expandable(expandable),
         shares_free_memory(options.shares_free_memory) {}
 
-  const uint64_t id;
+  // The arena's place in creation order: walks visit arenas in this order, and the allocator
+  // keeps the arena's device statistics at this index.
+  const size_t index;
   const std::string label;
   SegmentSource* const source;
   const bool expandable;
   const bool shares_free_memory;
   // Written under the allocator's growth lock; read anywhere.
   std::atomic<int> state{kActive};
-  // Reserved bytes, segments and device counters. Guarded by the allocator's growth lock
-  // (which the annotations cannot name from here).
-  AllocatorStats device_stats;
 
   // A leaf lock: nothing is acquired while it is held.
-  Mutex shards_mu;
+  mutable Mutex shards_mu;
   absl::flat_hash_map<StreamId, std::unique_ptr<Shard>> shards ABSL_GUARDED_BY(shards_mu);
 
   // This arena's shards, ordered by stream id.
-  std::vector<Shard*> Shards();
+  std::vector<Shard*> Shards() const ABSL_LOCKS_EXCLUDED(shards_mu);
 };
 
 class CachingAllocatorImpl {
@@ -71,13 +77,14 @@ class CachingAllocatorImpl {
   CachingAllocatorImpl(Device* device, const Config& config, size_t total_memory);
   ~CachingAllocatorImpl();
 
-  absl::StatusOr<void*> Allocate(Arena* arena, size_t bytes, Stream stream);
-  absl::Status Free(void* ptr);
+  absl::StatusOr<void*> Allocate(Arena* arena, size_t bytes, Stream stream)
+      ABSL_LOCKS_EXCLUDED(growth_mu_);
+  absl::Status Free(void* ptr) ABSL_LOCKS_EXCLUDED(growth_mu_);
   absl::Status RecordStream(void* ptr, Stream stream);
-  absl::Status EmptyCache();
-  absl::StatusOr<size_t> BlockSize(const void* ptr);
-  void NoteCaptureBegin();
-  absl::Status NoteCaptureEnd();
+  absl::Status EmptyCache() ABSL_LOCKS_EXCLUDED(growth_mu_);
+  absl::StatusOr<size_t> BlockSize(const void* ptr) const;
+  void NoteCaptureBegin() ABSL_LOCKS_EXCLUDED(growth_mu_);
+  absl::Status NoteCaptureEnd() ABSL_LOCKS_EXCLUDED(growth_mu_);
   int captures_underway() const { return captures_underway_.load(std::memory_order_acquire); }
   absl::StatusOr<StreamId> StreamIdOf(Stream stream) const {
     if (captures_underway_.load(std::memory_order_acquire) == 0) {
@@ -86,17 +93,21 @@ class CachingAllocatorImpl {
     return CaptureSafeStreamId(*device_, stream);
   }
 
-  absl::StatusOr<Arena*> CreateArena(const ArenaOptions& options);
+  absl::StatusOr<Arena*> CreateArena(const ArenaOptions& options)
+      ABSL_LOCKS_EXCLUDED(growth_mu_);
   Arena* default_arena() const { return default_arena_; }
-  absl::StatusOr<Arena*> ArenaOf(const void* ptr);
-  absl::Status TrimArena(Arena* arena);
-  absl::StatusOr<bool> RetireArena(Arena* arena);
-  absl::Status ReviveArena(Arena* arena);
-  int64_t LiveBlocks(Arena* arena);
-  int64_t walked_arenas();
+  absl::StatusOr<Arena*> ArenaOf(const void* ptr) const;
+  absl::Status TrimArena(Arena* arena) ABSL_LOCKS_EXCLUDED(growth_mu_);
+  absl::StatusOr<bool> RetireArena(Arena* arena) ABSL_LOCKS_EXCLUDED(growth_mu_);
+  absl::Status ReviveArena(Arena* arena) ABSL_LOCKS_EXCLUDED(growth_mu_);
+  int64_t LiveBlocks(const Arena* arena) const ABSL_LOCKS_EXCLUDED(growth_mu_);
+  int64_t walked_arenas() const ABSL_LOCKS_EXCLUDED(growth_mu_);
 
-  AllocatorStats GetStats(Arena* arena);  // nullptr: every arena
-  std::string SnapshotJson(Arena* arena);  // nullptr: every arena
+  // Observation changes nothing; it takes the same locks as everything else.
+  AllocatorStats GetStats(const Arena* arena) const  // nullptr: every arena
+      ABSL_LOCKS_EXCLUDED(growth_mu_);
+  std::string SnapshotJson(const Arena* arena) const  // nullptr: every arena
+      ABSL_LOCKS_EXCLUDED(growth_mu_);
 
   Device* device() const { return device_; }
   const Config& config() const { return config_; }
@@ -105,6 +116,19 @@ class CachingAllocatorImpl {
   // The shard of `stream` in `arena`, made on first use. Hot: a per-thread cache answers most
   // calls.
   absl::StatusOr<Shard*> ShardFor(Arena* arena, Stream stream);
+  // Allocate's slow path: the growth lock, growth, out-of-memory recovery. Out of line.
+  absl::StatusOr<void*> AllocateSlow(Arena& arena, Shard& shard, size_t bytes, size_t rounded)
+      ABSL_LOCKS_EXCLUDED(growth_mu_);
+  // Free's slow path: a retired arena whose last block may have gone. Out of line.
+  absl::Status FinishRetiredAfterFree(Arena& arena) ABSL_LOCKS_EXCLUDED(growth_mu_);
+  // An arena's reserved bytes, segments and device counters (its shards count its blocks).
+  AllocatorStats& DeviceStats(const Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_) {
+    return arena_device_stats_[arena.index];
+  }
+  const AllocatorStats& DeviceStats(const Arena& arena) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_) {
+    return arena_device_stats_[arena.index];
+  }
   // The segment holding an address tidepool handed out, or an error naming the pointer.
   absl::StatusOr<Segment*> SegmentOf(uintptr_t address, const char* operation) const;
   // INVALID_ARGUMENT for an address outside the memory tidepool holds: never allocated, or given
@@ -113,7 +137,7 @@ class CachingAllocatorImpl {
   // Every arena, in creation order, gone ones included: for observation only. Growth, release
   // and capture marks walk live_arenas_ and gone_holding_, so their cost follows the pools in
   // use, not every pool there ever was (a program that captures often makes one per graph).
-  std::vector<Arena*> Arenas() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  std::vector<Arena*> Arenas() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // An arena that has just gone leaves live_arenas_, for gone_holding_ if it still holds
   // address ranges.
   void NoteGone(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
@@ -134,6 +158,24 @@ class CachingAllocatorImpl {
   absl::Status GrowPlain(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status GrowExpandable(Shard& shard, size_t rounded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // Where an expandable growth maps its chunks.
+  struct ExpandablePlacement {
+    Block* target = nullptr;         // the unmapped block the chunks go into
+    uintptr_t map_at = 0;            // where, inside it
+    size_t to_map = SIZE_MAX;        // how many bytes (whole granules)
+    Segment* new_segment = nullptr;  // the range reserved for this growth, if it needed one
+  };
+  // GrowExpandable's steps: choose an unmapped block next to free memory (none: target null);
+  // reserve a new range; map chunks. AbandonExpandable undoes a growth that failed part-way.
+  ExpandablePlacement ChoosePlacement(Shard& shard, size_t rounded)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status ReserveExpandable(Shard& shard, size_t rounded, ExpandablePlacement* placement)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status MapExpandable(Shard& shard, const ExpandablePlacement& placement)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status AbandonExpandable(Shard& shard, const ExpandablePlacement& placement,
+                                 size_t mapped, const std::vector<PhysicalHandle>& handles,
+                                 absl::Status cause) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Undoes a growth that failed after `mapped` of its chunks were mapped at `map_at` inside
   // unmapped block `target`: unmaps them and releases every handle. Returns `cause`.
   absl::Status RejectGrowth(Arena& arena, const Block* target, uintptr_t map_at, size_t mapped,
@@ -165,7 +207,7 @@ class CachingAllocatorImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // A retired arena whose last live block has gone returns everything and is gone.
   absl::Status FinishIfDrained(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  int64_t LiveBlocksLocked(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  int64_t LiveBlocksLocked(const Arena& arena) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Returns once no work queued before `block` was freed can still use its memory: at once if
   // a device synchronization has started since, else after one. Memory freed in stream order may
   // still be used by queued work, so this comes before it is unmapped or given back. The whole
@@ -180,7 +222,7 @@ class CachingAllocatorImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   void RetireSegment(Segment* segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   std::string OutOfMemoryMessage(size_t bytes, size_t rounded, const Shard& shard,
-                                 const absl::Status& cause)
+                                 const absl::Status& cause) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
 
   Device* const device_;
@@ -201,12 +243,14 @@ class CachingAllocatorImpl {
   // there); read by shards under their own locks (see NoteCaptureBegin).
   std::atomic<int> captures_underway_{0};
 
-  // Serializes growth, trimming, out-of-memory recovery and arena changes. Lock order:
-  // growth_mu_, then one shard's mu (never two at once), then an arena's shards_mu (a leaf).
-  // Unmapped blocks and the segments' chunk tables change only under growth_mu_, so growth may
-  // drop a shard's lock and take it again without losing its place.
-  Mutex growth_mu_;
+  // Serializes growth, trimming, out-of-memory recovery and arena changes (the lock order is in
+  // the file comment). Unmapped blocks and the segments' chunk tables change only under
+  // growth_mu_, so growth may drop a shard's lock and take it again without losing its place.
+  // Mutable: observation is const and takes it too.
+  mutable Mutex growth_mu_;
   std::vector<std::unique_ptr<Arena>> arenas_ ABSL_GUARDED_BY(growth_mu_);  // incl. gone ones
+  // Per arena, at Arena::index: reserved bytes, segments and device counters.
+  std::vector<AllocatorStats> arena_device_stats_ ABSL_GUARDED_BY(growth_mu_);
   // Active and retired arenas, in creation order.
   std::vector<Arena*> live_arenas_ ABSL_GUARDED_BY(growth_mu_);
   // Gone arenas that still hold address ranges (kept so that a pool begun again reuses them);

@@ -187,7 +187,7 @@ absl::Status Shard::FreeLive(Block* block) {
   stats_.requested_bytes.Decrease(static_cast<int64_t>(block->requested));
   stats_.allocated_bytes.Decrease(static_cast<int64_t>(block->size));
   stats_.active_blocks.Decrease(1);
-  size_t rounded = (block->requested + kMinBlockSize - 1) / kMinBlockSize * kMinBlockSize;
+  size_t rounded = RoundUp(block->requested, kMinBlockSize);
   block->requested = 0;
   if (block->uses.empty() && IsSmall(rounded) && ParkQuick(block, rounded)) {
     return absl::OkStatus();

@@ -5,13 +5,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "allocator/size_policy.h"
 
 namespace tidepool {
-namespace {
-
-size_t RoundUp(size_t bytes, size_t to) { return (bytes + to - 1) / to * to; }
-
-}  // namespace
 
 SimulatedDevice::SimulatedDevice() : SimulatedDevice(Options{}) {}
 

@@ -29,6 +29,12 @@ inline constexpr size_t kMaxRequest = size_t{1} << 56;
 // absurd device size must not turn into gigabytes of host memory. Far above any GPU's memory.
 inline constexpr size_t kMaxExpandableReserve = size_t{1} << 40;
 
+// The one rounding formula: `bytes` up (or down) to a multiple of `to` (any positive size; the
+// callers' are powers of two, but nothing here needs that). RoundUp of values near SIZE_MAX
+// overflows: requests are checked against kMaxRequest first.
+constexpr size_t RoundUp(size_t bytes, size_t to) { return (bytes + to - 1) / to * to; }
+constexpr size_t RoundDown(size_t bytes, size_t to) { return bytes / to * to; }
+
 // Rounds a request to its block size, or explains why it cannot be served. Every size larger
 // than a device can hold is RESOURCE_EXHAUSTED, however large (as cudaMalloc answers); only 0 is
 // INVALID_ARGUMENT.
@@ -39,7 +45,7 @@ inline absl::StatusOr<size_t> RoundRequest(size_t bytes) {
         "tidepool: allocation of %u bytes is larger than any device (limit %u)", bytes,
         kMaxRequest));
   }
-  return (bytes + kMinBlockSize - 1) / kMinBlockSize * kMinBlockSize;
+  return RoundUp(bytes, kMinBlockSize);
 }
 
 inline bool IsSmall(size_t rounded) { return rounded <= kSmallRequest; }
@@ -48,7 +54,7 @@ inline bool IsSmall(size_t rounded) { return rounded <= kSmallRequest; }
 // or above max_split_size is never split, so it is no larger than the request rounded to 2 MiB.
 // Small segments are split whatever the limit (they serve small requests only).
 inline size_t PlainSegmentSize(size_t rounded, size_t max_split_size) {
-  const size_t exact = (rounded + kLargeRounding - 1) / kLargeRounding * kLargeRounding;
+  const size_t exact = RoundUp(rounded, kLargeRounding);
   if (IsSmall(rounded)) return kSmallSegment;
   size_t size = rounded <= kMediumRequest ? kMediumSegment : exact;
   if (size >= max_split_size) size = exact;
@@ -70,7 +76,7 @@ inline bool ShouldSplit(size_t block_size, size_t rounded, bool expandable) {
 // are kept for requests of their own class, so a small request cannot fragment them; but a block
 // no larger than the request rounded to a whole segment granule is never too big for it.
 inline bool MayServe(size_t block_size, size_t rounded, size_t max_split_size) {
-  const size_t exact = (rounded + kLargeRounding - 1) / kLargeRounding * kLargeRounding;
+  const size_t exact = RoundUp(rounded, kLargeRounding);
   if (block_size <= exact) return true;
   if (rounded < max_split_size) return block_size < max_split_size;
   return block_size <= rounded + kMediumSegment;

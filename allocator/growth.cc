@@ -1,0 +1,300 @@
+// Growth: new plain segments from the arena's source, and expandable segments mapped chunk by
+// chunk, taking free chunks back from anywhere in the allocator first (caching_allocator_impl.h
+// says why). Everything here runs under the growth lock, taking shard locks one at a time.
+#include <algorithm>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "allocator/caching_allocator_impl.h"
+#include "allocator/size_policy.h"
+
+namespace tidepool {
+
+absl::Status CachingAllocatorImpl::TooLarge(size_t rounded) const {
+  return absl::ResourceExhaustedError(absl::StrFormat(
+      "%u bytes is more than the device's %u bytes of memory", rounded, total_memory_));
+}
+
+absl::Status CachingAllocatorImpl::Grow(Shard& shard, size_t rounded) {
+  return shard.arena->expandable ? GrowExpandable(shard, rounded) : GrowPlain(shard, rounded);
+}
+
+Segment* CachingAllocatorImpl::NewSegment(Shard& shard, uintptr_t base, size_t size,
+                                          bool expandable, bool small) {
+  auto segment = std::make_unique<Segment>();
+  segment->base = base;
+  segment->size = size;
+  segment->expandable = expandable;
+  segment->small = small;
+  segment->shard = &shard;
+  if (expandable) segment->chunks.assign(size / granularity_, 0);
+  segments_.push_back(std::move(segment));
+  DeviceStats(*shard.arena).segments.Increase(1);
+  return segments_.back().get();
+}
+
+void CachingAllocatorImpl::RetireSegment(Segment* segment) {
+  page_map_.Unregister(segment->base, segment->size, segment);
+  segment->live = false;
+  std::vector<PhysicalHandle>().swap(segment->chunks);  // the record stays; its table need not
+  DeviceStats(*segment->shard->arena).segments.Decrease(1);
+}
+
+absl::Status CachingAllocatorImpl::GrowPlain(Shard& shard, size_t rounded) {
+  Arena& arena = *shard.arena;
+  size_t size = PlainSegmentSize(rounded, config_.max_split_size);
+  if (size > total_memory_) return TooLarge(rounded);
+  absl::StatusOr<uintptr_t> base = arena.source->AllocateSegment(size);
+  if (!base.ok()) return base.status();
+  if (!PageMap<Segment>::Covers(*base, size)) {
+    arena.source->FreeSegment(*base, size).IgnoreError();
+    return absl::InternalError(
+        absl::StrFormat("tidepool: device address %#x is outside the page map", *base));
+  }
+  ++DeviceStats(arena).device_allocations;
+  DeviceStats(arena).reserved_bytes.Increase(static_cast<int64_t>(size));
+  Segment* segment = NewSegment(shard, *base, size, /*expandable=*/false, IsSmall(rounded));
+  // The page map first: once the shard has the segment, another thread's fast path may hand out
+  // a block of it, and a free of that block must find it.
+  page_map_.Register(segment->base, segment->size, segment);
+  MutexLock lock(&shard.mu);
+  shard.AddSegment(segment, BlockState::kFree);
+  return absl::OkStatus();
+}
+
+// An expandable growth in three steps: choose where to map (an unmapped block next to free
+// memory), reserve a new address range when there is no such place, then map chunks there
+// (reclaimed free chunks first, new ones for the rest). A growth that fails leaves nothing
+// behind, not even the address range it reserved.
+absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) {
+  if (RoundUp(rounded, granularity_) > total_memory_) return TooLarge(rounded);
+  ExpandablePlacement placement = ChoosePlacement(shard, rounded);
+  if (placement.target == nullptr) {
+    if (absl::Status s = ReserveExpandable(shard, rounded, &placement); !s.ok()) return s;
+  }
+  return MapExpandable(shard, placement);
+}
+
+namespace {
+
+size_t FreeSize(const Block* block) {
+  return block != nullptr && block->state == BlockState::kFree ? block->size : 0;
+}
+
+}  // namespace
+
+// Where to map: inside an unmapped block, extending the free block before it, or the one after
+// it, or bridging both. The placement that needs the fewest new bytes wins; the index is
+// ordered, so ties go to the smaller, then lower, unmapped block (deterministic).
+CachingAllocatorImpl::ExpandablePlacement CachingAllocatorImpl::ChoosePlacement(Shard& shard,
+                                                                              size_t rounded) {
+  const size_t g = granularity_;
+  ExpandablePlacement best;
+  // `have` free bytes already beside the unmapped block; `whole`: map all of it.
+  auto consider = [&](Block* unmapped, size_t have, bool at_end, bool whole) {
+    if (have >= rounded) return;  // a free block that big would have served the request
+    size_t need = whole ? unmapped->size : RoundUp(rounded - have, g);
+    if (need > unmapped->size || need >= best.to_map) return;
+    best.to_map = need;
+    best.target = unmapped;
+    best.map_at = at_end ? unmapped->address + unmapped->size - need : unmapped->address;
+  };
+  MutexLock lock(&shard.mu);
+  for (Block* unmapped : shard.unmapped(IsSmall(rounded))) {
+    size_t before = FreeSize(unmapped->prev);
+    size_t after = FreeSize(unmapped->next);
+    consider(unmapped, before, /*at_end=*/false, /*whole=*/false);
+    consider(unmapped, after, /*at_end=*/true, /*whole=*/false);
+    if (before + unmapped->size + after >= rounded) {
+      consider(unmapped, 0, /*at_end=*/false, /*whole=*/true);
+    }
+  }
+  return best;
+}
+
+// A new reserved range for the shard's size class: the configured reserve, or as much as the
+// device has (a sixteenth for small requests), and never less than the request.
+absl::Status CachingAllocatorImpl::ReserveExpandable(Shard& shard, size_t rounded,
+                                                     ExpandablePlacement* placement) {
+  const size_t g = granularity_;
+  const bool small = IsSmall(rounded);
+  size_t reserve = config_.expandable_reserve != 0
+                       ? config_.expandable_reserve
+                       : RoundUp(std::min(total_memory_, kMaxExpandableReserve), g);
+  if (small) reserve = std::max(g, RoundUp(reserve / 16, g));
+  reserve = std::max(reserve, RoundUp(rounded, g));
+  absl::StatusOr<uintptr_t> base = device_->ReserveAddressRange(reserve);
+  if (!base.ok()) return base.status();
+  if (!PageMap<Segment>::Covers(*base, reserve)) {
+    device_->ReleaseAddressRange(*base, reserve).IgnoreError();
+    return absl::InternalError(
+        absl::StrFormat("tidepool: device address %#x is outside the page map", *base));
+  }
+  Segment* segment = NewSegment(shard, *base, reserve, /*expandable=*/true, small);
+  page_map_.Register(segment->base, segment->size, segment);  // before any block
+  MutexLock lock(&shard.mu);
+  shard.AddSegment(segment, BlockState::kUnmapped);
+  placement->new_segment = segment;
+  placement->target = segment->first;
+  placement->map_at = segment->first->address;
+  placement->to_map = RoundUp(rounded, g);
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::MapExpandable(Shard& shard,
+                                                 const ExpandablePlacement& placement) {
+  Arena& arena = *shard.arena;
+  const size_t g = granularity_;
+  const size_t granules = placement.to_map / g;
+  std::vector<PhysicalHandle> handles;
+  handles.reserve(granules);
+  // Reclaiming waits for freed work (a device synchronization), which a capture forbids.
+  if (config_.release_free_chunks_on_growth && captures_underway_.load() == 0) {
+    absl::Status s = ReclaimAcrossShards(shard, granules, placement.target, &handles);
+    DeviceStats(arena).reserved_bytes.Increase(static_cast<int64_t>(handles.size() * g));
+    if (!s.ok()) return AbandonExpandable(shard, placement, /*mapped=*/0, handles, s);
+  }
+  // Fail fast when the device plainly lacks the memory, rather than map thousands of chunks
+  // only to give them back.
+  if (absl::StatusOr<MemoryInfo> info = device_->GetMemoryInfo();
+      info.ok() && (granules - handles.size()) * g > info->free_bytes) {
+    return AbandonExpandable(shard, placement, /*mapped=*/0, handles,
+                             absl::ResourceExhaustedError(absl::StrFormat(
+                                 "the device has %u bytes free", info->free_bytes)));
+  }
+  absl::Status status;
+  while (status.ok() && handles.size() < granules) {
+    absl::StatusOr<PhysicalHandle> handle = device_->CreatePhysical(g);
+    status = handle.status();
+    if (!status.ok()) break;
+    ++DeviceStats(arena).device_allocations;
+    DeviceStats(arena).reserved_bytes.Increase(static_cast<int64_t>(g));
+    handles.push_back(*handle);
+  }
+  Segment* segment = placement.target->segment;
+  size_t mapped = 0;
+  while (status.ok() && mapped < granules) {
+    uintptr_t address = placement.map_at + mapped * g;
+    status = device_->Map(address, g, handles[mapped]);
+    if (!status.ok()) break;
+    segment->chunks[(address - segment->base) / g] = handles[mapped];
+    ++mapped;
+  }
+  if (!status.ok()) return AbandonExpandable(shard, placement, mapped, handles, status);
+  MutexLock lock(&shard.mu);
+  shard.MarkMapped(placement.target, placement.map_at, placement.to_map);
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::AbandonExpandable(Shard& shard,
+                                                     const ExpandablePlacement& placement,
+                                                     size_t mapped,
+                                                     const std::vector<PhysicalHandle>& handles,
+                                                     absl::Status cause) {
+  absl::Status status = RejectGrowth(*shard.arena, placement.target, placement.map_at, mapped,
+                                     handles, std::move(cause));
+  Segment* reserved = placement.new_segment;
+  if (reserved != nullptr) {
+    bool idle;
+    {
+      MutexLock lock(&shard.mu);
+      idle = shard.RemoveSegmentIfIdle(reserved);
+    }
+    if (idle && device_->ReleaseAddressRange(reserved->base, reserved->size).ok()) {
+      RetireSegment(reserved);
+    }
+  }
+  return status;
+}
+
+absl::Status CachingAllocatorImpl::RejectGrowth(Arena& arena, const Block* target,
+                                                uintptr_t map_at,
+                                                size_t mapped,
+                                                const std::vector<PhysicalHandle>& handles,
+                                                absl::Status cause) {
+  // Nothing of a failed growth stays mapped, and every chunk it holds goes back to the device
+  // (the reclaimed ones were free memory anyway).
+  Segment* segment = target->segment;
+  for (size_t i = 0; i < handles.size(); ++i) {
+    if (i < mapped) {
+      uintptr_t address = map_at + i * granularity_;
+      device_->Unmap(address, granularity_).IgnoreError();
+      segment->chunks[(address - segment->base) / granularity_] = 0;
+    }
+    if (device_->ReleasePhysical(handles[i]).ok()) {
+      ++DeviceStats(arena).device_frees;
+      DeviceStats(arena).reserved_bytes.Decrease(static_cast<int64_t>(granularity_));
+    }
+  }
+  return cause;
+}
+
+absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t wanted,
+                                                       const Block* keep,
+                                                       std::vector<PhysicalHandle>* handles) {
+  // The growing shard first, then the others, each locked alone. An arena that keeps its memory
+  // (a graph's pool) gives none of it up, not even to itself: a graph replays into the addresses
+  // it captured, so a chunk must never move from one address of its pool to another.
+  if (shard.arena->shares_free_memory) {
+    MutexLock lock(&shard.mu);
+    absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles);
+    if (!s.ok()) return s;
+  }
+  for (Arena* arena : live_arenas_) {  // a gone arena has no free chunks, only ranges
+    if (!arena->expandable || !arena->shares_free_memory) continue;
+    for (Shard* other : arena->Shards()) {
+      if (handles->size() == wanted) return absl::OkStatus();
+      if (other == &shard) continue;
+      MutexLock lock(&other->mu);
+      absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, handles);
+      if (!s.ok()) return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t wanted,
+                                                       const Block* keep,
+                                                       std::vector<PhysicalHandle>* handles) {
+  const size_t g = granularity_;
+  shard.FlushQuick();
+  struct Candidate {
+    Block* block;
+    uintptr_t begin;
+    uintptr_t end;
+  };
+  std::vector<Candidate> candidates;
+  for (Segment* segment : shard.segments()) {
+    if (!segment->expandable) continue;
+    for (Block* block = segment->first; block != nullptr; block = block->next) {
+      if (block->state != BlockState::kFree) continue;
+      if (keep != nullptr && (block == keep->prev || block == keep->next)) continue;
+      uintptr_t begin = RoundUp(block->address, g);
+      uintptr_t end = RoundDown(block->address + block->size, g);
+      if (end > begin) candidates.push_back(Candidate{block, begin, end});
+    }
+  }
+  if (candidates.empty() || handles->size() >= wanted) return absl::OkStatus();
+  // Unmapping never merges free blocks, and the only blocks it merges (unmapped neighbours) are
+  // not candidates, so the candidate pointers stay valid throughout.
+  for (const Candidate& candidate : candidates) {
+    if (handles->size() == wanted) break;
+    size_t take = std::min((candidate.end - candidate.begin) / g, wanted - handles->size());
+    Segment* segment = candidate.block->segment;
+    // Blocks freed in stream order may still be read or written by work queued on the stream.
+    if (absl::Status s = WaitForFreedWork(*candidate.block); !s.ok()) return s;
+    for (size_t i = 0; i < take; ++i) {
+      uintptr_t address = candidate.begin + i * g;
+      if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;
+      size_t index = (address - segment->base) / g;
+      handles->push_back(segment->chunks[index]);
+      segment->chunks[index] = 0;
+    }
+    // The chunks now belong to the growing arena, which counts them when it maps them.
+    DeviceStats(*shard.arena).reserved_bytes.Decrease(static_cast<int64_t>(take * g));
+    shard.MarkUnmapped(candidate.block, candidate.begin, candidate.begin + take * g);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace tidepool

@@ -1,0 +1,111 @@
+// Giving memory back: EmptyCache, trimming and out-of-memory recovery return whole free
+// segments and free mapped chunks, each only once the work that may still use it is done (the
+// free epochs of caching_allocator_impl.h). Runs under the growth lock.
+#include <vector>
+
+#include "allocator/caching_allocator_impl.h"
+#include "allocator/size_policy.h"
+
+namespace tidepool {
+
+absl::Status CachingAllocatorImpl::EmptyCache() {
+  MutexLock growth(&growth_mu_);
+  if (absl::Status s = RefuseDuringCapture("empty_cache"); !s.ok()) return s;
+  return ReleaseCached();
+}
+
+absl::Status CachingAllocatorImpl::ReleaseCached() {
+  for (Arena* arena : live_arenas_) {
+    if (!arena->shares_free_memory) continue;
+    if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kRelease); !s.ok()) return s;
+  }
+  // A gone arena holds nothing anyone may use, whether or not it shares its free memory: its
+  // address ranges go too (a graph's pool, once its last graph is gone, is never begun again).
+  // Once they have, no walk visits it again.
+  for (Arena* arena : std::vector<Arena*>(gone_holding_)) {
+    if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kRelease); !s.ok()) return s;
+    ForgetIfEmpty(*arena);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::ReleaseArenaCache(Arena& arena, AddressRanges ranges) {
+  // An arena that keeps its memory (a graph's pool) is used by work the allocator never sees
+  // free anything (graph replays), so free epochs say nothing about it: synchronize first.
+  if (!arena.shares_free_memory) {
+    if (absl::Status s = SynchronizeFreedWork(); !s.ok()) return s;
+  }
+  for (Shard* shard : arena.Shards()) {
+    MutexLock lock(&shard->mu);
+    if (absl::Status s = ReleaseShardCache(*shard, ranges); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, AddressRanges ranges) {
+  if (absl::Status s = shard.WaitForEvents(); !s.ok()) return s;
+  Arena& arena = *shard.arena;
+  const size_t g = granularity_;
+  std::vector<Segment*> segments = shard.segments();  // the loop removes from the original
+  for (Segment* segment : segments) {
+    if (!segment->expandable) {
+      Block* only = segment->first;
+      if (only->next != nullptr || only->state != BlockState::kFree) continue;
+      if (absl::Status s = WaitForFreedWork(*only); !s.ok()) return s;
+      if (absl::Status s = arena.source->FreeSegment(segment->base, segment->size); !s.ok()) {
+        return s;
+      }
+      shard.RemoveSegmentIfIdle(segment);
+      ++DeviceStats(arena).device_frees;
+      DeviceStats(arena).reserved_bytes.Decrease(static_cast<int64_t>(segment->size));
+      RetireSegment(segment);
+      continue;
+    }
+    // Expandable: unmap and release every whole free granule.
+    std::vector<Block*> free_blocks;
+    for (Block* block = segment->first; block != nullptr; block = block->next) {
+      if (block->state == BlockState::kFree) free_blocks.push_back(block);
+    }
+    for (Block* block : free_blocks) {
+      uintptr_t begin = RoundUp(block->address, g);
+      uintptr_t end = RoundDown(block->address + block->size, g);
+      if (end <= begin) continue;
+      if (absl::Status s = WaitForFreedWork(*block); !s.ok()) return s;
+      for (uintptr_t address = begin; address < end; address += g) {
+        size_t index = (address - segment->base) / g;
+        if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;
+        if (absl::Status s = device_->ReleasePhysical(segment->chunks[index]); !s.ok()) return s;
+        segment->chunks[index] = 0;
+        ++DeviceStats(arena).device_frees;
+        DeviceStats(arena).reserved_bytes.Decrease(static_cast<int64_t>(g));
+      }
+      shard.MarkUnmapped(block, begin, end);
+    }
+    Block* first = segment->first;
+    if (ranges == AddressRanges::kRelease && first->next == nullptr &&
+        first->state == BlockState::kUnmapped) {
+      if (absl::Status s = device_->ReleaseAddressRange(segment->base, segment->size); !s.ok()) {
+        return s;
+      }
+      shard.RemoveSegmentIfIdle(segment);
+      RetireSegment(segment);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::WaitForFreedWork(const Block& block) {
+  if (block.freed_epoch < quiet_before_) return absl::OkStatus();
+  return SynchronizeFreedWork();
+}
+
+absl::Status CachingAllocatorImpl::SynchronizeFreedWork() {
+  // Blocks freed from here on read an epoch >= start; those freed before read less, and the
+  // work their streams queued before freeing them is done once the synchronization returns.
+  const uint64_t start = free_epoch_.fetch_add(1) + 1;
+  if (absl::Status s = device_->SynchronizeDevice(); !s.ok()) return s;
+  quiet_before_ = start;
+  return absl::OkStatus();
+}
+
+}  // namespace tidepool
