@@ -13,7 +13,9 @@
 //     what the simulated device holds;
 //   * SAFETY: bytes last freed on stream S (with RecordStream uses U...) are handed out again on
 //     stream T only if T == S or all work enqueued on S up to that free has completed, and every
-//     U has completed up to where it was at that free (SimulatedDevice::IsComplete);
+//     U has completed up to where it was at that free (SimulatedDevice::IsComplete); this, the
+//     non-overlap check and the give-back check below are the shared reuse-safety oracle
+//     (tests/testing/reuse_oracle.h);
 //   * an allocation fails only with RESOURCE_EXHAUSTED, and then only when a fault was injected
 //     or the live blocks could plausibly pin the whole device;
 //   * every range the allocator gives back to the device or unmaps (seen through a Device
@@ -42,13 +44,13 @@
 #include <cinttypes>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -63,47 +65,28 @@
 #include "allocator/forwarding_device.h"
 #include "allocator/simulated_device.h"
 #include "allocator/stats.h"
+#include "tests/testing/randomized_run.h"
+#include "tests/testing/reuse_oracle.h"
 
 namespace tidepool {
 namespace {
 
-constexpr size_t kKiB = size_t{1} << 10;
+using testing::ReuseOracle;
+
 constexpr size_t kMiB = size_t{1} << 20;
 constexpr size_t kAlignment = 512;
 constexpr size_t kGranule = 2 * kMiB;  // the simulated device's default granularity
 
-uint64_t SeedFromEnvironment(uint64_t fallback) {
-  const char* text = std::getenv("TIDEPOOL_TEST_SEED");
-  if (text == nullptr || *text == '\0') return fallback;
-  return std::strtoull(text, nullptr, 10);
-}
-
-int64_t OpsFromEnvironment(int64_t fallback) {
-  const char* text = std::getenv("TIDEPOOL_DIFFERENTIAL_OPS");
-  if (text == nullptr || *text == '\0') return fallback;
-  return std::strtoll(text, nullptr, 10);
-}
-
 size_t RoundUp(size_t bytes, size_t to) { return (bytes + to - 1) / to * to; }
 
-// Sizes from 1 B to 64 MiB, log-uniform within four bands, most of them small.
-size_t RandomSize(std::mt19937_64& random) {
-  const uint64_t band = random() % 100;
-  int low_bits;
-  int high_bits;
-  if (band < 60) {
-    low_bits = 0, high_bits = 16;  // 1 B .. 64 KiB
-  } else if (band < 85) {
-    low_bits = 16, high_bits = 20;  // 64 KiB .. 1 MiB
-  } else if (band < 97) {
-    low_bits = 20, high_bits = 23;  // 1 MiB .. 8 MiB
-  } else {
-    low_bits = 23, high_bits = 26;  // 8 MiB .. 64 MiB
-  }
-  const int bits = low_bits + static_cast<int>(random() % (high_bits - low_bits));
-  const size_t base = size_t{1} << bits;
-  return std::min<size_t>(base + random() % base, 64 * kMiB);
-}
+// The single-threaded run's sizes: 1 B to 64 MiB, most of them small, so that small and large
+// segments, splitting and the out-of-memory path all see steady traffic.
+constexpr testing::SizeBand kSizes[] = {
+    {60, 0, 16},    // 1 B .. 64 KiB
+    {85, 16, 20},   // 64 KiB .. 1 MiB
+    {97, 20, 23},   // 1 MiB .. 8 MiB
+    {100, 23, 26},  // 8 MiB .. 64 MiB
+};
 
 // ------------------------------------------------------------------------------------------------
 // SnapshotJson, read back: a minimal JSON reader (objects, arrays, strings without escapes
@@ -354,9 +337,10 @@ std::string CheckSnapshot(const std::string& snapshot, const AllocatorStats& sta
 
 // ------------------------------------------------------------------------------------------------
 // A Device that forwards everything to a SimulatedDevice and, before the allocator gives a range
-// back (FreeSegment) or unmaps it (Unmap), reports the range to a hook: the oracle then checks
-// that no live block lies in it and that no work that may still use its bytes is pending. This
-// sees what addresses alone cannot: physical memory moved from one place (or stream) to another.
+// back (FreeSegment) or unmaps it (Unmap), reports the range to a hook: the reuse oracle then
+// checks that no live block lies in it and that no work that may still use its bytes is pending.
+// This sees what addresses alone cannot: physical memory moved from one place (or stream) to
+// another.
 
 class WatchedDevice : public ForwardingDevice {
  public:
@@ -391,15 +375,6 @@ struct LiveBlock {
   uint8_t uses = 0;  // bit u: RecordStream on stream u (never the block's own stream)
 };
 
-// What the oracle remembers about bytes that were freed and not handed out since.
-struct FreedRange {
-  uintptr_t end = 0;
-  int stream = 0;
-  uint64_t stream_position = 0;  // work enqueued on `stream` when the block was freed
-  uint8_t uses = 0;
-  std::array<uint64_t, kStreams> use_positions{};
-};
-
 class DifferentialRun {
  public:
   DifferentialRun(bool expandable, size_t capacity, uint64_t seed, int64_t ops)
@@ -426,6 +401,7 @@ class DifferentialRun {
       REQUIRE(id.ok());
       stream_ids_[i] = *id;
     }
+    oracle_.emplace(device_.get(), streams_);
   }
 
   void Run() {
@@ -436,7 +412,7 @@ class DifferentialRun {
     for (op_ = 0; op_ < ops_; ++op_) {
       Step();
       CheckAfterStep();
-      if (op_ % 4096 == 0) PruneFreed();
+      if (op_ % 4096 == 0) oracle_->ForgetSettled();  // keeps the oracle small
       if (op_ % 5000 == 0) CheckSnapshotNow();
       if (op_ % 100000 == 0) CheckEveryLiveBlock();
     }
@@ -446,13 +422,13 @@ class DifferentialRun {
         " frees, %" PRId64 " out-of-memory refusals (%" PRId64 " with a fault armed), %" PRId64
         " reuses across a RecordStream checked, %" PRId64 " snapshots, %" PRId64
         " give-backs checked, %" PRId64 " oracle checks, retries %" PRId64 "\n",
-        ops_, allocations_, frees_, ooms_, ooms_with_fault_, guarded_reuses_, snapshots_,
+        ops_, allocations_, frees_, ooms_, ooms_with_fault_, oracle_->guarded_reuses(), snapshots_,
         give_backs_, checks_, final_retries_);
     std::fflush(stdout);
     // The run exercised what it is meant to exercise.
     CHECK(allocations_ > ops_ / 4);
     CHECK(frees_ > ops_ / 4);
-    CHECK(guarded_reuses_ > 0);
+    CHECK(oracle_->guarded_reuses() > 0);
   }
 
  private:
@@ -516,7 +492,7 @@ class DifferentialRun {
   }
 
   void DoAllocate() {
-    const size_t size = RandomSize(random_);
+    const size_t size = testing::RandomSize(random_, kSizes);
     const int s = static_cast<int>(random_() % kStreams);
     absl::StatusOr<void*> result = allocator_->Allocate(size, streams_[s]);
     Note(absl::StrCat("Allocate(", size, ", stream ", s, ") -> ",
@@ -550,49 +526,15 @@ class DifferentialRun {
     Check(block.size % kAlignment == 0, "a block's size is not a multiple of 512");
     Check(block.address + block.size > block.address, "a block wraps around the address space");
 
-    // No overlap with any live block.
-    auto next = live_by_address_.lower_bound(block.address);
-    if (next != live_by_address_.end()) {
-      Check(next->first >= block.address + block.size, "a new block overlaps a live block above");
-    }
-    if (next != live_by_address_.begin()) {
-      auto prev = std::prev(next);
-      Check(prev->second <= block.address, "a new block overlaps a live block below");
-    }
-    CheckReuseIsSafe(block);
-    live_by_address_.emplace(block.address, block.address + block.size);
+    // No overlap with any live block, and freed bytes reused only under the SAFETY rule.
+    const std::vector<std::string> unsafe =
+        oracle_->Admit(block.address, block.address + block.size, s);
+    ++checks_;
+    if (!unsafe.empty()) Fail(absl::StrJoin(unsafe, "\n"));
     live_.push_back(block);
     requested_ += static_cast<int64_t>(block.requested);
     allocated_ += static_cast<int64_t>(block.size);
     pinned_ += Pinned(block);
-  }
-
-  // The SAFETY rule of the stream-ordering contract, for every freed range the new block covers.
-  void CheckReuseIsSafe(const LiveBlock& block) {
-    const uintptr_t begin = block.address;
-    const uintptr_t end = block.address + block.size;
-    auto it = freed_.lower_bound(begin);
-    if (it != freed_.begin() && std::prev(it)->second.end > begin) it = std::prev(it);
-    std::vector<std::pair<uintptr_t, FreedRange>> keep;  // the parts outside the new block
-    while (it != freed_.end() && it->first < end) {
-      const FreedRange& freed = it->second;
-      if (block.stream != freed.stream) {
-        Check(device_->IsComplete(streams_[freed.stream], freed.stream_position),
-              "bytes freed on one stream were handed to another while the first stream's work "
-              "up to the free was still pending");
-      }
-      if (freed.uses != 0) ++guarded_reuses_;
-      for (int u = 0; u < kStreams; ++u) {
-        if ((freed.uses & (1u << u)) == 0) continue;
-        Check(device_->IsComplete(streams_[u], freed.use_positions[u]),
-              "bytes of a block used on another stream (RecordStream) were handed out again "
-              "before that stream's work up to the free completed");
-      }
-      if (it->first < begin) keep.emplace_back(it->first, FreedRange(freed)).second.end = begin;
-      if (freed.end > end) keep.emplace_back(end, freed);
-      it = freed_.erase(it);
-    }
-    for (auto& [start, range] : keep) freed_.emplace(start, range);
   }
 
   void DoFree() {
@@ -605,17 +547,13 @@ class DifferentialRun {
                       ", uses ", block.uses, ") -> ", freed.ToString()));
     Check(freed.ok(), "Free of a live block failed");
     ++frees_;
-    live_by_address_.erase(block.address);
     requested_ -= static_cast<int64_t>(block.requested);
     allocated_ -= static_cast<int64_t>(block.size);
     pinned_ -= Pinned(block);
-    FreedRange range;
-    range.end = block.address + block.size;
-    range.stream = block.stream;
-    range.stream_position = enqueued_[block.stream];
-    range.uses = block.uses;
-    for (int u = 0; u < kStreams; ++u) range.use_positions[u] = enqueued_[u];
-    freed_[block.address] = range;  // allocation erased whatever covered these bytes before
+    // After Free, not before: a give-back inside Free must still find the block live.
+    const std::string not_live = oracle_->Retire(block.address, block.uses, enqueued_);
+    ++checks_;
+    if (!not_live.empty()) Fail(not_live);
   }
 
   void DoRecordStream() {
@@ -671,25 +609,6 @@ class DifferentialRun {
     }
   }
 
-  // Whether all work that may use a freed range has completed.
-  bool Settled(const FreedRange& range) const {
-    if (!device_->IsComplete(streams_[range.stream], range.stream_position)) return false;
-    for (int u = 0; u < kStreams; ++u) {
-      if ((range.uses & (1u << u)) != 0 &&
-          !device_->IsComplete(streams_[u], range.use_positions[u])) {
-        return false;
-      }
-    }
-    return true;
-  }
-
-  // Forgets freed ranges whose streams have all passed the free: any reuse of them is safe.
-  void PruneFreed() {
-    for (auto it = freed_.begin(); it != freed_.end();) {
-      it = Settled(it->second) ? freed_.erase(it) : std::next(it);
-    }
-  }
-
   // The WatchedDevice's hook: the allocator is about to give back or unmap [address, +bytes).
   // Called inside an allocator call, so it only records the first problem; CheckAfterStep
   // reports it.
@@ -697,24 +616,9 @@ class DifferentialRun {
     ++give_backs_;
     ++checks_;
     if (!give_back_problem_.empty()) return;
-    const uintptr_t end = address + bytes;
-    auto next = live_by_address_.lower_bound(address);
-    if ((next != live_by_address_.end() && next->first < end) ||
-        (next != live_by_address_.begin() && std::prev(next)->second > address)) {
-      give_back_problem_ =
-          absl::StrCat(operation, "(", address, ", ", bytes, ") while a live block is inside it");
-      return;
-    }
-    auto it = freed_.lower_bound(address);
-    if (it != freed_.begin() && std::prev(it)->second.end > address) it = std::prev(it);
-    for (; it != freed_.end() && it->first < end; ++it) {
-      if (!Settled(it->second)) {
-        give_back_problem_ = absl::StrCat(
-            operation, "(", address, ", ", bytes, ") while work that may use the bytes freed at ",
-            it->first, " on stream ", it->second.stream,
-            " (or on a stream it was recorded on) is still pending");
-        return;
-      }
+    const std::string problem = oracle_->CheckGiveBack(address, address + bytes);
+    if (!problem.empty()) {
+      give_back_problem_ = absl::StrCat(operation, "(", address, ", ", bytes, ") while ", problem);
     }
   }
 
@@ -751,6 +655,9 @@ class DifferentialRun {
   const int64_t ops_;
   std::mt19937_64 random_;
   std::unique_ptr<SimulatedDevice> device_;
+  // Made once the streams are; before the allocator, whose destruction may still give memory
+  // back through the hook.
+  std::optional<ReuseOracle> oracle_;
   std::unique_ptr<WatchedDevice> watched_;
   std::unique_ptr<CachingAllocator> allocator_;
   std::array<Stream, kStreams> streams_{};
@@ -759,8 +666,6 @@ class DifferentialRun {
 
   int64_t op_ = 0;
   std::vector<LiveBlock> live_;
-  std::map<uintptr_t, uintptr_t> live_by_address_;  // start -> end
-  std::map<uintptr_t, FreedRange> freed_;           // start -> range, disjoint
   int64_t requested_ = 0;
   int64_t allocated_ = 0;
   size_t pinned_ = 0;
@@ -772,7 +677,6 @@ class DifferentialRun {
   int64_t frees_ = 0;
   int64_t ooms_ = 0;
   int64_t ooms_with_fault_ = 0;
-  int64_t guarded_reuses_ = 0;
   int64_t checks_ = 0;
   int64_t snapshots_ = 0;
   int64_t give_backs_ = 0;
@@ -787,8 +691,9 @@ TEST_CASE("a million random operations agree with the model and never reuse memo
   // time, for a quarter of that.
   const bool tight = GENERATE(false, true);
   const size_t capacity = tight ? size_t{256} << 20 : size_t{1} << 30;
-  const int64_t ops = OpsFromEnvironment(tight ? 250000 : 1000000);
-  const uint64_t seed = SeedFromEnvironment(20240601 + (expandable ? 0 : 1) + (tight ? 2 : 0));
+  const int64_t ops = testing::OpsFromEnvironment(tight ? 250000 : 1000000);
+  const uint64_t seed =
+      testing::SeedFromEnvironment(20240601 + (expandable ? 0 : 1) + (tight ? 2 : 0));
   INFO("expandable_segments=" << expandable << " capacity=" << (capacity >> 20)
                               << " MiB seed=" << seed << " ops=" << ops);
   DifferentialRun run(expandable, capacity, seed, ops);
@@ -799,11 +704,11 @@ TEST_CASE("a million random operations agree with the model and never reuse memo
 // Multi-threaded variant.
 //
 // Ten threads: 0..7 on streams of their own, 8 and 9 sharing the ninth. Blocks are sometimes
-// handed to another thread to free. A global interval map (under one mutex) checks that no two
-// live blocks overlap; a global map of freed ranges applies the same SAFETY rule as above to
-// reuse, and the WatchedDevice checks every range given back or unmapped against both maps.
-// Stream positions are tracked conservatively (a racing Enqueue may be missed, which can only
-// make the oracle more lenient, never wrong).
+// handed to another thread to free. One reuse oracle for all threads (under one mutex) checks that
+// no two live blocks overlap, applies the same SAFETY rule as above to reuse, and checks every
+// range the WatchedDevice sees given back or unmapped. Stream positions are tracked
+// conservatively (a racing Enqueue may be missed, which can only make the oracle more lenient,
+// never wrong).
 
 constexpr int kThreadStreams = 9;
 
@@ -814,24 +719,16 @@ struct HeldBlock {
   uint16_t uses = 0;  // bit u: RecordStream on stream u
 };
 
-struct ThreadFreed {
-  uintptr_t end = 0;
-  int stream = 0;
-  uint64_t stream_position = 0;
-  uint16_t uses = 0;
-  std::array<uint64_t, kThreadStreams> use_positions{};
-};
-
 struct SharedState {
-  explicit SharedState(SimulatedDevice& sim) : device(sim) {}
+  SharedState(SimulatedDevice& sim, const std::array<Stream, kThreadStreams>& made)
+      : device(sim), streams(made), oracle(&sim, made) {}
 
   SimulatedDevice& device;
-  std::array<Stream, kThreadStreams> streams{};
+  const std::array<Stream, kThreadStreams> streams;
   std::array<std::atomic<uint64_t>, kThreadStreams> enqueued{};  // highest position seen
 
   std::mutex mu;
-  std::map<uintptr_t, std::pair<uintptr_t, int>> live;  // start -> (end, owning thread)
-  std::map<uintptr_t, ThreadFreed> freed;                // start -> range, disjoint
+  ReuseOracle oracle;  // guarded by mu
   std::vector<HeldBlock> handed_over;  // blocks waiting for another thread to free
   std::vector<std::string> errors;
   std::atomic<bool> failed{false};
@@ -852,118 +749,32 @@ struct SharedState {
     }
   }
 
-  bool SettledLocked(const ThreadFreed& range) {
-    if (!device.IsComplete(streams[range.stream], range.stream_position)) return false;
-    for (int u = 0; u < kThreadStreams; ++u) {
-      if ((range.uses & (1u << u)) != 0 && !device.IsComplete(streams[u], range.use_positions[u])) {
-        return false;
-      }
-    }
-    return true;
-  }
-
-  // Freed ranges overlapping [begin, end), as an iterator range start.
-  std::map<uintptr_t, ThreadFreed>::iterator FirstFreedLocked(uintptr_t begin) {
-    auto it = freed.lower_bound(begin);
-    if (it != freed.begin() && std::prev(it)->second.end > begin) it = std::prev(it);
-    return it;
-  }
-
-  bool OverlapsLiveLocked(uintptr_t begin, uintptr_t end, std::string* which) {
-    auto next = live.lower_bound(begin);
-    if (next != live.end() && next->first < end) {
-      *which = absl::StrCat("[", next->first, ", ", next->second.first, ") of thread ",
-                            next->second.second);
-      return true;
-    }
-    if (next != live.begin() && std::prev(next)->second.first > begin) {
-      auto prev = std::prev(next);
-      *which = absl::StrCat("[", prev->first, ", ", prev->second.first, ") of thread ",
-                            prev->second.second);
-      return true;
-    }
-    return false;
-  }
-
   // Called by the WatchedDevice, inside the allocator, whenever memory is given back or unmapped.
   void OnGiveBack(const char* operation, uintptr_t address, size_t bytes) {
     std::lock_guard<std::mutex> lock(mu);
     give_backs_checked.fetch_add(1, std::memory_order_relaxed);
-    const uintptr_t end = address + bytes;
-    std::string which;
-    if (OverlapsLiveLocked(address, end, &which)) {
-      ErrorLocked(absl::StrCat(operation, "(", address, ", ", bytes, ") while live block ", which,
-                               " is inside it"));
-      return;
-    }
-    for (auto it = FirstFreedLocked(address); it != freed.end() && it->first < end; ++it) {
-      if (!SettledLocked(it->second)) {
-        ErrorLocked(absl::StrCat(operation, "(", address, ", ", bytes, ") while work on stream ",
-                                 it->second.stream, " (or a stream it was used on) that may use "
-                                 "bytes freed at ", it->first, " is still pending"));
-        return;
-      }
+    const std::string problem = oracle.CheckGiveBack(address, address + bytes);
+    if (!problem.empty()) {
+      ErrorLocked(absl::StrCat(operation, "(", address, ", ", bytes, ") while ", problem));
     }
   }
 
   // A new block [begin, end) on `stream`: must not overlap a live block, and may reuse freed
   // bytes only under the SAFETY rule. Records it as live.
   void AdmitLocked(int thread, int op, uintptr_t begin, uintptr_t end, int stream) {
-    std::string which;
-    if (OverlapsLiveLocked(begin, end, &which)) {
-      ErrorLocked(absl::StrCat("thread ", thread, " op ", op, ": block [", begin, ", ", end,
-                               ") overlaps live block ", which));
-      return;
+    for (const std::string& problem : oracle.Admit(begin, end, stream, {}, thread)) {
+      ErrorLocked(absl::StrCat("thread ", thread, " op ", op, ": ", problem));
     }
-    std::vector<std::pair<uintptr_t, ThreadFreed>> keep;
-    for (auto it = FirstFreedLocked(begin); it != freed.end() && it->first < end;) {
-      const ThreadFreed& range = it->second;
-      const bool other_stream_pending =
-          range.stream != stream &&
-          !device.IsComplete(streams[range.stream], range.stream_position);
-      bool uses_pending = false;
-      for (int u = 0; u < kThreadStreams; ++u) {
-        if ((range.uses & (1u << u)) != 0 &&
-            !device.IsComplete(streams[u], range.use_positions[u])) {
-          uses_pending = true;
-        }
-      }
-      if (other_stream_pending || uses_pending) {
-        ErrorLocked(absl::StrCat("thread ", thread, " op ", op, ": block [", begin, ", ", end,
-                                 ") on stream ", stream, " reuses bytes freed at ", it->first,
-                                 " on stream ", range.stream, " while ",
-                                 other_stream_pending ? "that stream" : "a RecordStream stream",
-                                 " still has work pending"));
-      }
-      if (it->first < begin) {
-        ThreadFreed head = range;
-        head.end = begin;
-        keep.emplace_back(it->first, head);
-      }
-      if (range.end > end) keep.emplace_back(end, range);
-      it = freed.erase(it);
-    }
-    for (auto& [start, range] : keep) freed.emplace(start, range);
-    live.emplace(begin, std::make_pair(end, thread));
   }
 
-  // Before a Free: the block leaves the live map, and its bytes are remembered as freed.
+  // Before a Free: the block leaves the live blocks, and its bytes are remembered as freed with
+  // every stream's position now.
   void RetireLocked(int thread, int op, const HeldBlock& block) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(block.ptr);
-    auto it = live.find(begin);
-    if (it == live.end()) {
-      ErrorLocked(absl::StrCat("thread ", thread, " op ", op, ": a block to free is not live"));
-      return;
-    }
-    ThreadFreed range;
-    range.end = it->second.first;
-    range.stream = block.stream;
-    range.stream_position = enqueued[block.stream].load();
-    range.uses = block.uses;
-    for (int u = 0; u < kThreadStreams; ++u) range.use_positions[u] = enqueued[u].load();
-    live.erase(it);
-    // Any older record inside these bytes was erased when they were handed out.
-    freed[begin] = range;
+    std::array<uint64_t, kThreadStreams> positions{};
+    for (int s = 0; s < kThreadStreams; ++s) positions[s] = enqueued[s].load();
+    const std::string problem =
+        oracle.Retire(reinterpret_cast<uintptr_t>(block.ptr), block.uses, positions);
+    if (!problem.empty()) ErrorLocked(absl::StrCat("thread ", thread, " op ", op, ": ", problem));
   }
 };
 
@@ -1000,8 +811,7 @@ void ThreadBody(int thread, int stream_index, CachingAllocator& allocator, Share
     const int alloc_share = mine.size() < 8 ? 800 : mine.size() > 48 ? 250 : 450;
     if (mine.empty() || dice < static_cast<uint64_t>(alloc_share)) {
       // 1 B .. 4 MiB, mostly small.
-      const int bits = static_cast<int>(random() % 22);
-      const size_t size = (size_t{1} << bits) + random() % (size_t{1} << bits);
+      const size_t size = testing::LogUniformSize(random, 0, 22);
       absl::StatusOr<void*> ptr = allocator.Allocate(size, stream);
       if (!ptr.ok()) {
         if (!absl::IsResourceExhausted(ptr.status())) {
@@ -1086,7 +896,7 @@ TEST_CASE("ten threads on nine streams never get overlapping blocks, and tear do
   // which returns other threads' cached memory while they allocate and free.
   const bool tight = GENERATE(false, true);
   const size_t capacity = tight ? size_t{160} << 20 : size_t{16} << 30;
-  const uint64_t seed = SeedFromEnvironment(77 + (expandable ? 0 : 1) + (tight ? 2 : 0));
+  const uint64_t seed = testing::SeedFromEnvironment(77 + (expandable ? 0 : 1) + (tight ? 2 : 0));
   constexpr int kThreads = 10;
   constexpr int kTotalOps = 200000;
   INFO("expandable_segments=" << expandable << " capacity=" << (capacity >> 20)
@@ -1099,12 +909,13 @@ TEST_CASE("ten threads on nine streams never get overlapping blocks, and tear do
   SimulatedDevice::Options options;
   options.capacity = capacity;
   SimulatedDevice device(options);
-  SharedState shared(device);
-  for (int i = 0; i < kThreadStreams; ++i) {
-    absl::StatusOr<Stream> stream = device.CreateStream();
-    REQUIRE(stream.ok());
-    shared.streams[i] = *stream;
+  std::array<Stream, kThreadStreams> streams{};
+  for (Stream& stream : streams) {
+    absl::StatusOr<Stream> made = device.CreateStream();
+    REQUIRE(made.ok());
+    stream = *made;
   }
+  SharedState shared(device, streams);
   WatchedDevice watched(&device);
   watched.set_hook([&shared](const char* operation, uintptr_t address, size_t bytes) {
     shared.OnGiveBack(operation, address, bytes);
@@ -1168,7 +979,7 @@ TEST_CASE("ten threads on nine streams never get overlapping blocks, and tear do
     requested += static_cast<int64_t>(block.requested);
   }
   CHECK(stats.active_blocks.current == static_cast<int64_t>(shared.handed_over.size()));
-  CHECK(stats.active_blocks.current == static_cast<int64_t>(shared.live.size()));
+  CHECK(stats.active_blocks.current == shared.oracle.live_blocks());
   CHECK(stats.requested_bytes.current == requested);
   CHECK(stats.reserved_bytes.current == static_cast<int64_t>(device.used_bytes()));
   const std::string problem = CheckSnapshot(allocator->SnapshotJson(), stats, known);

@@ -18,7 +18,7 @@
 //   * after EmptyCache or Trim, a pool with no live block holds nothing;
 //   * reuse is never unsafe (bytes freed on stream S, or used on U by RecordStream, are handed out
 //     again on another stream only once that work completed), and bytes of one pool are never
-//     handed out by another;
+//     handed out by another (the shared reuse-safety oracle, tests/testing/reuse_oracle.h);
 //   * the snapshot of a pool lists exactly its live blocks (every 5,000 operations);
 // and at the end everything is freed, every route ended and every reference released, the cache
 // emptied, and the device must hold nothing.
@@ -68,9 +68,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
-#include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -90,34 +90,23 @@
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
 #include "pool/route.h"
+#include "tests/testing/randomized_run.h"
+#include "tests/testing/reuse_oracle.h"
 
 namespace tidepool {
 namespace {
 
-constexpr size_t kKiB = size_t{1} << 10;
+using testing::ArenaTag;
+using testing::ReuseOracle;
+
 constexpr size_t kMiB = size_t{1} << 20;
 
-uint64_t SeedFromEnvironment(uint64_t fallback) {
-  const char* text = std::getenv("TIDEPOOL_TEST_SEED");
-  if (text == nullptr || *text == '\0') return fallback;
-  return std::strtoull(text, nullptr, 10);
-}
-
-int64_t OpsFromEnvironment(int64_t fallback) {
-  const char* text = std::getenv("TIDEPOOL_DIFFERENTIAL_OPS");
-  if (text == nullptr || *text == '\0') return fallback;
-  return std::strtoll(text, nullptr, 10);
-}
-
-// 1 B to 16 MiB, most of them small.
-size_t RandomSize(std::mt19937_64& random) {
-  const uint64_t band = random() % 100;
-  const int bits = band < 70 ? 1 + static_cast<int>(random() % 16)         // up to 64 KiB
-                   : band < 95 ? 16 + static_cast<int>(random() % 5)     // up to 2 MiB
-                               : 21 + static_cast<int>(random() % 3);    // up to 16 MiB
-  const size_t base = size_t{1} << (bits - 1);
-  return base + random() % base;
-}
+// Allocation sizes: 1 B to 8 MiB, most of them small.
+constexpr testing::SizeBand kSizes[] = {
+    {70, 0, 16},    // 1 B .. 64 KiB
+    {95, 15, 20},   // 32 KiB .. 1 MiB
+    {100, 20, 23},  // 1 MiB .. 8 MiB
+};
 
 const char* CodeName(absl::StatusCode code) {
   switch (code) {
@@ -189,25 +178,12 @@ struct LiveBlock {
   uint8_t uses = 0;  // bit u: RecordStream on stream u (never the block's own)
 };
 
-struct FreedRange {
-  uintptr_t end = 0;
-  int stream = 0;
-  int pool = 0;
-  int generation = 0;
-  uint64_t stream_position = 0;
-  uint8_t uses = 0;
-  std::array<uint64_t, kStreams> use_positions{};
-  // Freed during capture after use on other streams: the capture epoch it was freed in (its
-  // events are recorded when that epoch ends), else -1.
-  int64_t deferred_epoch = -1;
-};
-
 struct Counters {
   int64_t allocations = 0, frees = 0, routed_allocations = 0, record_streams = 0;
   int64_t begins = 0, created = 0, revived = 0, afresh = 0;
   int64_t ends = 0, end_refusals = 0;
   int64_t releases = 0, release_refusals = 0, gone = 0;
-  int64_t empty_caches = 0, trims = 0, snapshots = 0, guarded_reuses = 0, route_checks = 0;
+  int64_t empty_caches = 0, trims = 0, snapshots = 0, route_checks = 0;
   // Captures.
   int64_t capture_begins = 0, private_pools = 0, shared_graph_pools = 0, shared_handle_pools = 0;
   int64_t shared_capture_pools = 0, busy_stream_refusals = 0, not_graph_pool_refusals = 0;
@@ -217,7 +193,7 @@ struct Counters {
   int64_t shared_creates = 0, shared_resets = 0, graph_pools_gone = 0;
   int64_t captured_allocations = 0, joined_allocations = 0, overridden_in_capture = 0;
   int64_t invalidated_allocations = 0, record_streams_in_capture = 0, deferred_frees = 0;
-  int64_t deferred_reuses = 0, empty_cache_refusals = 0, trim_refusals_capture = 0;
+  int64_t empty_cache_refusals = 0, trim_refusals_capture = 0;
   int64_t trim_refusals_graph = 0, ops_in_capture = 0, pools_freed_after_capture = 0;
 };
 
@@ -236,6 +212,7 @@ class PoolDifferentialRun {
       streams_[s] = *stream;
       stream_ids_[s] = *device_->GetStreamId(*stream);
     }
+    oracle_.emplace(device_.get(), streams_);
     for (int p = 0; p < kPools; ++p) pools_[p].id = NewUserPoolId();
     pools_[kDefault].id = kDefaultPool;
     pools_[kDefault].known = true;
@@ -271,7 +248,7 @@ class PoolDifferentialRun {
         " afresh after gone), %" PRId64 " ends (%" PRId64 " refused), %" PRId64
         " releases (%" PRId64 " refused), %" PRId64 " pools gone; %" PRId64 " EmptyCache, %" PRId64
         " Trim, %" PRId64 " snapshots, %" PRId64 " RouteOf checks, %" PRId64 " oracle checks\n",
-        c.allocations, c.routed_allocations, c.frees, c.record_streams, c.guarded_reuses,
+        c.allocations, c.routed_allocations, c.frees, c.record_streams, oracle_->guarded_reuses(),
         c.begins, c.created, c.revived, c.afresh, c.ends, c.end_refusals, c.releases,
         c.release_refusals, c.gone, c.empty_caches, c.trims, c.snapshots, c.route_checks,
         checks_);
@@ -285,7 +262,7 @@ class PoolDifferentialRun {
     CHECK(c.gone > 0);
     CHECK(c.end_refusals > 0);
     CHECK(c.release_refusals > 0);
-    CHECK(c.guarded_reuses > 0);
+    CHECK(oracle_->guarded_reuses() > 0);
     std::printf(
         "pool differential run, captures: %" PRId64 " begun (%" PRId64 " private pools, %" PRId64
         " sharing a graph's pool, %" PRId64 " a SharedPool's, %" PRId64
@@ -308,8 +285,8 @@ class PoolDifferentialRun {
         c.graph_resets, c.destroyed_graphs, c.shared_creates, c.shared_resets,
         c.graph_pools_gone, c.ops_in_capture, c.captured_allocations, c.joined_allocations,
         c.overridden_in_capture, c.invalidated_allocations, c.record_streams_in_capture,
-        c.deferred_frees, c.deferred_reuses, c.empty_cache_refusals, c.trim_refusals_capture,
-        c.trim_refusals_graph, c.pools_freed_after_capture);
+        c.deferred_frees, oracle_->deferred_reuses(), c.empty_cache_refusals,
+        c.trim_refusals_capture, c.trim_refusals_graph, c.pools_freed_after_capture);
     std::fflush(stdout);
     // Every capture operation happened, often enough: at least so many per million operations
     // (about a third of what the default seeds see), and at least once.
@@ -343,7 +320,7 @@ class PoolDifferentialRun {
     REQUIRE(c.invalidated_allocations >= per_million(2500));
     REQUIRE(c.record_streams_in_capture >= per_million(5000));
     REQUIRE(c.deferred_frees >= per_million(5000));
-    REQUIRE(c.deferred_reuses >= per_million(5000));
+    REQUIRE(oracle_->deferred_reuses() >= per_million(5000));
     REQUIRE(c.empty_cache_refusals >= per_million(50));
     REQUIRE(c.trim_refusals_capture >= per_million(25));
     REQUIRE(c.trim_refusals_graph >= per_million(100));
@@ -442,7 +419,7 @@ class PoolDifferentialRun {
   // On `stream`, or on a random one.
   void DoAllocate(int stream = -1) {
     const int s = stream >= 0 ? stream : static_cast<int>(random_() % kStreams);
-    const size_t size = RandomSize(random_);
+    const size_t size = testing::RandomSize(random_, kSizes);
     const int expected = Predict(s);
     absl::StatusOr<PoolId> route = manager_->RouteOf(streams_[s]);
     Check(route.ok() && *route == pools_[expected].id, [&] {
@@ -484,15 +461,11 @@ class PoolDifferentialRun {
       return absl::StrCat("the block landed in ", of.ok() ? of->ToString() : of.status().ToString(),
                           "; the model says ", Name(expected));
     });
-    auto next = live_by_address_.lower_bound(block.address);
-    if (next != live_by_address_.end()) {
-      Check(next->first >= block.address + block.size, "a new block overlaps a live block");
-    }
-    if (next != live_by_address_.begin()) {
-      Check(std::prev(next)->second <= block.address, "a new block overlaps a live block");
-    }
-    CheckReuseIsSafe(block);
-    live_by_address_.emplace(block.address, block.address + block.size);
+    // No overlap with a live block; freed bytes reused only by the pool (and arena) they were
+    // freed into, and only as stream ordering allows.
+    const std::vector<std::string> unsafe = oracle_->Admit(
+        block.address, block.address + block.size, s, ArenaTag{expected, block.generation});
+    Check(unsafe.empty(), [&] { return absl::StrJoin(unsafe, "\n"); });
     live_.push_back(block);
     ModelPool& pool = pools_[expected];
     ++pool.live;
@@ -501,63 +474,12 @@ class PoolDifferentialRun {
     CheckPoolStats(expected);
   }
 
-  // Stream-ordered reuse, pool by pool: the SAFETY rule of the allocator's own differential test,
-  // plus: bytes go back only to the pool (and the arena) they came from.
-  void CheckReuseIsSafe(const LiveBlock& block) {
-    const uintptr_t begin = block.address;
-    const uintptr_t end = block.address + block.size;
-    auto it = freed_.lower_bound(begin);
-    if (it != freed_.begin() && std::prev(it)->second.end > begin) it = std::prev(it);
-    std::vector<std::pair<uintptr_t, FreedRange>> keep;
-    while (it != freed_.end() && it->first < end) {
-      const FreedRange& freed = it->second;
-      Check(freed.pool == block.pool && freed.generation == block.generation, [&] {
-        return absl::StrCat("bytes freed into ", Name(freed.pool), " (generation ",
-                            freed.generation, ") were handed out by ", Name(block.pool),
-                            " (generation ", block.generation, ")");
-      });
-      if (block.stream != freed.stream) {
-        Check(device_->IsComplete(streams_[freed.stream], freed.stream_position),
-              "bytes freed on one stream were handed to another before its work completed");
-      }
-      if (freed.uses != 0) ++counters_.guarded_reuses;
-      const std::array<uint64_t, kStreams>* use_positions = &freed.use_positions;
-      if (freed.deferred_epoch >= 0) {
-        // Deferred: its events were recorded only when the captures were over.
-        Check(freed.deferred_epoch < capture_epoch_,
-              "bytes of a block freed during capture after use on another stream were handed out "
-              "again before the captures were over");
-        use_positions = &epoch_end_positions_[freed.deferred_epoch];
-        ++counters_.deferred_reuses;
-      }
-      for (int u = 0; u < kStreams; ++u) {
-        if ((freed.uses & (1u << u)) == 0) continue;
-        Check(device_->IsComplete(streams_[u], (*use_positions)[u]),
-              freed.deferred_epoch >= 0
-                  ? "bytes of a block freed during capture after use on another stream were "
-                    "handed out again before that stream's work up to the end of the capture "
-                    "completed"
-                  : "bytes of a block used on another stream (RecordStream) were handed out "
-                    "again before that stream's work up to the free completed");
-      }
-      if (it->first < begin) keep.emplace_back(it->first, FreedRange(freed)).second.end = begin;
-      if (freed.end > end) keep.emplace_back(end, freed);
-      it = freed_.erase(it);
-    }
-    for (auto& [start, range] : keep) freed_.emplace(start, range);
-  }
-
   // Forgets the freed bytes of arenas that are gone: they went back to the device, and the
   // simulated device never hands the same addresses out again.
   void PruneFreed() {
-    for (auto it = freed_.begin(); it != freed_.end();) {
-      const FreedRange& range = it->second;
-      if (range.generation != pools_[range.pool].generation || Gone(range.pool)) {
-        it = freed_.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    oracle_->ForgetArenas([this](const ArenaTag& arena) {
+      return arena.generation != pools_[arena.pool].generation || Gone(arena.pool);
+    });
   }
 
   // The first live block of pool `p` from `start` on (wrapping), else `start`.
@@ -597,20 +519,12 @@ class PoolDifferentialRun {
     Check(freed.ok(),
           [&] { return absl::StrCat("Free of a live block failed: ", freed.ToString()); });
     ++counters_.frees;
-    live_by_address_.erase(block.address);
-    FreedRange range;
-    range.end = block.address + block.size;
-    range.stream = block.stream;
-    range.pool = block.pool;
-    range.generation = block.generation;
-    range.stream_position = enqueued_[block.stream];
-    range.uses = block.uses;
-    for (int u = 0; u < kStreams; ++u) range.use_positions[u] = enqueued_[u];
-    if (!Quiet() && block.uses != 0) {
-      range.deferred_epoch = capture_epoch_;
-      ++counters_.deferred_frees;
-    }
-    freed_[block.address] = range;
+    // Freed during capture after use on other streams: the allocator records its events only
+    // when the captures are over.
+    const bool deferred = !Quiet() && block.uses != 0;
+    if (deferred) ++counters_.deferred_frees;
+    const std::string not_live = oracle_->Retire(block.address, block.uses, enqueued_, deferred);
+    Check(not_live.empty(), not_live);
     ModelPool& pool = pools_[block.pool];
     --pool.live;
     pool.requested -= static_cast<int64_t>(block.requested);
@@ -1002,7 +916,7 @@ class PoolDifferentialRun {
       expected = absl::StatusCode::kFailedPrecondition;
     }
     absl::StatusOr<graph::Capture> begun =
-        graph::Capture::Begin(manager_.get(), streams_[s], options);
+        graph::Capture::Begin(device_.get(), manager_.get(), streams_[s], options);
     Note(absl::StrCat("Capture::Begin(stream ", s, ", pool ", options.pool.ToString(), ") -> ",
                       begun.ok() ? absl::StrCat("capture ", begun->capture_id(), " into ",
                                                 begun->pool().ToString())
@@ -1196,8 +1110,7 @@ class PoolDifferentialRun {
   // The last capture is over: the deferred frees' events are recorded now, and what went during
   // the captures gives its memory back.
   void CapturesOver() {
-    epoch_end_positions_.push_back(enqueued_);
-    ++capture_epoch_;
+    oracle_->EndCaptureEpoch(enqueued_);
     std::vector<int> candidates = watched_graph_pools_;
     for (int p = 0; p < kPools; ++p) candidates.push_back(p);
     for (int p : candidates) {
@@ -1506,6 +1419,7 @@ class PoolDifferentialRun {
   const int64_t ops_;
   std::mt19937_64 random_;
   std::unique_ptr<SimulatedDevice> device_;
+  std::optional<ReuseOracle> oracle_;  // made once the streams are
   std::unique_ptr<CachingAllocator> allocator_;
   std::unique_ptr<PoolManager> manager_;
   std::array<Stream, kStreams> streams_{};
@@ -1515,8 +1429,6 @@ class PoolDifferentialRun {
   std::vector<ModelRoute> routes_;  // oldest first
   uint64_t next_sequence_ = 1;
   std::vector<LiveBlock> live_;
-  std::map<uintptr_t, uintptr_t> live_by_address_;
-  std::map<uintptr_t, FreedRange> freed_;
   int64_t op_ = 0;
   int64_t checks_ = 0;
   Counters counters_;
@@ -1528,9 +1440,6 @@ class PoolDifferentialRun {
   std::vector<HeldSharedPool> shared_pools_;
   std::vector<int> watched_graph_pools_;   // graph pools not gone for good
   std::vector<int> released_graph_pools_;  // graph pools nothing holds any more
-  // Capture epochs: each ends when the last capture underway ends.
-  int64_t capture_epoch_ = 0;
-  std::vector<std::array<uint64_t, kStreams>> epoch_end_positions_;
   // A burst of work on one capture's streams (DoBurstStep): its capture id, steps left.
   uint64_t burst_capture_ = 0;
   int burst_left_ = 0;
@@ -1538,8 +1447,8 @@ class PoolDifferentialRun {
 
 TEST_CASE("a million random pool operations agree with the model of routing and references") {
   const bool expandable = GENERATE(true, false);
-  const uint64_t seed = SeedFromEnvironment(20240707 + (expandable ? 0 : 1));
-  const int64_t ops = OpsFromEnvironment(expandable ? 1000000 : 250000);
+  const uint64_t seed = testing::SeedFromEnvironment(20240707 + (expandable ? 0 : 1));
+  const int64_t ops = testing::OpsFromEnvironment(expandable ? 1000000 : 250000);
   INFO("expandable_segments=" << expandable << " seed=" << seed);
   PoolDifferentialRun run(expandable, seed, ops);
   run.Run();
@@ -1697,7 +1606,7 @@ void ThreadBody(int t, uint64_t seed, int ops, SimulatedDevice& device, PoolMana
         error(absl::StrCat("RouteOf is ", route.ok() ? route->ToString() : route.status().ToString(),
                            "; the model says ", id_of(expected).ToString()));
       }
-      const size_t size = RandomSize(random) / 4 + 1;
+      const size_t size = testing::RandomSize(random, kSizes) / 4 + 1;
       absl::StatusOr<void*> ptr = manager.Allocate(size, streams[s]);
       if (!ptr.ok()) {
         error(absl::StrCat("Allocate: ", ptr.status().ToString()));
@@ -1866,7 +1775,7 @@ void ThreadBody(int t, uint64_t seed, int ops, SimulatedDevice& device, PoolMana
 
 TEST_CASE("four threads with their own routes, and scopes on a shared pool, tear down cleanly") {
   const bool expandable = GENERATE(true, false);
-  const uint64_t seed = SeedFromEnvironment(4242 + (expandable ? 0 : 1));
+  const uint64_t seed = testing::SeedFromEnvironment(4242 + (expandable ? 0 : 1));
   constexpr int kTotalOps = 200000;
   INFO("expandable_segments=" << expandable << " seed=" << seed);
   std::printf("pool threaded run: expandable_segments=%d seed=%" PRIu64 " threads=%d ops=%d\n",

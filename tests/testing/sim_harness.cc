@@ -25,7 +25,7 @@ std::unique_ptr<CachingAllocator> MakeAllocator(Device* device, const Config& co
   return std::move(*made);
 }
 
-Stream NewStream(Device* device) {
+Stream NewStream(GraphDevice* device) {
   absl::StatusOr<Stream> stream = device->CreateStream();
   INFO("CreateStream: " << stream.status().ToString());
   REQUIRE(stream.ok());

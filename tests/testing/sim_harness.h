@@ -11,6 +11,7 @@
 #include "allocator/caching_allocator.h"
 #include "allocator/config.h"
 #include "allocator/device.h"
+#include "allocator/graph_device.h"
 #include "allocator/simulated_device.h"
 
 namespace tidepool {
@@ -25,8 +26,9 @@ std::unique_ptr<SimulatedDevice> MakeDevice(size_t capacity,
 // A CachingAllocator on `device`; REQUIREs that Create succeeds.
 std::unique_ptr<CachingAllocator> MakeAllocator(Device* device, const Config& config);
 
-// A new stream on `device`; REQUIREs that CreateStream succeeds.
-Stream NewStream(Device* device);
+// A new stream on `device` (streams are made by a GraphDevice, never by the core's Device);
+// REQUIREs that CreateStream succeeds.
+Stream NewStream(GraphDevice* device);
 
 // A Config with only expandable_segments set.
 Config ExpandableConfig(bool expandable);
