@@ -208,7 +208,7 @@ absl::Status CudaDevice::Unmap(uintptr_t address, size_t bytes) {
   return absl::OkStatus();
 }
 
-// --- Events and streams -------------------------------------------------------------------------
+// --- Events, stream identity and capture info ----------------------------------------------------
 // The calls on the allocator's hot path (record, query, stream id, capture info) skip the context
 // check when the handle is a stream or event object: those carry their own context. Only the
 // default-stream handles are resolved through the current context.
@@ -244,13 +244,6 @@ absl::StatusOr<bool> CudaDevice::QueryEvent(Event event) {
 
 absl::Status CudaDevice::SynchronizeEvent(Event event) {
   return driver_.Check(driver_.cuEventSynchronize(ToCuEvent(event)), "cuEventSynchronize");
-}
-
-absl::Status CudaDevice::SynchronizeStream(Stream stream) {
-  if (IsDefaultStream(stream)) {
-    if (absl::Status s = MakeCurrent(); !s.ok()) return s;
-  }
-  return driver_.Check(driver_.cuStreamSynchronize(ToCuStream(stream)), "cuStreamSynchronize");
 }
 
 absl::Status CudaDevice::SynchronizeDevice() {
@@ -300,6 +293,8 @@ absl::StatusOr<MemoryInfo> CudaDevice::GetMemoryInfo() {
   return info;
 }
 
+// --- Streams (GraphDevice: the caching core never calls these) ---------------------------------
+
 absl::StatusOr<Stream> CudaDevice::CreateStream() {
   if (absl::Status s = MakeCurrent(); !s.ok()) return s;
   CUstream stream = nullptr;
@@ -310,6 +305,13 @@ absl::StatusOr<Stream> CudaDevice::CreateStream() {
 
 absl::Status CudaDevice::DestroyStream(Stream stream) {
   return driver_.Check(driver_.cuStreamDestroy(ToCuStream(stream)), "cuStreamDestroy");
+}
+
+absl::Status CudaDevice::SynchronizeStream(Stream stream) {
+  if (IsDefaultStream(stream)) {
+    if (absl::Status s = MakeCurrent(); !s.ok()) return s;
+  }
+  return driver_.Check(driver_.cuStreamSynchronize(ToCuStream(stream)), "cuStreamSynchronize");
 }
 
 // --- Graph capture ----------------------------------------------------------------------------

@@ -1,4 +1,10 @@
-// The CUDA implementation of the device seam (device.h), on the driver API loaded at run time.
+// The CUDA implementation of the device seam, on the driver API loaded at run time.
+//
+// It implements GraphDevice (graph_device.h): the caching core's narrow Device (device.h: memory,
+// virtual memory, events, stream identity, capture info, memory info, device synchronization)
+// and, for graph/, the runtime, tools and tests, streams and graph capture, which the core never
+// uses. tests/gpu/device_contract_test checks it against the same contract as the simulated
+// device.
 //
 // One CudaDevice drives one device ordinal through its primary context, the context the CUDA
 // runtime (and so PyTorch, CuPy, ...) uses, so pointers and streams are shared with the program.
@@ -37,10 +43,11 @@
 #include "absl/status/statusor.h"
 #include "allocator/cuda_driver.h"
 #include "allocator/device.h"
+#include "allocator/graph_device.h"
 
 namespace tidepool {
 
-class CudaDevice : public Device {
+class CudaDevice : public GraphDevice {
  public:
   // Loads the driver, retains the primary context of device `ordinal` and reads its granularity.
   // UNAVAILABLE with the driver's reason on a machine without a usable driver or device;
@@ -74,13 +81,15 @@ class CudaDevice : public Device {
   absl::Status RecordEvent(Event event, Stream stream) override;
   absl::StatusOr<bool> QueryEvent(Event event) override;
   absl::Status SynchronizeEvent(Event event) override;
-  absl::Status SynchronizeStream(Stream stream) override;
   absl::Status SynchronizeDevice() override;
   absl::StatusOr<StreamId> GetStreamId(Stream stream) override;
   absl::StatusOr<CaptureInfo> GetCaptureInfo(Stream stream) override;
   absl::StatusOr<MemoryInfo> GetMemoryInfo() override;
+
+  // --- GraphDevice ---
   absl::StatusOr<Stream> CreateStream() override;
   absl::Status DestroyStream(Stream stream) override;
+  absl::Status SynchronizeStream(Stream stream) override;
   absl::StatusOr<uint64_t> BeginCapture(Stream stream, CaptureMode mode) override;
   absl::StatusOr<GraphHandle> EndCapture(Stream stream) override;
   absl::StatusOr<GraphExecHandle> InstantiateGraph(GraphHandle graph) override;

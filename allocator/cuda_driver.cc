@@ -92,8 +92,6 @@ absl::Status ResolveBootstrap(GetProcAddressFn get_proc_address, CudaDriver* dri
 absl::Status ResolveRest(GetProcAddressFn get_proc_address, CudaDriver* driver) {
   TIDEPOOL_RESOLVE(cuDeviceGet, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuDeviceGetCount, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuDeviceGetName, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuDeviceTotalMem, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuDevicePrimaryCtxRetain, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuDevicePrimaryCtxRelease, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuCtxGetCurrent, CUDA_VERSION);
@@ -101,10 +99,6 @@ absl::Status ResolveRest(GetProcAddressFn get_proc_address, CudaDriver* driver) 
   TIDEPOOL_RESOLVE(cuCtxSynchronize, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuMemAlloc, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuMemFree, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuMemAllocAsync, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuMemFreeAsync, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuDeviceGetDefaultMemPool, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuMemPoolSetAttribute, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuMemGetInfo, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuMemAddressReserve, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuMemAddressFree, CUDA_VERSION);
@@ -126,22 +120,32 @@ absl::Status ResolveRest(GetProcAddressFn get_proc_address, CudaDriver* driver) 
   TIDEPOOL_RESOLVE(cuStreamGetCaptureInfo, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuStreamBeginCapture, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuStreamEndCapture, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuStreamWaitEvent, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuThreadExchangeStreamCaptureMode, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuMemsetD8Async, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuMemsetD32Async, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuMemcpyDtoH, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuMemcpyHtoD, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuMemcpyDtoHAsync, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuMemcpyDtoDAsync, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuGraphInstantiate, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuGraphLaunch, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuGraphDestroy, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuGraphExecDestroy, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuModuleLoadData, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuModuleGetFunction, CUDA_VERSION);
-  TIDEPOOL_RESOLVE(cuLaunchKernel, CUDA_VERSION);
   return absl::OkStatus();
+}
+
+// The entry points only tests and benchmarks call: each is resolved if the driver has it and
+// left null if not (cuda_driver.h says why). A stub library was refused already.
+void ResolveForTests(GetProcAddressFn get_proc_address, CudaDriver* driver) {
+  Resolve(get_proc_address, "cuDeviceGetName", CUDA_VERSION, &driver->cuDeviceGetName).IgnoreError();
+  Resolve(get_proc_address, "cuDeviceTotalMem", CUDA_VERSION, &driver->cuDeviceTotalMem).IgnoreError();
+  Resolve(get_proc_address, "cuMemAllocAsync", CUDA_VERSION, &driver->cuMemAllocAsync).IgnoreError();
+  Resolve(get_proc_address, "cuMemFreeAsync", CUDA_VERSION, &driver->cuMemFreeAsync).IgnoreError();
+  Resolve(get_proc_address, "cuDeviceGetDefaultMemPool", CUDA_VERSION, &driver->cuDeviceGetDefaultMemPool).IgnoreError();
+  Resolve(get_proc_address, "cuMemPoolSetAttribute", CUDA_VERSION, &driver->cuMemPoolSetAttribute).IgnoreError();
+  Resolve(get_proc_address, "cuStreamWaitEvent", CUDA_VERSION, &driver->cuStreamWaitEvent).IgnoreError();
+  Resolve(get_proc_address, "cuMemsetD8Async", CUDA_VERSION, &driver->cuMemsetD8Async).IgnoreError();
+  Resolve(get_proc_address, "cuMemsetD32Async", CUDA_VERSION, &driver->cuMemsetD32Async).IgnoreError();
+  Resolve(get_proc_address, "cuMemcpyHtoD", CUDA_VERSION, &driver->cuMemcpyHtoD).IgnoreError();
+  Resolve(get_proc_address, "cuMemcpyDtoHAsync", CUDA_VERSION, &driver->cuMemcpyDtoHAsync).IgnoreError();
+  Resolve(get_proc_address, "cuMemcpyDtoDAsync", CUDA_VERSION, &driver->cuMemcpyDtoDAsync).IgnoreError();
+  Resolve(get_proc_address, "cuModuleLoadData", CUDA_VERSION, &driver->cuModuleLoadData).IgnoreError();
+  Resolve(get_proc_address, "cuModuleGetFunction", CUDA_VERSION, &driver->cuModuleGetFunction).IgnoreError();
+  Resolve(get_proc_address, "cuLaunchKernel", CUDA_VERSION, &driver->cuLaunchKernel).IgnoreError();
 }
 
 #undef TIDEPOOL_RESOLVE
@@ -195,8 +199,34 @@ absl::StatusOr<const CudaDriver*> CudaDriver::Load() {
         " headers and needs a driver for CUDA ", VersionString(CUDA_VERSION), " or newer"));
   }
   if (absl::Status s = ResolveRest(get_proc_address, driver.get()); !s.ok()) return s;
+  ResolveForTests(get_proc_address, driver.get());
   if (absl::Status s = driver->Check(driver->cuInit(0), "cuInit(0)"); !s.ok()) return s;
   return driver.release();
+}
+
+absl::Status CudaDriver::CheckTestEntryPoints() const {
+  std::string missing;
+  const auto note = [&missing](const void* entry, const char* name) {
+    if (entry == nullptr) absl::StrAppend(&missing, missing.empty() ? "" : ", ", name);
+  };
+  note(reinterpret_cast<const void*>(cuDeviceGetName), "cuDeviceGetName");
+  note(reinterpret_cast<const void*>(cuDeviceTotalMem), "cuDeviceTotalMem");
+  note(reinterpret_cast<const void*>(cuMemAllocAsync), "cuMemAllocAsync");
+  note(reinterpret_cast<const void*>(cuMemFreeAsync), "cuMemFreeAsync");
+  note(reinterpret_cast<const void*>(cuDeviceGetDefaultMemPool), "cuDeviceGetDefaultMemPool");
+  note(reinterpret_cast<const void*>(cuMemPoolSetAttribute), "cuMemPoolSetAttribute");
+  note(reinterpret_cast<const void*>(cuStreamWaitEvent), "cuStreamWaitEvent");
+  note(reinterpret_cast<const void*>(cuMemsetD8Async), "cuMemsetD8Async");
+  note(reinterpret_cast<const void*>(cuMemsetD32Async), "cuMemsetD32Async");
+  note(reinterpret_cast<const void*>(cuMemcpyHtoD), "cuMemcpyHtoD");
+  note(reinterpret_cast<const void*>(cuMemcpyDtoHAsync), "cuMemcpyDtoHAsync");
+  note(reinterpret_cast<const void*>(cuMemcpyDtoDAsync), "cuMemcpyDtoDAsync");
+  note(reinterpret_cast<const void*>(cuModuleLoadData), "cuModuleLoadData");
+  note(reinterpret_cast<const void*>(cuModuleGetFunction), "cuModuleGetFunction");
+  note(reinterpret_cast<const void*>(cuLaunchKernel), "cuLaunchKernel");
+  if (missing.empty()) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(
+      "CUDA driver: this driver lacks entry points tidepool's tests and benchmarks use: ", missing));
 }
 
 absl::Status CudaDriver::Check(CUresult result, absl::string_view what) const {

@@ -46,6 +46,10 @@ class CudaDriver {
   // UNAVAILABLE when the driver or device is unusable, INTERNAL for anything else.
   absl::Status Check(CUresult result, absl::string_view what) const;
 
+  // UNAVAILABLE, naming them, if any of the entry points for tests and benchmarks (below) is
+  // missing from this driver.
+  absl::Status CheckTestEntryPoints() const;
+
   // The driver's version, as cuDriverGetVersion reports it (13000 is CUDA 13.0).
   int driver_version() const { return driver_version_; }
 
@@ -55,8 +59,6 @@ class CudaDriver {
   decltype(&::cuDriverGetVersion) cuDriverGetVersion = nullptr;
   decltype(&::cuDeviceGet) cuDeviceGet = nullptr;
   decltype(&::cuDeviceGetCount) cuDeviceGetCount = nullptr;
-  decltype(&::cuDeviceGetName) cuDeviceGetName = nullptr;
-  decltype(&::cuDeviceTotalMem) cuDeviceTotalMem = nullptr;
   // Contexts.
   decltype(&::cuDevicePrimaryCtxRetain) cuDevicePrimaryCtxRetain = nullptr;
   decltype(&::cuDevicePrimaryCtxRelease) cuDevicePrimaryCtxRelease = nullptr;
@@ -70,10 +72,6 @@ class CudaDriver {
   // Plain and stream-ordered allocation.
   decltype(&::cuMemAlloc) cuMemAlloc = nullptr;
   decltype(&::cuMemFree) cuMemFree = nullptr;
-  decltype(&::cuMemAllocAsync) cuMemAllocAsync = nullptr;
-  decltype(&::cuMemFreeAsync) cuMemFreeAsync = nullptr;
-  decltype(&::cuDeviceGetDefaultMemPool) cuDeviceGetDefaultMemPool = nullptr;
-  decltype(&::cuMemPoolSetAttribute) cuMemPoolSetAttribute = nullptr;
   decltype(&::cuMemGetInfo) cuMemGetInfo = nullptr;
   // Virtual memory management (expandable segments).
   decltype(&::cuMemAddressReserve) cuMemAddressReserve = nullptr;
@@ -98,27 +96,35 @@ class CudaDriver {
   decltype(&::cuStreamGetCaptureInfo) cuStreamGetCaptureInfo = nullptr;
   decltype(&::cuStreamBeginCapture) cuStreamBeginCapture = nullptr;
   decltype(&::cuStreamEndCapture) cuStreamEndCapture = nullptr;
-  decltype(&::cuStreamWaitEvent) cuStreamWaitEvent = nullptr;
   decltype(&::cuThreadExchangeStreamCaptureMode) cuThreadExchangeStreamCaptureMode = nullptr;
-  // Memory set and copy.
-  decltype(&::cuMemsetD8Async) cuMemsetD8Async = nullptr;
-  decltype(&::cuMemsetD32Async) cuMemsetD32Async = nullptr;
-  decltype(&::cuMemcpyDtoH) cuMemcpyDtoH = nullptr;
-  decltype(&::cuMemcpyHtoD) cuMemcpyHtoD = nullptr;
-  decltype(&::cuMemcpyDtoHAsync) cuMemcpyDtoHAsync = nullptr;
-  decltype(&::cuMemcpyDtoDAsync) cuMemcpyDtoDAsync = nullptr;
   // Graphs.
   decltype(&::cuGraphInstantiate) cuGraphInstantiate = nullptr;
   decltype(&::cuGraphLaunch) cuGraphLaunch = nullptr;
   decltype(&::cuGraphDestroy) cuGraphDestroy = nullptr;
   decltype(&::cuGraphExecDestroy) cuGraphExecDestroy = nullptr;
-  // Modules and kernels (tests and benchmarks load small PTX kernels).
-  decltype(&::cuModuleLoadData) cuModuleLoadData = nullptr;
-  decltype(&::cuModuleGetFunction) cuModuleGetFunction = nullptr;
-  decltype(&::cuLaunchKernel) cuLaunchKernel = nullptr;
   // Errors.
   decltype(&::cuGetErrorName) cuGetErrorName = nullptr;
   decltype(&::cuGetErrorString) cuGetErrorString = nullptr;
+
+  // --- For tests and benchmarks only ----------------------------------------------------------
+  // Resolved after the entry points above, each left null where the driver lacks it: tidepool
+  // itself never calls these, so a driver without one must not stop tidepool from loading. Tests
+  // and benchmarks call CheckTestEntryPoints first.
+  decltype(&::cuDeviceGetName) cuDeviceGetName = nullptr;
+  decltype(&::cuDeviceTotalMem) cuDeviceTotalMem = nullptr;
+  decltype(&::cuMemAllocAsync) cuMemAllocAsync = nullptr;
+  decltype(&::cuMemFreeAsync) cuMemFreeAsync = nullptr;
+  decltype(&::cuDeviceGetDefaultMemPool) cuDeviceGetDefaultMemPool = nullptr;
+  decltype(&::cuMemPoolSetAttribute) cuMemPoolSetAttribute = nullptr;
+  decltype(&::cuStreamWaitEvent) cuStreamWaitEvent = nullptr;
+  decltype(&::cuMemsetD8Async) cuMemsetD8Async = nullptr;
+  decltype(&::cuMemsetD32Async) cuMemsetD32Async = nullptr;
+  decltype(&::cuMemcpyHtoD) cuMemcpyHtoD = nullptr;
+  decltype(&::cuMemcpyDtoHAsync) cuMemcpyDtoHAsync = nullptr;
+  decltype(&::cuMemcpyDtoDAsync) cuMemcpyDtoDAsync = nullptr;
+  decltype(&::cuModuleLoadData) cuModuleLoadData = nullptr;
+  decltype(&::cuModuleGetFunction) cuModuleGetFunction = nullptr;
+  decltype(&::cuLaunchKernel) cuLaunchKernel = nullptr;
 
  private:
   CudaDriver() = default;

@@ -1,12 +1,22 @@
-// The device seam: every piece of device work tidepool does goes through this interface.
+// The device seam: every piece of device work the caching core does goes through this interface,
+// and it holds only what the core uses.
 //
 // The caching core never calls CUDA directly. It asks a `Device` to reserve and return segments,
 // to map and unmap physical chunks inside a reserved address range (expandable segments), to
-// create / record / query / synchronize events, to tell whether a stream is capturing, to name a
-// stream by its unique id, and to report memory info. Two implementations exist:
+// create / record / query / synchronize events, to synchronize the whole device, to tell whether
+// a stream is capturing, to name a stream by its unique id, and to report memory info. That is
+// all: the core never creates, synchronizes or destroys a stream, and never begins a capture or
+// touches a graph. Those calls live on `GraphDevice` (graph_device.h), a `Device` with streams and
+// graph capture added, for graph/, runtime/, tools and tests. The seam is kept this narrow so
+// that a fake (the simulated device, a test's decorator) has few calls to get right, and so that
+// what the core can do to a device is visible here at a glance.
+//
+// Two implementations exist, both of `GraphDevice`:
 //
 //   * `CudaDevice` (cuda_device.h): the CUDA driver API, resolved at run time from libcuda.so.1.
 //   * `SimulatedDevice` (simulated_device.h): host-side and deterministic, for tests and replay.
+//
+// tests/testing/device_contract.h checks both against one contract.
 //
 // Streams are passed as opaque handles (`Stream`, a CUstream on the CUDA device) and identified
 // by `StreamId`, the device's unique id for the stream. Handles are reused after a stream is
@@ -33,14 +43,6 @@ using StreamId = uint64_t;
 using Event = void*;
 // An opaque handle to one physical chunk of memory (CUmemGenericAllocationHandle on CUDA).
 using PhysicalHandle = uint64_t;
-// A captured graph (CUgraph on CUDA) and its executable form (CUgraphExec).
-using GraphHandle = void*;
-using GraphExecHandle = void*;
-
-// Which other API calls a capture forbids while it runs (CUstreamCaptureMode): kGlobal forbids
-// unsafe calls (those that may synchronize) on every thread, kThreadLocal on the capturing
-// thread only, kRelaxed nowhere. The allocator's own device calls are safe under all three.
-enum class CaptureMode { kGlobal, kThreadLocal, kRelaxed };
 
 struct CaptureInfo {
   bool capturing = false;
@@ -84,40 +86,25 @@ class Device {
   // Unmaps [address, address + bytes). The caller guarantees no pending work uses it.
   virtual absl::Status Unmap(uintptr_t address, size_t bytes) = 0;
 
-  // --- Events and streams -----------------------------------------------------------------------
+  // --- Events --------------------------------------------------------------------------------
   virtual absl::StatusOr<Event> CreateEvent() = 0;
   virtual absl::Status DestroyEvent(Event event) = 0;
   virtual absl::Status RecordEvent(Event event, Stream stream) = 0;
   // True once all work recorded before the event has completed. Never blocks.
   virtual absl::StatusOr<bool> QueryEvent(Event event) = 0;
   virtual absl::Status SynchronizeEvent(Event event) = 0;
-  // Blocks until all work submitted to `stream` so far has completed.
-  virtual absl::Status SynchronizeStream(Stream stream) = 0;
   // Blocks until all work on the device has completed (for memory last used on a stream that
   // has since been destroyed, whose handle can no longer be synchronized).
   virtual absl::Status SynchronizeDevice() = 0;
+
+  // --- Streams, as the core sees them: their identity and whether they capture -----------------
   // The stream's id. The driver refuses it for a stream that is capturing, and the refusal
   // invalidates the capture: while captures may be running, use CaptureSafeStreamId instead.
   virtual absl::StatusOr<StreamId> GetStreamId(Stream stream) = 0;
   virtual absl::StatusOr<CaptureInfo> GetCaptureInfo(Stream stream) = 0;
 
+  // --- Memory info -----------------------------------------------------------------------------
   virtual absl::StatusOr<MemoryInfo> GetMemoryInfo() = 0;
-
-  // --- For graph/, tools and tests (the caching core never calls these) ---------------------------
-  // A new non-blocking stream, and its destruction.
-  virtual absl::StatusOr<Stream> CreateStream() = 0;
-  virtual absl::Status DestroyStream(Stream stream) = 0;
-
-  // Graph capture. BeginCapture starts capturing `stream` and returns the capture's id (what
-  // GetCaptureInfo reports for it and for every stream that joins it). EndCapture ends the capture
-  // `stream` began and returns the graph; when the capture was invalidated it returns the
-  // driver's error instead, and the stream has stopped capturing either way.
-  virtual absl::StatusOr<uint64_t> BeginCapture(Stream stream, CaptureMode mode) = 0;
-  virtual absl::StatusOr<GraphHandle> EndCapture(Stream stream) = 0;
-  virtual absl::StatusOr<GraphExecHandle> InstantiateGraph(GraphHandle graph) = 0;
-  virtual absl::Status LaunchGraph(GraphExecHandle exec, Stream stream) = 0;
-  virtual absl::Status DestroyGraph(GraphHandle graph) = 0;
-  virtual absl::Status DestroyGraphExec(GraphExecHandle exec) = 0;
 };
 
 // A stream's id that is safe to ask for while captures run. A stream that is not capturing has

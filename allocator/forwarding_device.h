@@ -1,18 +1,27 @@
-// A Device that forwards every call to another Device: the base for decorators that watch or
-// intercept a few calls (tests that check what the allocator gives back and when, logging, fault
-// injection on a real device). Override the calls of interest and call the base for the rest.
+// A GraphDevice that forwards every call to another GraphDevice: the base for decorators that
+// watch or intercept a few calls (tests that check what the allocator gives back and when,
+// logging, fault injection on a real device). Override the calls of interest and call the base
+// for the rest.
+//
+// It forwards the whole GraphDevice (graph_device.h), not only the core's narrow Device
+// (device.h), so that one decorated object can be handed both to the caching core and to what
+// makes streams and captures graphs (graph/, tests): both then see the same device. The
+// forwarding of the core's calls and of the streams-and-graphs calls is kept in two blocks, as
+// the two interfaces are.
 #ifndef TIDEPOOL_ALLOCATOR_FORWARDING_DEVICE_H_
 #define TIDEPOOL_ALLOCATOR_FORWARDING_DEVICE_H_
 
 #include "allocator/device.h"
+#include "allocator/graph_device.h"
 
 namespace tidepool {
 
-class ForwardingDevice : public Device {
+class ForwardingDevice : public GraphDevice {
  public:
   // `inner` must outlive this object.
-  explicit ForwardingDevice(Device* inner) : inner_(inner) {}
+  explicit ForwardingDevice(GraphDevice* inner) : inner_(inner) {}
 
+  // --- Device ---
   int ordinal() const override { return inner_->ordinal(); }
   absl::StatusOr<uintptr_t> AllocateSegment(size_t bytes) override {
     return inner_->AllocateSegment(bytes);
@@ -46,9 +55,6 @@ class ForwardingDevice : public Device {
   }
   absl::StatusOr<bool> QueryEvent(Event event) override { return inner_->QueryEvent(event); }
   absl::Status SynchronizeEvent(Event event) override { return inner_->SynchronizeEvent(event); }
-  absl::Status SynchronizeStream(Stream stream) override {
-    return inner_->SynchronizeStream(stream);
-  }
   absl::Status SynchronizeDevice() override { return inner_->SynchronizeDevice(); }
   absl::StatusOr<StreamId> GetStreamId(Stream stream) override {
     return inner_->GetStreamId(stream);
@@ -57,12 +63,19 @@ class ForwardingDevice : public Device {
     return inner_->GetCaptureInfo(stream);
   }
   absl::StatusOr<MemoryInfo> GetMemoryInfo() override { return inner_->GetMemoryInfo(); }
+
+  // --- GraphDevice ---
   absl::StatusOr<Stream> CreateStream() override { return inner_->CreateStream(); }
   absl::Status DestroyStream(Stream stream) override { return inner_->DestroyStream(stream); }
+  absl::Status SynchronizeStream(Stream stream) override {
+    return inner_->SynchronizeStream(stream);
+  }
   absl::StatusOr<uint64_t> BeginCapture(Stream stream, CaptureMode mode) override {
     return inner_->BeginCapture(stream, mode);
   }
-  absl::StatusOr<GraphHandle> EndCapture(Stream stream) override { return inner_->EndCapture(stream); }
+  absl::StatusOr<GraphHandle> EndCapture(Stream stream) override {
+    return inner_->EndCapture(stream);
+  }
   absl::StatusOr<GraphExecHandle> InstantiateGraph(GraphHandle graph) override {
     return inner_->InstantiateGraph(graph);
   }
@@ -75,7 +88,7 @@ class ForwardingDevice : public Device {
   }
 
  private:
-  Device* const inner_;
+  GraphDevice* const inner_;
 };
 
 }  // namespace tidepool

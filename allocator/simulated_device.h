@@ -9,6 +9,11 @@
 // capture, and so is asking a capturing stream for its id (the H200's driver refuses it). Faults
 // can be injected: the Nth device allocation from now fails.
 //
+// It implements the whole GraphDevice (graph_device.h): the core's narrow Device calls in
+// simulated_device.cc, and the streams and graph capture that only graph/, tools and tests use in
+// simulated_device_graphs.cc, so each half of the seam can be read (and kept honest against the
+// contract in tests/testing/device_contract.h) on its own.
+//
 // Thread safe: one internal mutex.
 #ifndef TIDEPOOL_ALLOCATOR_SIMULATED_DEVICE_H_
 #define TIDEPOOL_ALLOCATOR_SIMULATED_DEVICE_H_
@@ -20,11 +25,12 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "allocator/device.h"
+#include "allocator/graph_device.h"
 #include "allocator/mutex.h"
 
 namespace tidepool {
 
-class SimulatedDevice : public Device {
+class SimulatedDevice : public GraphDevice {
  public:
   struct Options {
     int ordinal = 0;
@@ -58,13 +64,15 @@ class SimulatedDevice : public Device {
   absl::Status RecordEvent(Event event, Stream stream) override;
   absl::StatusOr<bool> QueryEvent(Event event) override;
   absl::Status SynchronizeEvent(Event event) override;
-  absl::Status SynchronizeStream(Stream stream) override;
   absl::Status SynchronizeDevice() override;
   absl::StatusOr<StreamId> GetStreamId(Stream stream) override;
   absl::StatusOr<CaptureInfo> GetCaptureInfo(Stream stream) override;
   absl::StatusOr<MemoryInfo> GetMemoryInfo() override;
+
+  // --- GraphDevice (simulated_device_graphs.cc) ---
   absl::StatusOr<Stream> CreateStream() override;
   absl::Status DestroyStream(Stream stream) override;
+  absl::Status SynchronizeStream(Stream stream) override;
   // A capture on the default stream (nullptr) or on a stream already capturing is refused, as
   // CUDA refuses it. The mode is recorded only.
   absl::StatusOr<uint64_t> BeginCapture(Stream stream,
@@ -77,7 +85,7 @@ class SimulatedDevice : public Device {
   absl::Status DestroyGraph(GraphHandle graph) override;
   absl::Status DestroyGraphExec(GraphExecHandle exec) override;
 
-  // --- The logical clock ---
+  // --- The logical clock (simulated_device_graphs.cc) ---
   // Launches one unit of work on `stream`; returns its position on the stream's clock.
   uint64_t Enqueue(Stream stream);
   // Completes all work on `stream` up to and including `position` (default: everything).
@@ -86,7 +94,7 @@ class SimulatedDevice : public Device {
   // True when all work on the stream enqueued up to `position` has completed.
   bool IsComplete(Stream stream, uint64_t position);
 
-  // --- Capture ---
+  // --- Capture (simulated_device_graphs.cc) ---
   // Joins `stream` to the capture running on `capturing` (as waiting on its event would).
   void JoinCapture(Stream stream, Stream capturing);
   // Invalidates the capture `stream` takes part in, as an illegal call during capture does on a

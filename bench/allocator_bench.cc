@@ -30,6 +30,7 @@
 #include "allocator/cuda_device.h"
 #include "allocator/cuda_driver.h"
 #include "allocator/device.h"
+#include "allocator/graph_device.h"
 #include "allocator/simulated_device.h"
 #include "bench/pair_benchmark.h"
 #include "pool/pool_id.h"
@@ -46,10 +47,11 @@ void CheckOk(const absl::Status& status) {
   if (!status.ok()) Fail(status.ToString());
 }
 
-// Streams for every allocator measured here come from the device under test.
+// Streams for every allocator measured here come from the device under test (a GraphDevice: the
+// caching allocator's own Device seam makes no streams).
 class DeviceStreams : public bench::PairAllocator {
  public:
-  explicit DeviceStreams(Device* device) : device_(device) {}
+  explicit DeviceStreams(GraphDevice* device) : device_(device) {}
 
   void* CreateStream() override {
     absl::StatusOr<Stream> stream = device_->CreateStream();
@@ -60,12 +62,12 @@ class DeviceStreams : public bench::PairAllocator {
   void DestroyStream(void* stream) override { CheckOk(device_->DestroyStream(stream)); }
 
  protected:
-  Device* const device_;
+  GraphDevice* const device_;
 };
 
 class TidepoolPairs : public DeviceStreams {
  public:
-  TidepoolPairs(Device* device, std::unique_ptr<CachingAllocator> allocator)
+  TidepoolPairs(GraphDevice* device, std::unique_ptr<CachingAllocator> allocator)
       : DeviceStreams(device), allocator_(std::move(allocator)) {}
   // Leaves the device as it was found.
   ~TidepoolPairs() override { CheckOk(allocator_->EmptyCache()); }
@@ -92,7 +94,7 @@ class TidepoolPairs : public DeviceStreams {
 // ends, and its reference goes, when the thread exits.
 class RoutedPairs : public DeviceStreams {
  public:
-  RoutedPairs(Device* device, std::unique_ptr<CachingAllocator> allocator)
+  RoutedPairs(GraphDevice* device, std::unique_ptr<CachingAllocator> allocator)
       : DeviceStreams(device),
         allocator_(std::move(allocator)),
         manager_(allocator_.get()),
@@ -235,6 +237,7 @@ int Main(int argc, char** argv) {
     absl::StatusOr<std::unique_ptr<CudaDevice>> created = CudaDevice::Create(0);
     if (created.ok()) {
       cuda = *std::move(created);
+      if (absl::Status s = cuda->driver().CheckTestEntryPoints(); !s.ok()) Fail(s.ToString());
       device_description = "cuda (GPU 0)";
     } else if (flags.device == "cuda") {
       Fail(created.status().ToString());
@@ -247,7 +250,8 @@ int Main(int argc, char** argv) {
     simulated = std::make_unique<SimulatedDevice>();
     if (device_description.empty()) device_description = "sim";
   }
-  Device* device = cuda != nullptr ? static_cast<Device*>(cuda.get()) : simulated.get();
+  GraphDevice* device =
+      cuda != nullptr ? static_cast<GraphDevice*>(cuda.get()) : simulated.get();
 
   std::printf("# tidepool allocator benchmark\n\ndevice: %s%s\n\n", device_description.c_str(),
               flags.quick ? ", --quick" : "");

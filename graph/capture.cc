@@ -21,9 +21,11 @@ absl::Status WithContext(const absl::Status& status, const std::string& context)
 
 // --- Capture ---------------------------------------------------------------------------------
 
-absl::StatusOr<Capture> Capture::Begin(PoolManager* pools, Stream stream,
+absl::StatusOr<Capture> Capture::Begin(GraphDevice* device, PoolManager* pools, Stream stream,
                                        const CaptureOptions& options) {
-  if (pools == nullptr) return absl::InvalidArgumentError("tidepool: capture without a device");
+  if (device == nullptr || pools == nullptr) {
+    return absl::InvalidArgumentError("tidepool: capture without a device");
+  }
   const bool shared = !options.pool.is_default();
   const PoolId pool = shared ? options.pool : NewGraphPoolId();
   if (shared && pool.first == 0) {
@@ -33,7 +35,12 @@ absl::StatusOr<Capture> Capture::Begin(PoolManager* pools, Stream stream,
         pool.ToString()));
   }
   CachingAllocator* allocator = pools->allocator();
-  Device* device = allocator->device();
+  if (device->ordinal() != allocator->device()->ordinal()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "tidepool: capture on device %d into the pools of device %d: a capture's device and "
+        "pools must be one device's",
+        device->ordinal(), allocator->device()->ordinal()));
+  }
   // Refusals the device would give come first: the mark harvests completed events, and a call
   // that fails must change nothing.
   if (stream == nullptr) {
@@ -79,11 +86,12 @@ absl::StatusOr<Capture> Capture::Begin(PoolManager* pools, Stream stream,
     return WithContext(routed, absl::StrFormat("tidepool: cannot share pool %s in a capture",
                                                pool.ToString()));
   }
-  return Capture(pools, stream, pool, *capture_id, began_at);
+  return Capture(device, pools, stream, pool, *capture_id, began_at);
 }
 
 Capture::Capture(Capture&& other) noexcept
     : manager_(std::exchange(other.manager_, nullptr)),
+      device_(other.device_),
       stream_(other.stream_),
       pool_(other.pool_),
       capture_id_(other.capture_id_),
@@ -93,6 +101,7 @@ Capture& Capture::operator=(Capture&& other) noexcept {
   if (this != &other) {
     if (active()) Abandon().IgnoreError();
     manager_ = std::exchange(other.manager_, nullptr);
+    device_ = other.device_;
     stream_ = other.stream_;
     pool_ = other.pool_;
     capture_id_ = other.capture_id_;
@@ -108,9 +117,8 @@ Capture::~Capture() {
 absl::StatusOr<GraphHandle> Capture::Finish() {
   PoolManager* manager = std::exchange(manager_, nullptr);
   CachingAllocator* allocator = manager->allocator();
-  Device* device = allocator->device();
   // The device first: once the stream stops capturing, nothing new can match the route.
-  absl::StatusOr<GraphHandle> graph = device->EndCapture(stream_);
+  absl::StatusOr<GraphHandle> graph = device_->EndCapture(stream_);
   absl::Status unrouted = manager->End(pool_, RouteFilter::InCapture(capture_id_));
   if (absl::IsFailedPrecondition(unrouted)) {
     // Someone ended the capture's route by hand (capture.h): the graph is still good. A route
@@ -121,7 +129,7 @@ absl::StatusOr<GraphHandle> Capture::Finish() {
   if (!graph.ok()) return graph.status();
   absl::Status first = !unrouted.ok() ? unrouted : unmarked;
   if (!first.ok()) {
-    device->DestroyGraph(*graph).IgnoreError();
+    device_->DestroyGraph(*graph).IgnoreError();
     return first;
   }
   return graph;
@@ -132,7 +140,6 @@ absl::StatusOr<Graph> Capture::End() {
     return absl::FailedPreconditionError("tidepool: end of a capture that has already ended");
   }
   PoolManager* manager = manager_;
-  Device* device = manager->allocator()->device();
   // A failed capture drops its reference (its route is gone already) and says so.
   auto failed = [&](const absl::Status& cause) {
     manager->Release(pool_).IgnoreError();
@@ -143,17 +150,17 @@ absl::StatusOr<Graph> Capture::End() {
   };
   absl::StatusOr<GraphHandle> graph = Finish();
   if (!graph.ok()) return failed(graph.status());
-  absl::StatusOr<GraphExecHandle> exec = device->InstantiateGraph(*graph);
-  device->DestroyGraph(*graph).IgnoreError();  // the executable graph does not need it
+  absl::StatusOr<GraphExecHandle> exec = device_->InstantiateGraph(*graph);
+  device_->DestroyGraph(*graph).IgnoreError();  // the executable graph does not need it
   if (!exec.ok()) return failed(exec.status());
-  return Graph(manager, *exec, pool_);
+  return Graph(device_, manager, *exec, pool_);
 }
 
 absl::Status Capture::Abandon() {
   if (!active()) return absl::OkStatus();
   PoolManager* manager = manager_;
   absl::StatusOr<GraphHandle> graph = Finish();
-  if (graph.ok()) manager->allocator()->device()->DestroyGraph(*graph).IgnoreError();
+  if (graph.ok()) device_->DestroyGraph(*graph).IgnoreError();
   // The capture was abandoned, so a capture the driver invalidated is no error here.
   return manager->Release(pool_);
 }
@@ -161,12 +168,16 @@ absl::Status Capture::Abandon() {
 // --- Graph -----------------------------------------------------------------------------------
 
 Graph::Graph(Graph&& other) noexcept
-    : manager_(std::exchange(other.manager_, nullptr)), exec_(other.exec_), pool_(other.pool_) {}
+    : manager_(std::exchange(other.manager_, nullptr)),
+      device_(other.device_),
+      exec_(other.exec_),
+      pool_(other.pool_) {}
 
 Graph& Graph::operator=(Graph&& other) noexcept {
   if (this != &other) {
     Reset().IgnoreError();
     manager_ = std::exchange(other.manager_, nullptr);
+    device_ = other.device_;
     exec_ = other.exec_;
     pool_ = other.pool_;
   }
@@ -177,7 +188,7 @@ Graph::~Graph() { Reset().IgnoreError(); }
 
 absl::Status Graph::Launch(Stream stream) {
   if (!valid()) return absl::FailedPreconditionError("tidepool: launch of an empty graph");
-  return manager_->allocator()->device()->LaunchGraph(exec_, stream);
+  return device_->LaunchGraph(exec_, stream);
 }
 
 absl::Status Graph::Reset() {
@@ -185,7 +196,7 @@ absl::Status Graph::Reset() {
   PoolManager* manager = std::exchange(manager_, nullptr);
   // An executable graph destroyed while a replay runs is freed when the replay completes, and the
   // pool's memory is given back only after a device synchronization (caching_allocator.h).
-  absl::Status destroyed = manager->allocator()->device()->DestroyGraphExec(exec_);
+  absl::Status destroyed = device_->DestroyGraphExec(exec_);
   absl::Status released = manager->Release(pool_);
   return destroyed.ok() ? released : destroyed;
 }

@@ -38,6 +38,11 @@
 // ending thread began after the capture began is the capture's route resumed: End ends it and
 // drops the reference its Begin took, as PyTorch's capture end does.
 //
+// The device is a GraphDevice (allocator/graph_device.h), passed in beside the pools: the caching
+// allocator holds only the narrow Device seam, which has no streams or graphs, so capture, launch
+// and destruction of graphs go to the GraphDevice the caller names (the one the pools' allocator
+// drives; the runtime's `GraphDeviceOf` gives it for an ordinal).
+//
 // Thread safety: a Capture and a Graph are used by one thread at a time; different captures and
 // graphs may be used from different threads at once.
 #ifndef TIDEPOOL_GRAPH_CAPTURE_H_
@@ -48,6 +53,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "allocator/device.h"
+#include "allocator/graph_device.h"
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
 
@@ -61,7 +67,8 @@ struct CaptureOptions {
   // `pool=graph_pool_handle()` or `pool=other_graph.pool()`). Graphs that share a pool must
   // never replay at the same time, since they reuse each other's free memory.
   PoolId pool = kDefaultPool;
-  // Which unsafe calls the capture forbids (device.h). kGlobal is CUDA's and PyTorch's default.
+  // Which unsafe calls the capture forbids (allocator/graph_device.h). kGlobal is CUDA's and
+  // PyTorch's default.
   CaptureMode mode = CaptureMode::kGlobal;
 };
 
@@ -86,10 +93,11 @@ class Graph {
 
  private:
   friend class Capture;
-  Graph(PoolManager* manager, GraphExecHandle exec, PoolId pool)
-      : manager_(manager), exec_(exec), pool_(pool) {}
+  Graph(GraphDevice* device, PoolManager* manager, GraphExecHandle exec, PoolId pool)
+      : manager_(manager), device_(device), exec_(exec), pool_(pool) {}
 
   PoolManager* manager_ = nullptr;  // nullptr: empty, moved from or reset
+  GraphDevice* device_ = nullptr;
   GraphExecHandle exec_ = nullptr;
   PoolId pool_;
 };
@@ -98,11 +106,12 @@ class Graph {
 // abandons it (see the file comment).
 class Capture {
  public:
-  // Begins capturing `stream` (a stream of `pools`' device, not the legacy default stream).
+  // Begins capturing `stream` on `device` (the device `pools`' allocator drives; not the legacy
+  // default stream). INVALID_ARGUMENT when `device` is not of the pools' ordinal.
   // NOT_FOUND / FAILED_PRECONDITION when options.pool names a pool that is not a graph pool held
   // by anything; the driver's error when the capture cannot begin. On error nothing is left
   // behind.
-  static absl::StatusOr<Capture> Begin(PoolManager* pools, Stream stream,
+  static absl::StatusOr<Capture> Begin(GraphDevice* device, PoolManager* pools, Stream stream,
                                        const CaptureOptions& options = {});
 
   Capture(Capture&& other) noexcept;
@@ -124,9 +133,10 @@ class Capture {
   Stream stream() const { return stream_; }
 
  private:
-  Capture(PoolManager* manager, Stream stream, PoolId pool, uint64_t capture_id,
-          uint64_t began_at)
+  Capture(GraphDevice* device, PoolManager* manager, Stream stream, PoolId pool,
+          uint64_t capture_id, uint64_t began_at)
       : manager_(manager),
+        device_(device),
         stream_(stream),
         pool_(pool),
         capture_id_(capture_id),
@@ -136,6 +146,7 @@ class Capture {
   absl::StatusOr<GraphHandle> Finish();
 
   PoolManager* manager_ = nullptr;  // nullptr: ended or moved from
+  GraphDevice* device_ = nullptr;
   Stream stream_ = nullptr;
   PoolId pool_;
   uint64_t capture_id_ = 0;

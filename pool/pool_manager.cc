@@ -77,10 +77,10 @@ PoolManager::PoolManager(CachingAllocator* allocator)
     : allocator_(allocator), serial_(next_manager_serial.fetch_add(1)) {
   {
     MutexLock lock(&mu_);
-    auto pool = std::make_unique<Pool>();
-    pool->id = kDefaultPool;
+    auto pool = std::make_unique<Pool>(kDefaultPool, PoolOptions{}, counts_.size());
     pool->arena.store(allocator_->default_arena());
     pool_of_arena_[allocator_->default_arena()] = kDefaultPool;
+    counts_.emplace_back();
     pools_[kDefaultPool] = std::move(pool);
   }
   MutexLock lock(&registry_mu);
@@ -95,6 +95,15 @@ PoolManager::~PoolManager() {
 PoolManager::Pool* PoolManager::FindPool(PoolId id) {
   auto it = pools_.find(id);
   return it == pools_.end() ? nullptr : it->second.get();
+}
+
+absl::StatusOr<PoolManager::Pool*> PoolManager::NewPool(PoolId id, const PoolOptions& options) {
+  auto pool = std::make_unique<Pool>(id, options, counts_.size());
+  if (absl::Status s = MakeArena(*pool); !s.ok()) return s;
+  counts_.emplace_back();
+  Pool* made = pool.get();
+  pools_[id] = std::move(pool);
+  return made;
 }
 
 absl::StatusOr<PoolManager::Pool*> PoolManager::KnownPool(PoolId id, const char* operation) {
@@ -128,12 +137,9 @@ absl::Status PoolManager::Create(PoolId id, const PoolOptions& options) {
         "changed",
         allocator_->device()->ordinal(), id.ToString()));
   }
-  auto created = std::make_unique<Pool>();
-  created->id = id;
-  created->options = options;
-  if (absl::Status s = MakeArena(*created); !s.ok()) return s;
-  created->references = 1;
-  pools_[id] = std::move(created);
+  absl::StatusOr<Pool*> created = NewPool(id, options);
+  if (!created.ok()) return created.status();
+  counts_[(*created)->index].references = 1;
   return absl::OkStatus();
 }
 
@@ -142,13 +148,10 @@ absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
   MutexLock lock(&mu_);
   Pool* pool = FindPool(id);
   if (pool == nullptr) {
-    auto created = std::make_unique<Pool>();
-    created->id = id;
-    created->options = options;
-    if (absl::Status s = MakeArena(*created); !s.ok()) return s;
-    pool = created.get();
-    pools_[id] = std::move(created);
-  } else if (!id.is_default() && pool->references == 0) {
+    absl::StatusOr<Pool*> created = NewPool(id, options);
+    if (!created.ok()) return created.status();
+    pool = *created;
+  } else if (!id.is_default() && counts_[pool->index].references == 0) {
     // Released earlier (its blocks may still be live, or all gone): the same arena serves again.
     if (absl::Status s = allocator_->ReviveArena(pool->arena.load()); !s.ok()) return s;
   }
@@ -172,7 +175,7 @@ absl::Status PoolManager::CheckHeld(PoolId id) {
 absl::StatusOr<PoolManager::Pool*> PoolManager::HeldPool(PoolId id) {
   absl::StatusOr<Pool*> pool = KnownPool(id, "begin");
   if (!pool.ok()) return pool.status();
-  if (!id.is_default() && (*pool)->references == 0) {
+  if (!id.is_default() && counts_[(*pool)->index].references == 0) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "tidepool: begin of pool %s on device %d, which nothing holds any more (released); "
         "nothing was changed",
@@ -182,8 +185,9 @@ absl::StatusOr<PoolManager::Pool*> PoolManager::HeldPool(PoolId id) {
 }
 
 void PoolManager::AddRoute(Pool& pool, const RouteFilter& filter) {
-  if (!pool.id.is_default()) ++pool.references;
-  ++pool.routes;
+  PoolCounts& counts = counts_[pool.index];
+  if (!pool.id.is_default()) ++counts.references;
+  ++counts.routes;
   Route route{next_sequence_++, filter, &pool};
   if (filter.kind == RouteFilter::Kind::kCurrentThread) {
     MyThreadState().FindOrAdd(serial_).routes.push_back(route);
@@ -232,7 +236,7 @@ void PoolManager::EraseRoute(Pool& pool, bool mine) {
     global_version_.fetch_add(1, std::memory_order_release);
     global_route_count_.fetch_sub(1, std::memory_order_release);
   }
-  --pool.routes;
+  --counts_[pool.index].routes;
   active_routes_.fetch_sub(1, std::memory_order_relaxed);
 }
 
@@ -250,8 +254,9 @@ absl::Status PoolManager::Release(PoolId id) {
   }
   absl::StatusOr<Pool*> pool = KnownPool(id, "release");
   if (!pool.ok()) return pool.status();
-  if ((*pool)->references == 0) {
-    const int64_t dropped = (*pool)->dropped_at_thread_exit;
+  const PoolCounts& counts = counts_[(*pool)->index];
+  if (counts.references == 0) {
+    const int64_t dropped = counts.dropped_at_thread_exit;
     return absl::FailedPreconditionError(absl::StrFormat(
         "tidepool: release of pool %s, which has no references left (%s); nothing was changed",
         id.ToString(),
@@ -266,11 +271,11 @@ absl::Status PoolManager::Release(PoolId id) {
   // references as routes as long as routes are ended before their references are released.
   // Holding that line means no route ever outlives its pool, whoever releases and in what order
   // (a thread's exit ends its routes and releases their references).
-  if ((*pool)->references - 1 < (*pool)->routes) {
+  if (counts.references - 1 < counts.routes) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "tidepool: release of pool %s would leave it %d references for %d routing entries that "
         "still send allocations to it; end them first. Nothing was changed",
-        id.ToString(), (*pool)->references - 1, (*pool)->routes));
+        id.ToString(), counts.references - 1, counts.routes));
   }
   return DropReference(**pool);
 }
@@ -296,17 +301,18 @@ absl::Status PoolManager::EndResumedRoute(PoolId id, uint64_t since) {
 }
 
 absl::Status PoolManager::DropReference(Pool& pool) {
-  if (--pool.references > 0) return absl::OkStatus();
+  if (--counts_[pool.index].references > 0) return absl::OkStatus();
   return allocator_->RetireArena(pool.arena.load()).status();
 }
 
 void PoolManager::EndThreadRoutes(const std::vector<Route>& routes) {
   MutexLock lock(&mu_);
   for (const Route& route : routes) {
-    --route.pool->routes;
+    PoolCounts& counts = counts_[route.pool->index];
+    --counts.routes;
     active_routes_.fetch_sub(1, std::memory_order_relaxed);
-    if (!route.pool->id.is_default() && route.pool->references > 0) {
-      ++route.pool->dropped_at_thread_exit;
+    if (!route.pool->id.is_default() && counts.references > 0) {
+      ++counts.dropped_at_thread_exit;
       DropReference(*route.pool).IgnoreError();  // nothing to report to: the thread is gone
     }
   }
@@ -411,11 +417,12 @@ absl::Status PoolManager::Trim(PoolId id) {
   MutexLock lock(&mu_);
   absl::StatusOr<Pool*> pool = KnownPool(id, "trim");
   if (!pool.ok()) return pool.status();
-  if (id.first != 0 && (*pool)->references > 0) {
+  const int64_t references = counts_[(*pool)->index].references;
+  if (id.first != 0 && references > 0) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "tidepool: trim of graph pool %s, which %d graph(s) or handle(s) still hold: a graph may "
         "replay into any of its memory. Nothing was changed",
-        id.ToString(), (*pool)->references));
+        id.ToString(), references));
   }
   return allocator_->TrimArena((*pool)->arena.load());
 }
@@ -438,11 +445,12 @@ absl::StatusOr<PoolInfo> PoolManager::Info(PoolId id) {
   MutexLock lock(&mu_);
   absl::StatusOr<Pool*> pool = KnownPool(id, "info");
   if (!pool.ok()) return pool.status();
+  const PoolCounts& counts = counts_[(*pool)->index];
   PoolInfo info;
-  info.references = (*pool)->references;
-  info.routes = (*pool)->routes;
+  info.references = counts.references;
+  info.routes = counts.routes;
   info.live_blocks = allocator_->LiveBlocks((*pool)->arena.load());
-  info.released = !id.is_default() && (*pool)->references == 0;
+  info.released = !id.is_default() && counts.references == 0;
   info.gone = allocator_->IsGone((*pool)->arena.load());
   return info;
 }

@@ -78,57 +78,59 @@ class PoolManager {
 
   // Creates a new pool with `options` and one reference, and no routing entry (PyTorch's
   // MemPool(allocator=...)); ALREADY_EXISTS if the device has had this pool id.
-  absl::Status Create(PoolId pool, const PoolOptions& options);
+  absl::Status Create(PoolId pool, const PoolOptions& options) ABSL_LOCKS_EXCLUDED(mu_);
   // A pool with a graph id ({n, 0}) never shares its free memory, whatever `options` say.
-  absl::Status Begin(PoolId pool, const RouteFilter& filter, const PoolOptions& options = {});
+  absl::Status Begin(PoolId pool, const RouteFilter& filter, const PoolOptions& options = {})
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Begin on a pool that something holds already, checked and done as one step: NOT_FOUND for
   // a pool the device has never had, FAILED_PRECONDITION for one with no references left (it is
   // not revived). For sharing a graph pool, whose last holder may be going away on another thread.
-  absl::Status BeginHeld(PoolId pool, const RouteFilter& filter);
+  absl::Status BeginHeld(PoolId pool, const RouteFilter& filter) ABSL_LOCKS_EXCLUDED(mu_);
   // BeginHeld's refusals without the begin: what a capture checks before it marks the device.
-  absl::Status CheckHeld(PoolId pool);
-  absl::Status End(PoolId pool);
+  absl::Status CheckHeld(PoolId pool) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status End(PoolId pool) ABSL_LOCKS_EXCLUDED(mu_);
   // Ends the newest route to `pool` whose filter is exactly `filter` (for a current-thread
   // filter, this thread's): what a capture uses, since two captures may route to one pool.
-  absl::Status End(PoolId pool, const RouteFilter& filter);
-  absl::Status Release(PoolId pool);
+  absl::Status End(PoolId pool, const RouteFilter& filter) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status Release(PoolId pool) ABSL_LOCKS_EXCLUDED(mu_);
 
   // The sequence the next routing entry will have: entries begun later have larger ones.
-  uint64_t NextRouteSequence();
+  uint64_t NextRouteSequence() ABSL_LOCKS_EXCLUDED(mu_);
   // For a capture whose own route was ended by hand (graph/capture.h): ends this thread's newest
   // current-thread route to `pool` with a sequence of at least `since`, the capture's route
   // resumed, and drops the reference its Begin took. Does nothing (OK) if there is none.
-  absl::Status EndResumedRoute(PoolId pool, uint64_t since);
+  absl::Status EndResumedRoute(PoolId pool, uint64_t since) ABSL_LOCKS_EXCLUDED(mu_);
 
   // An allocation, routed. A route to a pool released while still routed (by another thread's
-  // Release) gives FAILED_PRECONDITION naming the pool.
-  absl::StatusOr<void*> Allocate(size_t bytes, Stream stream);
+  // Release) gives FAILED_PRECONDITION naming the pool. Takes mu_ only to refresh this thread's
+  // copy of the stream, capture and everyone routes after they changed.
+  absl::StatusOr<void*> Allocate(size_t bytes, Stream stream) ABSL_LOCKS_EXCLUDED(mu_);
   // The pool Allocate would use for `stream` on this thread now.
-  absl::StatusOr<PoolId> RouteOf(Stream stream);
+  absl::StatusOr<PoolId> RouteOf(Stream stream) ABSL_LOCKS_EXCLUDED(mu_);
   // The pool a live block came from.
-  absl::StatusOr<PoolId> PoolOf(const void* ptr);
+  absl::StatusOr<PoolId> PoolOf(const void* ptr) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Returns the pool's whole free segments and chunks to their source. Refused
   // (FAILED_PRECONDITION) for a graph pool that still has references: a graph that holds it may
   // replay into any of its memory.
-  absl::Status Trim(PoolId pool);
-  absl::StatusOr<AllocatorStats> Stats(PoolId pool);
-  absl::StatusOr<std::string> Snapshot(PoolId pool);
-  absl::StatusOr<PoolInfo> Info(PoolId pool);
+  absl::Status Trim(PoolId pool) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<AllocatorStats> Stats(PoolId pool) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<std::string> Snapshot(PoolId pool) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<PoolInfo> Info(PoolId pool) ABSL_LOCKS_EXCLUDED(mu_);
 
   CachingAllocator* allocator() const { return allocator_; }
 
   // Internal (public for the thread-local storage in pool_manager.cc) ----------------------
   struct Pool {
-    PoolId id;
-    PoolOptions options;
+    Pool(PoolId id, const PoolOptions& options, size_t index)
+        : id(id), options(options), index(index) {}
+
+    const PoolId id;
+    const PoolOptions options;
+    // The pool's place in creation order: its counts are the manager's counts_[index].
+    const size_t index;
     // Replaced when a pool that was gone is begun again; read by Allocate without mu_.
     std::atomic<Arena*> arena{nullptr};
-    int64_t references = 0;  // guarded by mu_
-    int64_t routes = 0;      // guarded by mu_
-    // References dropped because the thread that began a route exited with it open (for the
-    // message of a release that then finds none left); guarded by mu_.
-    int64_t dropped_at_thread_exit = 0;
   };
 
   // A routing entry. Pools are never deleted while the manager lives, so the pointer is stable.
@@ -138,10 +140,25 @@ class PoolManager {
     Pool* pool;
   };
   // Called at thread exit for the current-thread routes that thread left open.
-  void EndThreadRoutes(const std::vector<Route>& routes);
+  void EndThreadRoutes(const std::vector<Route>& routes) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
+  // What mu_ guards of one pool. Kept here, at Pool::index in counts_, rather than in Pool: an
+  // annotation inside the nested Pool can name only a lock reached from the Pool itself, so
+  // ABSL_GUARDED_BY(mu_) there would mean a Pool's own `mu_`, not this manager's.
+  struct PoolCounts {
+    int64_t references = 0;
+    int64_t routes = 0;  // routing entries pointing at the pool
+    // References dropped because the thread that began a route exited with it open (for the
+    // message of a release that then finds none left).
+    int64_t dropped_at_thread_exit = 0;
+  };
+
   Pool* FindPool(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes pool `id` with its arena and no references (Create's and Begin's first half); on error
+  // nothing has changed.
+  absl::StatusOr<Pool*> NewPool(PoolId id, const PoolOptions& options)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Pushes a routing entry to `pool` and takes a reference (Begin's second half).
   void AddRoute(Pool& pool, const RouteFilter& filter) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Gives `pool` a new arena made from its options.
@@ -153,13 +170,13 @@ class PoolManager {
   // Drops one reference; retires the arena at zero.
   absl::Status DropReference(Pool& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // End of the newest route to `pool` that `filter` matches exactly (nullptr: any filter).
-  absl::Status EndMatching(PoolId pool, const RouteFilter* filter);
+  absl::Status EndMatching(PoolId pool, const RouteFilter* filter) ABSL_LOCKS_EXCLUDED(mu_);
   // Removes one route of `pool` (from this thread's routes when `mine`, else a global one).
   void EraseRoute(Pool& pool, bool mine) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status EndWithoutBegin(PoolId pool) const;
   // The pool for an allocation on `stream` by this thread, or nullptr for the default pool.
-  absl::StatusOr<Pool*> Choose(Stream stream);
-  const std::vector<Route>& GlobalRoutes();
+  absl::StatusOr<Pool*> Choose(Stream stream) ABSL_LOCKS_EXCLUDED(mu_);
+  const std::vector<Route>& GlobalRoutes() ABSL_LOCKS_EXCLUDED(mu_);
 
   CachingAllocator* const allocator_;
   const uint64_t serial_;  // names this manager in thread-local storage
@@ -173,6 +190,7 @@ class PoolManager {
 
   Mutex mu_;
   absl::flat_hash_map<PoolId, std::unique_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);
+  std::vector<PoolCounts> counts_ ABSL_GUARDED_BY(mu_);  // per pool, at Pool::index
   absl::flat_hash_map<const Arena*, PoolId> pool_of_arena_ ABSL_GUARDED_BY(mu_);
   // Stream, capture and everyone entries, oldest first.
   std::vector<Route> global_routes_ ABSL_GUARDED_BY(mu_);

@@ -20,7 +20,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> CreateCudaRuntime(const Config& config)
   if (count == 0) {
     return absl::UnavailableError("tidepool: the CUDA driver reports no device");
   }
-  std::vector<std::unique_ptr<Device>> devices;
+  std::vector<std::unique_ptr<GraphDevice>> devices;
   for (int ordinal = 0; ordinal < count; ++ordinal) {
     absl::StatusOr<std::unique_ptr<CudaDevice>> device = CudaDevice::Create(ordinal);
     if (!device.ok()) return device.status();

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -15,6 +16,7 @@
 #include "allocator/mutex.h"
 #include "allocator/simulated_device.h"
 #include "runtime/cuda_runtime.h"
+#include "trace/recorder.h"
 
 namespace tidepool {
 namespace {
@@ -54,6 +56,23 @@ GlobalState& State() {
   return *state;
 }
 
+// TIDEPOOL_TRACE=path: record every allocate and free of the process to a trace at `path`
+// (docs/configuration.md). A trace asked for and not writable stops the start: running without
+// it would lose what the user asked to record.
+absl::Status StartTracing(Runtime& runtime) {
+  const char* path = std::getenv("TIDEPOOL_TRACE");
+  if (path == nullptr || *path == '\0') return absl::OkStatus();
+  absl::StatusOr<std::unique_ptr<TraceRecorder>> recorder = TraceRecorder::Open(path);
+  if (!recorder.ok()) {
+    // A bad value of the variable, as a bad TIDEPOOL_CONF is: INVALID_ARGUMENT.
+    return absl::InvalidArgumentError(absl::StrCat("tidepool: TIDEPOOL_TRACE=", path,
+                                                   " asks for a trace that cannot be written: ",
+                                                   recorder.status().message()));
+  }
+  runtime.RecordTo(*std::move(recorder));
+  return absl::OkStatus();
+}
+
 void Publish(GlobalState& state, std::unique_ptr<Runtime> runtime)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) {
   state.runtime = std::move(runtime);
@@ -76,6 +95,7 @@ absl::StatusOr<Runtime*> GlobalRuntime() {
         absl::StrCat("tidepool could not start on the CUDA devices: ", runtime.status().message(),
                      ". Without a GPU, call tidepool_init_simulated before any other call."));
   }
+  if (absl::Status s = StartTracing(**runtime); !s.ok()) return s;
   Publish(state, *std::move(runtime));
   return state.runtime.get();
 }
@@ -102,7 +122,7 @@ absl::Status InitSimulatedGlobalRuntime(int device_count, size_t bytes_per_devic
   }
   absl::StatusOr<Config> config = Config::FromEnvironment();
   if (!config.ok()) return config.status();
-  std::vector<std::unique_ptr<Device>> devices;
+  std::vector<std::unique_ptr<GraphDevice>> devices;
   for (int ordinal = 0; ordinal < device_count; ++ordinal) {
     SimulatedDevice::Options options;
     options.ordinal = ordinal;
@@ -113,6 +133,7 @@ absl::Status InitSimulatedGlobalRuntime(int device_count, size_t bytes_per_devic
   }
   absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::Create(std::move(devices), *config);
   if (!runtime.ok()) return runtime.status();
+  if (absl::Status s = StartTracing(**runtime); !s.ok()) return s;
   Publish(state, *std::move(runtime));
   return absl::OkStatus();
 }

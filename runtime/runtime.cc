@@ -5,6 +5,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
 namespace tidepool {
@@ -17,7 +18,7 @@ std::string AnyDevice(int device_count) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(std::vector<Device*> devices,
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(std::vector<GraphDevice*> devices,
                                                          const Config& config) {
   std::unique_ptr<Runtime> runtime(new Runtime());
   if (absl::Status s = runtime->AddDevices(devices, config); !s.ok()) return s;
@@ -25,16 +26,17 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(std::vector<Device*> de
 }
 
 absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(
-    std::vector<std::unique_ptr<Device>> devices, const Config& config) {
+    std::vector<std::unique_ptr<GraphDevice>> devices, const Config& config) {
   std::unique_ptr<Runtime> runtime(new Runtime());
-  std::vector<Device*> ordered;
-  for (const std::unique_ptr<Device>& device : devices) ordered.push_back(device.get());
+  std::vector<GraphDevice*> ordered;
+  for (const std::unique_ptr<GraphDevice>& device : devices) ordered.push_back(device.get());
   runtime->owned_devices_ = std::move(devices);
   if (absl::Status s = runtime->AddDevices(ordered, config); !s.ok()) return s;
   return runtime;
 }
 
-absl::Status Runtime::AddDevices(const std::vector<Device*>& devices, const Config& config) {
+absl::Status Runtime::AddDevices(const std::vector<GraphDevice*>& devices,
+                                 const Config& config) {
   if (devices.empty()) {
     return absl::InvalidArgumentError("tidepool: a runtime needs at least one device");
   }
@@ -51,11 +53,12 @@ absl::Status Runtime::AddDevices(const std::vector<Device*>& devices, const Conf
     }
   }
   devices_.reserve(devices.size());
-  for (Device* device : devices) {
+  for (GraphDevice* device : devices) {
     absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
         CachingAllocator::Create(device, config);
     if (!allocator.ok()) return allocator.status();
     PerDevice per_device;
+    per_device.device = device;
     per_device.allocator = *std::move(allocator);
     per_device.pools = std::make_unique<PoolManager>(per_device.allocator.get());
     devices_.push_back(std::move(per_device));
@@ -65,6 +68,15 @@ absl::Status Runtime::AddDevices(const std::vector<Device*>& devices, const Conf
 
 absl::StatusOr<PoolManager*> Runtime::Pools(int device) const {
   if (device >= 0 && device < device_count()) return devices_[device].pools.get();
+  return UnknownDevice(device);
+}
+
+absl::StatusOr<GraphDevice*> Runtime::GraphDeviceOf(int device) const {
+  if (device >= 0 && device < device_count()) return devices_[device].device;
+  return UnknownDevice(device);
+}
+
+absl::Status Runtime::UnknownDevice(int device) const {
   std::string known = device_count() == 1
                           ? "it has device 0 only"
                           : absl::StrFormat("it has devices 0 to %d", device_count() - 1);
@@ -94,7 +106,41 @@ absl::StatusOr<BlockHome> Runtime::HomeOf(const void* ptr) const {
   return BlockHome{*device, *pool};
 }
 
+absl::StatusOr<void*> Runtime::Allocate(int device, size_t bytes, Stream stream) {
+  absl::StatusOr<PoolManager*> pools = Pools(device);
+  if (!pools.ok()) return pools.status();
+  absl::StatusOr<void*> block = (*pools)->Allocate(bytes, stream);
+  if (recorder_ == nullptr) return block;
+  return RecordAllocation(**pools, bytes, stream, std::move(block));
+}
+
+absl::StatusOr<void*> Runtime::RecordAllocation(PoolManager& pools, size_t bytes, Stream stream,
+                                                absl::StatusOr<void*> block) {
+  absl::StatusOr<StreamId> stream_id = pools.allocator()->StreamIdOf(stream);
+  const StreamId id = stream_id.ok() ? *stream_id : 0;
+  if (!block.ok()) {
+    recorder_->RecordAllocateFailure(bytes, id);
+    return block;
+  }
+  absl::Status recorded = stream_id.status();
+  if (recorded.ok()) recorded = recorder_->RecordAllocate(*block, bytes, id);
+  if (recorded.ok()) return block;
+  pools.allocator()->Free(*block).IgnoreError();
+  return absl::Status(recorded.code(),
+                      absl::StrCat("tidepool: the allocation could not be recorded to the trace (",
+                                   recorder_->path(), "), so it was not made: ",
+                                   recorded.message()));
+}
+
 absl::Status Runtime::Free(void* ptr) {
+  // The row first: once the block is back, another thread may be handed it (recorder.h).
+  absl::Status recorded =
+      recorder_ != nullptr ? recorder_->RecordFree(ptr) : absl::OkStatus();
+  absl::Status freed = FreeUnrecorded(ptr);
+  return freed.ok() ? recorded : freed;
+}
+
+absl::Status Runtime::FreeUnrecorded(void* ptr) {
   // Free directly rather than DeviceOf first: on the usual one-device path that is one page-map
   // lookup instead of two, and an address outside an allocator's memory changes nothing there.
   for (PerDevice& per_device : devices_) {

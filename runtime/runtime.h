@@ -1,11 +1,15 @@
 // The runtime: tidepool's registry of devices, one caching allocator and one pool manager each.
 //
-// A program that serves several GPUs needs, for each device ordinal, the `Device` that drives
-// it, the `CachingAllocator` that caches its memory and the `PoolManager` that routes
+// A program that serves several GPUs needs, for each device ordinal, the `GraphDevice` that
+// drives it, the `CachingAllocator` that caches its memory and the `PoolManager` that routes
 // allocations to its pools; and for a bare pointer (a free or a record_stream from a host that
 // passes nothing else) it needs to find which device's allocator owns it. The runtime holds
 // those and answers that question. The runtime knows nothing of CUDA: it drives whatever
-// `Device`s it is given (cuda_runtime.h makes one from every GPU; tests give simulated ones).
+// devices it is given (cuda_runtime.h makes one from every GPU; tests give simulated ones).
+//
+// The runtime holds each device as a `GraphDevice` (allocator/graph_device.h), not only as the
+// narrow `Device` its allocator takes: graph capture through the C API begins, ends and launches
+// graphs on the device of an ordinal (graph/capture.h), and the caching core never does.
 //
 // One runtime per process serves every integration: global_runtime.h holds it, inside
 // libtidepool.so, and every integration (the C API, the preload library, PyTorch, CuPy, Numba)
@@ -42,10 +46,12 @@
 #include "allocator/caching_allocator.h"
 #include "allocator/config.h"
 #include "allocator/device.h"
+#include "allocator/graph_device.h"
 #include "allocator/mutex.h"
 #include "allocator/segment_source.h"
 #include "pool/pool_id.h"
 #include "pool/pool_manager.h"
+#include "trace/recorder.h"
 
 namespace tidepool {
 
@@ -60,11 +66,11 @@ class Runtime {
   // One allocator and pool manager per device. `devices[i]` must have ordinal i, must not be
   // null, and must outlive the runtime (it is not owned). INVALID_ARGUMENT for an empty list, a
   // null device or an ordinal out of place.
-  static absl::StatusOr<std::unique_ptr<Runtime>> Create(std::vector<Device*> devices,
+  static absl::StatusOr<std::unique_ptr<Runtime>> Create(std::vector<GraphDevice*> devices,
                                                          const Config& config);
   // The same over devices the runtime owns (destroyed after everything else).
   static absl::StatusOr<std::unique_ptr<Runtime>> Create(
-      std::vector<std::unique_ptr<Device>> devices, const Config& config);
+      std::vector<std::unique_ptr<GraphDevice>> devices, const Config& config);
 
   ~Runtime() = default;
   Runtime(const Runtime&) = delete;
@@ -74,6 +80,9 @@ class Runtime {
   // The pool manager of a device (its allocator is `allocator()`, its device
   // `allocator()->device()`), or the error for an unknown ordinal.
   absl::StatusOr<PoolManager*> Pools(int device) const;
+  // The device of an ordinal, with its streams and graph capture (for graph::Capture), or the
+  // error for an unknown ordinal, as for Pools.
+  absl::StatusOr<GraphDevice*> GraphDeviceOf(int device) const;
 
   // The ordinal of the device whose allocator holds the live block at `ptr`. INVALID_ARGUMENT
   // when no allocator of the runtime owns the address; FAILED_PRECONDITION when one does but
@@ -81,6 +90,10 @@ class Runtime {
   absl::StatusOr<int> DeviceOf(const void* ptr) const;
   // The device and pool of the live block at `ptr`; errors as for DeviceOf.
   absl::StatusOr<BlockHome> HomeOf(const void* ptr) const;
+  // Allocates `bytes` on `device` for `stream`, from the pool routing picks (the pool manager's
+  // Allocate: see pool/pool_manager.h). Every allocation of the process's runtime comes through
+  // here, whichever way it came in, so this is where a trace records it.
+  absl::StatusOr<void*> Allocate(int device, size_t bytes, Stream stream);
   // Frees a block of any device (the allocator's Free: see caching_allocator.h); errors as for
   // DeviceOf, and nothing changes on error.
   absl::Status Free(void* ptr);
@@ -96,27 +109,42 @@ class Runtime {
 
   // Keeps `source` alive until the runtime's allocators are gone, and returns it, for
   // PoolOptions::source.
-  SegmentSource* KeepSegmentSource(std::unique_ptr<SegmentSource> source);
+  SegmentSource* KeepSegmentSource(std::unique_ptr<SegmentSource> source)
+      ABSL_LOCKS_EXCLUDED(sources_mu_);
+
+  // Records every later Allocate and Free to `recorder` (trace/recorder.h). Call it before the
+  // runtime is shared with other threads (global_runtime.h does, for TIDEPOOL_TRACE).
+  void RecordTo(std::unique_ptr<TraceRecorder> recorder) { recorder_ = std::move(recorder); }
+  TraceRecorder* recorder() const { return recorder_.get(); }
 
  private:
   // What one device ordinal has. Members are destroyed in reverse order: the manager, then
   // the allocator it uses.
   struct PerDevice {
+    GraphDevice* device = nullptr;
     std::unique_ptr<CachingAllocator> allocator;
     std::unique_ptr<PoolManager> pools;
   };
 
   Runtime() = default;
+  // Allocate's recording, out of the way of the unrecorded path.
+  absl::StatusOr<void*> RecordAllocation(PoolManager& pools, size_t bytes, Stream stream,
+                                         absl::StatusOr<void*> block);
+  absl::Status FreeUnrecorded(void* ptr);
+  // The error for an ordinal the runtime does not have (see the file comment).
+  absl::Status UnknownDevice(int device) const;
   // Builds an allocator and a pool manager for each device (checked as Create says).
-  absl::Status AddDevices(const std::vector<Device*>& devices, const Config& config);
+  absl::Status AddDevices(const std::vector<GraphDevice*>& devices, const Config& config);
 
   // Members go in the reverse of the order they are declared in, as the file comment says.
   // Destroyed last: the devices it owns.
-  std::vector<std::unique_ptr<Device>> owned_devices_;
+  std::vector<std::unique_ptr<GraphDevice>> owned_devices_;
   // Destroyed after the allocators, which return their segments to these.
   Mutex sources_mu_;
   std::vector<std::unique_ptr<SegmentSource>> kept_sources_ ABSL_GUARDED_BY(sources_mu_);
   std::vector<PerDevice> devices_;
+  // Destroyed first: nothing records once the runtime is going.
+  std::unique_ptr<TraceRecorder> recorder_;
 };
 
 }  // namespace tidepool

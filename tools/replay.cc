@@ -157,7 +157,7 @@ double ReplayResult::reserved_over_live() const {
   return static_cast<double>(stats.reserved_bytes.peak) / static_cast<double>(peak_live_bytes);
 }
 
-absl::StatusOr<ReplayResult> ReplayTrace(const Trace& trace, Device* device,
+absl::StatusOr<ReplayResult> ReplayTrace(const Trace& trace, GraphDevice* device,
                                          const Config& config) {
   absl::StatusOr<std::unique_ptr<CachingAllocator>> allocator =
       CachingAllocator::Create(device, config);

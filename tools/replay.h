@@ -19,8 +19,9 @@
 #include "absl/status/statusor.h"
 #include "allocator/config.h"
 #include "allocator/device.h"
+#include "allocator/graph_device.h"
 #include "allocator/stats.h"
-#include "allocator/trace.h"
+#include "trace/trace.h"
 
 namespace tidepool {
 
@@ -48,12 +49,15 @@ struct ReplayResult {
   double reserved_over_live() const;
 };
 
-// Replays `trace` on `device` with a new CachingAllocator configured by `config`. Afterwards
+// Replays `trace` on `device` with a new CachingAllocator configured by `config`. The device is a
+// GraphDevice (allocator/graph_device.h) because replay makes a stream per trace stream, which
+// the allocator itself never does. Afterwards
 // (also after a failure) frees the blocks the trace left live, empties the cache, and destroys
 // the streams it created, so a real device is left as it was found. Fails on the first
 // allocator error, or on a trace that frees a pointer it never allocated or allocates one that
 // is still live, naming the trace line.
-absl::StatusOr<ReplayResult> ReplayTrace(const Trace& trace, Device* device, const Config& config);
+absl::StatusOr<ReplayResult> ReplayTrace(const Trace& trace, GraphDevice* device,
+                                         const Config& config);
 
 // PyTorch's figures for the run a trace was recorded from, read from the JSON files beside it.
 struct PytorchReference {

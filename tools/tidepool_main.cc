@@ -25,8 +25,9 @@
 #include "allocator/config.h"
 #include "allocator/cuda_device.h"
 #include "allocator/device.h"
+#include "allocator/graph_device.h"
 #include "allocator/simulated_device.h"
-#include "allocator/trace.h"
+#include "trace/trace.h"
 #include "tools/replay.h"
 
 namespace tidepool {
@@ -72,20 +73,20 @@ absl::StatusOr<ReplayCommand> ParseReplayArguments(int argc, char** argv) {
 }
 
 // The device to replay on, and a line saying which it is.
-absl::StatusOr<std::unique_ptr<Device>> OpenDevice(const std::string& requested,
-                                                   std::string* description) {
+absl::StatusOr<std::unique_ptr<GraphDevice>> OpenDevice(const std::string& requested,
+                                                        std::string* description) {
   if (requested != "sim") {
     absl::StatusOr<std::unique_ptr<CudaDevice>> cuda = CudaDevice::Create(0);
     if (cuda.ok()) {
       *description = "cuda (GPU 0)";
-      return std::unique_ptr<Device>(*std::move(cuda));
+      return std::unique_ptr<GraphDevice>(*std::move(cuda));
     }
     if (requested == "cuda") return cuda.status();
     *description = absl::StrCat("sim (no usable GPU: ", cuda.status().message(), ")");
   } else {
     *description = "sim";
   }
-  return std::unique_ptr<Device>(std::make_unique<SimulatedDevice>());
+  return std::unique_ptr<GraphDevice>(std::make_unique<SimulatedDevice>());
 }
 
 absl::Status RunReplay(const ReplayCommand& command) {
@@ -93,7 +94,8 @@ absl::Status RunReplay(const ReplayCommand& command) {
       command.has_conf ? Config::Parse(command.conf) : Config::FromEnvironment();
   if (!config.ok()) return config.status();
   std::string device_description;
-  absl::StatusOr<std::unique_ptr<Device>> device = OpenDevice(command.device, &device_description);
+  absl::StatusOr<std::unique_ptr<GraphDevice>> device =
+      OpenDevice(command.device, &device_description);
   if (!device.ok()) return device.status();
   std::printf("device: %s\n", device_description.c_str());
   std::fflush(stdout);  // before the progress lines on stderr

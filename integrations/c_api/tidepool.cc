@@ -282,9 +282,9 @@ tidepool_status tidepool_malloc(void** ptr, size_t size, int device, void* strea
   return Guarded("tidepool_malloc", [&]() -> absl::Status {
     if (ptr == nullptr) return NullArgument("ptr");
     *ptr = nullptr;
-    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
-    if (!pools.ok()) return pools.status();
-    absl::StatusOr<void*> block = (*pools)->Allocate(size, stream);
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    absl::StatusOr<void*> block = (*runtime)->Allocate(device, size, stream);
     if (!block.ok()) return block.status();
     *ptr = *block;
     return absl::OkStatus();
@@ -431,10 +431,16 @@ tidepool_status tidepool_capture_begin(int device, void* stream,
     absl::StatusOr<tidepool::graph::CaptureOptions> options =
         tidepool::c_api::ToCaptureOptions(share_pool, mode);
     if (!options.ok()) return options.status();
-    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    absl::StatusOr<PoolManager*> pools = (*runtime)->Pools(device);
     if (!pools.ok()) return pools.status();
+    // The capture runs on the device with streams and graphs (allocator/graph_device.h); the
+    // pools' allocator holds only the narrow seam.
+    absl::StatusOr<tidepool::GraphDevice*> graph_device = (*runtime)->GraphDeviceOf(device);
+    if (!graph_device.ok()) return graph_device.status();
     absl::StatusOr<tidepool::graph::Capture> begun =
-        tidepool::graph::Capture::Begin(*pools, stream, *options);
+        tidepool::graph::Capture::Begin(*graph_device, *pools, stream, *options);
     if (!begun.ok()) return begun.status();
     // If this throws, `begun` abandons the capture on the way out: nothing is left behind.
     *capture = new tidepool_capture(*std::move(begun));

@@ -3,8 +3,8 @@
 // misread or ignored changes behaviour without anyone noticing. These tests pin the defaults,
 // the effect of every documented key (expandable_segments, max_split_size_mb,
 // expandable_reserve_mb, release_free_chunks_on_growth; docs/configuration.md), and that an
-// unknown key (including `trace`, which is deliberately not a key: tracing is done by wrapping
-// the allocator in RecordingAllocator) or a bad value is an INVALID_ARGUMENT error whose message
+// unknown key (including `trace`, which is deliberately not a key: TIDEPOOL_TRACE records at the
+// runtime) or a bad value is an INVALID_ARGUMENT error whose message
 // names the key at fault.
 #include <catch2/catch.hpp>
 
@@ -93,7 +93,7 @@ TEST_CASE("expandable_reserve_mb is read in MiB") {
 }
 
 TEST_CASE("trace is not a configuration key") {
-  // docs/configuration.md: trace recording is RecordingAllocator's job, not TIDEPOOL_CONF's.
+  // docs/configuration.md: trace recording is TIDEPOOL_TRACE's job, not TIDEPOOL_CONF's.
   RequireErrorNaming("trace:/tmp/run.csv", "trace");
   RequireErrorNaming("expandable_segments:false,trace:/tmp/a:b.csv.gz", "trace");
 }

@@ -351,14 +351,13 @@ TEST_CASE("memory goes back to the device only after its streams were synchroniz
 }
 
 // A Device that forwards to a SimulatedDevice and lets a test act at two moments: right after
-// the allocator synchronized (the device or a stream), and right before it unmaps or gives back
-// a range.
+// the allocator synchronized the device (the only synchronization besides events that the core's
+// Device seam has), and right before it unmaps or gives back a range.
 class InterceptingDevice : public ForwardingDevice {
  public:
   explicit InterceptingDevice(SimulatedDevice* inner) : ForwardingDevice(inner) {}
 
   std::function<void()> after_synchronize_device;
-  std::function<void()> after_synchronize_stream;
   std::function<void(uintptr_t address, size_t bytes)> before_give_back;
 
   absl::Status FreeSegment(uintptr_t address, size_t bytes) override {
@@ -368,11 +367,6 @@ class InterceptingDevice : public ForwardingDevice {
   absl::Status Unmap(uintptr_t address, size_t bytes) override {
     if (before_give_back) before_give_back(address, bytes);
     return ForwardingDevice::Unmap(address, bytes);
-  }
-  absl::Status SynchronizeStream(Stream stream) override {
-    absl::Status status = ForwardingDevice::SynchronizeStream(stream);
-    if (after_synchronize_stream) after_synchronize_stream();
-    return status;
   }
   absl::Status SynchronizeDevice() override {
     absl::Status status = ForwardingDevice::SynchronizeDevice();
@@ -540,11 +534,9 @@ TEST_CASE("EmptyCache does not give back a block freed on another stream after i
     }
     CHECK(other_thread.get().ok());
   };
-  h.intercepting.after_synchronize_stream = h.intercepting.after_synchronize_device;
 
   REQUIRE(h.allocator->EmptyCache().ok());
   h.intercepting.after_synchronize_device = nullptr;
-  h.intercepting.after_synchronize_stream = nullptr;
   INFO(absl::StrJoin(h.violations, "\n"));
   CHECK(h.violations.empty());
   CHECK(freed_during_empty);  // EmptyCache had T's memory to give back, so it synchronized

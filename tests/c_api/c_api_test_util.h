@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "allocator/caching_allocator.h"
 #include "allocator/device.h"
+#include "allocator/graph_device.h"
 #include "allocator/simulated_device.h"
 #include "allocator/stats.h"
 #include "catch2/catch.hpp"
@@ -66,9 +67,16 @@ inline PoolManager& PoolsOf(int device) {
   return **pools;
 }
 
+// The runtime's device of an ordinal, with its streams and graphs (allocator/graph_device.h).
+inline GraphDevice& GraphDeviceOf(int device) {
+  absl::StatusOr<GraphDevice*> graph_device = TheRuntime().GraphDeviceOf(device);
+  REQUIRE(graph_device.ok());
+  return **graph_device;
+}
+
 // A new stream of a simulated device: the C API has no call for one, the device does.
 inline Stream NewStream(int device) {
-  absl::StatusOr<Stream> stream = PoolsOf(device).allocator()->device()->CreateStream();
+  absl::StatusOr<Stream> stream = GraphDeviceOf(device).CreateStream();
   REQUIRE(stream.ok());
   return *stream;
 }

@@ -180,6 +180,20 @@ TEST_CASE("every misuse returns its code and a message, and changes nothing") {
        TIDEPOOL_NOT_FOUND, "device 4"},
       {"tidepool_init_simulated", [] { return tidepool_init_simulated(1, 1 << 30); },
        TIDEPOOL_FAILED_PRECONDITION, "exists already"},
+      // A capture needs the ordinal's device with streams and graphs (Runtime::GraphDeviceOf).
+      {"tidepool_capture_begin",
+       [&] {
+         tidepool_capture* capture = nullptr;
+         return tidepool_capture_begin(3, stream, nullptr, TIDEPOOL_CAPTURE_MODE_GLOBAL, &capture);
+       },
+       TIDEPOOL_NOT_FOUND, "device 3"},
+      {"tidepool_capture_begin",
+       [&] {
+         tidepool_capture* capture = nullptr;
+         return tidepool_capture_begin(-1, stream, nullptr, TIDEPOOL_CAPTURE_MODE_GLOBAL,
+                                       &capture);
+       },
+       TIDEPOOL_INVALID_ARGUMENT, "device -1"},
   };
 
   const std::vector<tidepool_pool_id> pools = {kDefaultPool, released, routed, never};

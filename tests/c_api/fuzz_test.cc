@@ -2945,7 +2945,8 @@ class SerialFuzzer {
                                           IdText(pool.id)));
         Call(
             "tidepool_release_pool", kOK,
-            [&] { return tidepool_release_pool(key.device, pool.id); }, Compare::kNone);
+            [device = key.device, id = pool.id] { return tidepool_release_pool(device, id); },
+            Compare::kNone);
         --pool.refs;
       }
     }

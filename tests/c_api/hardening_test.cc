@@ -27,6 +27,7 @@
 namespace tidepool {
 namespace {
 
+using c_api_test::GraphDeviceOf;
 using c_api_test::InfoOf;
 using c_api_test::NewPoolId;
 using c_api_test::NewStream;
@@ -375,7 +376,7 @@ TEST_CASE("sglang's order: end a capture's route by hand, use another pool, resu
   TIDEPOOL_REQUIRE_OK(tidepool_graph_destroy(graph));
   CHECK(InfoOf(0, graph_pool).gone);
   CHECK(InfoOf(0, symmetric).gone);
-  REQUIRE(PoolsOf(0).allocator()->device()->DestroyStream(stream).ok());
+  REQUIRE(GraphDeviceOf(0).DestroyStream(stream).ok());
 }
 
 TEST_CASE("a capture whose route someone else ended, and nobody resumed, still ends") {
@@ -395,7 +396,7 @@ TEST_CASE("a capture whose route someone else ended, and nobody resumed, still e
   CHECK(InfoOf(0, graph_pool).references == 1);
   TIDEPOOL_REQUIRE_OK(tidepool_graph_destroy(graph));
   CHECK(InfoOf(0, graph_pool).gone);
-  REQUIRE(PoolsOf(0).allocator()->device()->DestroyStream(stream).ok());
+  REQUIRE(GraphDeviceOf(0).DestroyStream(stream).ok());
 }
 
 // --- Contracts --------------------------------------------------------------------------------

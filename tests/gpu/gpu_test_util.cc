@@ -53,6 +53,9 @@ std::unique_ptr<CudaDevice> RequireDevice() {
                                    << "\nThese tests need an NVIDIA GPU and its driver "
                                       "(libcuda.so.1, or TIDEPOOL_LIBCUDA naming it).");
   REQUIRE(device.ok());
+  const absl::Status test_entry_points = (*device)->driver().CheckTestEntryPoints();
+  INFO(test_entry_points.ToString());
+  REQUIRE(test_entry_points.ok());
   return *std::move(device);
 }
 

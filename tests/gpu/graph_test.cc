@@ -197,8 +197,9 @@ int64_t ReservedIn(PoolManager& pools, PoolId pool) {
   return stats->reserved_bytes.current;
 }
 
-Capture RequireBegin(PoolManager& pools, Stream stream, const CaptureOptions& options = {}) {
-  absl::StatusOr<Capture> capture = Capture::Begin(&pools, stream, options);
+Capture RequireBegin(CudaDevice& device, PoolManager& pools, Stream stream,
+                     const CaptureOptions& options = {}) {
+  absl::StatusOr<Capture> capture = Capture::Begin(&device, &pools, stream, options);
   TIDEPOOL_REQUIRE_OK(capture);
   return *std::move(capture);
 }
@@ -248,7 +249,7 @@ TEST_CASE(
   PoolId pool;
   Graph graph;
   {
-    Capture capture = RequireBegin(pools, s1);
+    Capture capture = RequireBegin(*device, pools, s1);
     pool = capture.pool();
     CHECK(pool.first != 0);  // a graph pool id, {n, 0}
     CHECK(pool.second == 0);
@@ -380,7 +381,7 @@ TEST_CASE("two graphs share one pool and replay alternately on one stream", "[gp
   // the quarter `quarter` replaced by `pattern`; `references` is the pool's count during it.
   auto capture_graph = [&](size_t quarter, uint32_t pattern, void* out, int64_t references,
                            void** tmp) {
-    Capture capture = RequireBegin(pools, stream, options);
+    Capture capture = RequireBegin(*device, pools, stream, options);
     CHECK(capture.pool() == pool);
     CHECK(RequireInfo(pools, pool).references == references);
     *tmp = RequireAllocate(pools, kBytes, stream);
@@ -446,7 +447,7 @@ TEST_CASE("two graphs share one pool and replay alternately on one stream", "[gp
   CHECK(after.live_blocks == 0);
   CHECK(ReservedIn(pools, pool) == 0);
   // Nothing holds the pool any more, so no capture may share it.
-  CHECK(absl::IsFailedPrecondition(Capture::Begin(&pools, stream, options).status()));
+  CHECK(absl::IsFailedPrecondition(Capture::Begin(device.get(), &pools, stream, options).status()));
   CHECK(allocator->captures_underway() == 0);
   CHECK_FALSE(IsCapturing(*device, stream));
 
@@ -499,7 +500,7 @@ TEST_CASE("replays write only the graph's own memory: canaries around it stay in
   PoolId pool;
   Graph graph;
   {
-    Capture capture = RequireBegin(pools, stream);
+    Capture capture = RequireBegin(*device, pools, stream);
     pool = capture.pool();
     result = RequireAllocate(pools, kChunks * kChunk, stream);
     graph_blocks.emplace_back(result, kChunks * kChunk);
@@ -678,7 +679,7 @@ TEST_CASE(
   {
     CaptureOptions options;
     options.mode = mode;
-    Capture capture = RequireBegin(pools, stream, options);
+    Capture capture = RequireBegin(*device, pools, stream, options);
     pool = capture.pool();
     go.store(true);
     // Allocate in the capture for as long as the worker runs (within bounds).
@@ -736,7 +737,7 @@ TEST_CASE(
 // the baseline the cleanup of a failed capture must come back to.
 size_t WarmFreeBytes(CudaDevice& device, PoolManager& pools, Stream stream) {
   {
-    Capture warm = RequireBegin(pools, stream);
+    Capture warm = RequireBegin(device, pools, stream);
     TIDEPOOL_REQUIRE_OK(warm.Abandon());
   }
   void* block = RequireAllocate(pools, kMiB, stream);
@@ -799,7 +800,7 @@ TEST_CASE("a capture the driver invalidates leaves nothing behind", "[gpu]") {
   std::vector<void*> live;
   absl::StatusOr<Graph> ended = absl::UnknownError("not ended");
   {
-    Capture capture = RequireBegin(pools, stream);
+    Capture capture = RequireBegin(*device, pools, stream);
     pool = capture.pool();
     for (size_t bytes : {kMiB, 8 * kMiB + 512, 40 * kMiB}) {
       void* block = RequireAllocate(pools, bytes, stream);
@@ -839,7 +840,7 @@ TEST_CASE("an abandoned capture leaves nothing behind", "[gpu]") {
   PoolId pool;
   std::vector<void*> live;
   {
-    Capture capture = RequireBegin(pools, s1);
+    Capture capture = RequireBegin(*device, pools, s1);
     pool = capture.pool();
     void* shared = RequireAllocate(pools, 6 * kMiB, s1);
     FillPattern(*device, Address(shared), 6 * kMiB, 0xab0u, s1);
@@ -897,7 +898,7 @@ void CaptureAroundAPause(Pause pause) {
   void* buffer = nullptr;
   Graph graph;
   {
-    Capture capture = RequireBegin(pools, stream);
+    Capture capture = RequireBegin(*device, pools, stream);
     const PoolInfo graph_before = RequireInfo(pools, capture.pool());
     void* first = RequireAllocate(pools, kBytes, stream);
     CHECK(RequirePoolOf(pools, first) == capture.pool());
@@ -997,7 +998,8 @@ TEST_CASE("a side stream destroyed while a capture runs, after a deferred free's
   void* out = RequireAllocate(pools, kBytes, stream);
   Graph graph;
   {
-    Capture capture = RequireBegin(pools, stream, CaptureOptions{kDefaultPool, CaptureMode::kRelaxed});
+    Capture capture =
+        RequireBegin(*device, pools, stream, CaptureOptions{kDefaultPool, CaptureMode::kRelaxed});
     void* temporary = RequireAllocate(pools, kBytes, stream);
     FillPattern(*device, Address(temporary), kBytes, 0x01020304, stream);
     CopyAsync(*device, out, temporary, kBytes, stream);
@@ -1051,7 +1053,7 @@ TEST_CASE("a capture that takes new device memory for large blocks ends and repl
   PoolId pool;
   Graph graph;
   {
-    Capture capture = RequireBegin(pools, stream);
+    Capture capture = RequireBegin(*device, pools, stream);
     pool = capture.pool();
     CHECK(ReservedIn(pools, pool) == 0);  // a new pool: every byte below is new device memory
     void* big = RequireAllocate(pools, kBigBytes, stream);

@@ -16,7 +16,7 @@
 #include "allocator/config.h"
 #include "allocator/cuda_device.h"
 #include "allocator/simulated_device.h"
-#include "allocator/trace.h"
+#include "trace/trace.h"
 #include "catch2/catch.hpp"
 #include "tests/gpu/gpu_test_util.h"
 #include "tools/replay.h"

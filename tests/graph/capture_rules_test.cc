@@ -38,7 +38,8 @@ struct CaptureHarness : PoolHarness {
   using PoolHarness::End;
 
   Capture Begin(Stream stream, CaptureOptions options = {}) {
-    absl::StatusOr<Capture> capture = Capture::Begin(manager.get(), stream, options);
+    absl::StatusOr<Capture> capture =
+        Capture::Begin(device.get(), manager.get(), stream, options);
     INFO("Capture::Begin: " << capture.status().ToString());
     REQUIRE(capture.ok());
     return *std::move(capture);
@@ -586,16 +587,30 @@ TEST_CASE("capture misuse gives clear errors and leaves nothing behind") {
   CaptureHarness h;
   Stream stream = h.NewStream();
   // The legacy default stream cannot be captured.
-  absl::StatusOr<Capture> on_default = Capture::Begin(h.manager.get(), nullptr);
+  absl::StatusOr<Capture> on_default = Capture::Begin(h.device.get(), h.manager.get(), nullptr);
   CHECK_FALSE(on_default.ok());
+  CHECK(h.allocator->captures_underway() == 0);
+  // The capture's device must be given, and be the pools' device (its ordinal).
+  CHECK(absl::IsInvalidArgument(Capture::Begin(nullptr, h.manager.get(), stream).status()));
+  SimulatedDevice::Options elsewhere_options;
+  elsewhere_options.ordinal = h.device->ordinal() + 1;
+  SimulatedDevice elsewhere(elsewhere_options);
+  absl::StatusOr<Stream> elsewhere_stream = elsewhere.CreateStream();
+  REQUIRE(elsewhere_stream.ok());
+  absl::StatusOr<Capture> on_other_device =
+      Capture::Begin(&elsewhere, h.manager.get(), *elsewhere_stream);
+  INFO("Capture::Begin on another device: " << on_other_device.status().ToString());
+  CHECK(absl::IsInvalidArgument(on_other_device.status()));
+  CHECK_FALSE(elsewhere.GetCaptureInfo(*elsewhere_stream)->capturing);
   CHECK(h.allocator->captures_underway() == 0);
   // Sharing: not a graph pool, a pool never made, a pool nothing holds.
   const PoolId user = NewUserPoolId();
   REQUIRE(h.manager->Create(user, PoolOptions{}).ok());
   CHECK(absl::IsInvalidArgument(
-      Capture::Begin(h.manager.get(), stream, CaptureOptions{user}).status()));
+      Capture::Begin(h.device.get(), h.manager.get(), stream, CaptureOptions{user}).status()));
   CHECK(absl::IsNotFound(
-      Capture::Begin(h.manager.get(), stream, CaptureOptions{NewGraphPoolId()}).status()));
+      Capture::Begin(h.device.get(), h.manager.get(), stream, CaptureOptions{NewGraphPoolId()})
+          .status()));
   PoolId gone;
   {
     Capture capture = h.Begin(stream);
@@ -603,10 +618,10 @@ TEST_CASE("capture misuse gives clear errors and leaves nothing behind") {
     Graph graph = h.End(capture);
   }
   CHECK(absl::IsFailedPrecondition(
-      Capture::Begin(h.manager.get(), stream, CaptureOptions{gone}).status()));
+      Capture::Begin(h.device.get(), h.manager.get(), stream, CaptureOptions{gone}).status()));
   // A stream already capturing cannot begin another capture; the first one is untouched.
   Capture capture = h.Begin(stream);
-  CHECK_FALSE(Capture::Begin(h.manager.get(), stream).ok());
+  CHECK_FALSE(Capture::Begin(h.device.get(), h.manager.get(), stream).ok());
   CHECK(h.allocator->captures_underway() == 1);
   CHECK(h.Info(capture.pool()).references == 1);
   // A capture mark cannot end where none began.

@@ -1,7 +1,7 @@
-// Tests of trace recording and replay together: what RecordingAllocator writes must read back as
-// the calls that were made (pointers, requested sizes, stream ids, failures skipped), and
-// replaying it must reproduce the live bytes the recording saw. This is the loop a user follows
-// to compare configurations on their own workload.
+// Tests of trace recording and replay together: what the runtime records (trace/recorder.h) must
+// read back as the calls that were made (pointers, requested sizes, stream ids, failures
+// skipped), and replaying it must reproduce the live bytes the recording saw. This is the loop a
+// user follows to compare configurations on their own workload (TIDEPOOL_TRACE).
 #define CATCH_CONFIG_MAIN
 #include <catch2/catch.hpp>
 
@@ -12,31 +12,33 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "allocator/caching_allocator.h"
 #include "allocator/config.h"
-#include "allocator/recording_allocator.h"
 #include "allocator/simulated_device.h"
-#include "allocator/trace.h"
-#include "tests/testing/sim_harness.h"
+#include "runtime/runtime.h"
 #include "tests/trace/trace_test_util.h"
 #include "tools/replay.h"
+#include "trace/recorder.h"
+#include "trace/trace.h"
 
 namespace tidepool {
 namespace {
 
 using testing::ScratchPath;
 
-std::unique_ptr<RecordingAllocator> MakeRecorder(SimulatedDevice* device, const std::string& path) {
-  absl::StatusOr<std::unique_ptr<RecordingAllocator>> recorder =
-      RecordingAllocator::Create(testing::MakeAllocator(device, Config{}), path);
+// A runtime over one simulated device, recording to `path`.
+std::unique_ptr<Runtime> MakeRecordingRuntime(SimulatedDevice* device, const std::string& path) {
+  absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::Create({device}, Config{});
+  REQUIRE(runtime.ok());
+  absl::StatusOr<std::unique_ptr<TraceRecorder>> recorder = TraceRecorder::Open(path);
   REQUIRE(recorder.ok());
-  return *std::move(recorder);
+  (*runtime)->RecordTo(*std::move(recorder));
+  return *std::move(runtime);
 }
 
 TEST_CASE("a recorded trace reads back as the calls made, and replays to the same live bytes") {
   SimulatedDevice device;
   const std::string path = ScratchPath("recorded.csv.gz");
-  std::unique_ptr<RecordingAllocator> recorder = MakeRecorder(&device, path);
+  std::unique_ptr<Runtime> runtime = MakeRecordingRuntime(&device, path);
   absl::StatusOr<Stream> first_stream = device.CreateStream();
   absl::StatusOr<Stream> second_stream = device.CreateStream();
   REQUIRE(first_stream.ok());
@@ -46,17 +48,19 @@ TEST_CASE("a recorded trace reads back as the calls made, and replays to the sam
   REQUIRE(first_id.ok());
   REQUIRE(second_id.ok());
 
-  absl::StatusOr<void*> small = recorder->Allocate(1000, *first_stream);
-  absl::StatusOr<void*> large = recorder->Allocate(3 << 20, *second_stream);
+  absl::StatusOr<void*> small = runtime->Allocate(0, 1000, *first_stream);
+  absl::StatusOr<void*> large = runtime->Allocate(0, 3 << 20, *second_stream);
   REQUIRE(small.ok());
   REQUIRE(large.ok());
-  REQUIRE(recorder->Free(*small).ok());
-  // Refused calls: a zero-byte allocation is recorded as a failure; a foreign free not at all.
-  CHECK_FALSE(recorder->Allocate(0, *first_stream).ok());
+  REQUIRE(runtime->Free(*small).ok());
+  // Refused calls: a zero-byte allocation is recorded as a failure; a foreign free and an unknown
+  // device not at all.
+  CHECK_FALSE(runtime->Allocate(0, 0, *first_stream).ok());
+  CHECK_FALSE(runtime->Allocate(5, 1000, *first_stream).ok());
   int not_a_block = 0;
-  CHECK_FALSE(recorder->Free(&not_a_block).ok());
-  REQUIRE(recorder->Free(*large).ok());
-  REQUIRE(recorder->Flush().ok());
+  CHECK_FALSE(runtime->Free(&not_a_block).ok());
+  REQUIRE(runtime->Free(*large).ok());
+  REQUIRE(runtime->recorder()->Flush().ok());
 
   absl::StatusOr<Trace> trace = ReadTrace(path);
   REQUIRE(trace.ok());
@@ -78,7 +82,7 @@ TEST_CASE("a recorded trace reads back as the calls made, and replays to the sam
   CHECK(trace->events[3].action == TraceAction::kFree);
   CHECK(trace->events[3].time_us >= small_free.time_us);
 
-  recorder.reset();
+  runtime.reset();
   REQUIRE(device.DestroyStream(*first_stream).ok());
   REQUIRE(device.DestroyStream(*second_stream).ok());
 
@@ -99,7 +103,7 @@ TEST_CASE("rows from many threads never show a pointer reused before its free") 
   constexpr int kPairsPerThread = 500;
   SimulatedDevice device;
   const std::string path = ScratchPath("threads.csv");
-  std::unique_ptr<RecordingAllocator> recorder = MakeRecorder(&device, path);
+  std::unique_ptr<Runtime> runtime = MakeRecordingRuntime(&device, path);
   // All threads share one stream, so that a block one thread frees is the next one another
   // thread gets: the case where a late free row would break replay.
   absl::StatusOr<Stream> stream = device.CreateStream();
@@ -109,14 +113,14 @@ TEST_CASE("rows from many threads never show a pointer reused before its free") 
   for (int index = 0; index < kThreads; ++index) {
     threads.emplace_back([&, index] {
       for (int pair = 0; pair < kPairsPerThread && errors[index].ok(); ++pair) {
-        absl::StatusOr<void*> block = recorder->Allocate(512 * (1 + pair % 7), *stream);
-        errors[index] = block.ok() ? recorder->Free(*block) : block.status();
+        absl::StatusOr<void*> block = runtime->Allocate(0, 512 * (1 + pair % 7), *stream);
+        errors[index] = block.ok() ? runtime->Free(*block) : block.status();
       }
     });
   }
   for (std::thread& thread : threads) thread.join();
   for (const absl::Status& error : errors) CHECK(error.ok());
-  REQUIRE(recorder->Flush().ok());
+  REQUIRE(runtime->recorder()->Flush().ok());
 
   absl::StatusOr<Trace> trace = ReadTrace(path);
   REQUIRE(trace.ok());
@@ -127,7 +131,7 @@ TEST_CASE("rows from many threads never show a pointer reused before its free") 
   REQUIRE(replayed.ok());
   CHECK(replayed->allocations == kThreads * kPairsPerThread);
 
-  recorder.reset();
+  runtime.reset();
   REQUIRE(device.DestroyStream(*stream).ok());
 }
 

@@ -11,7 +11,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "allocator/trace.h"
+#include "trace/trace.h"
 #include "tests/trace/trace_test_util.h"
 
 namespace tidepool {

@@ -4,7 +4,7 @@
 // unchanged, so one path serves both. The whole file is read into memory and parsed line by
 // line: the bundled traces are a few megabytes uncompressed, and a parse error can then name its
 // line exactly.
-#include "allocator/trace.h"
+#include "trace/trace.h"
 
 #include <zlib.h>
 

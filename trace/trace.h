@@ -14,8 +14,8 @@
 // or as RMM's clock time `HH:MM:SS.ffffff` or seconds with a fraction; on reading every form
 // becomes microseconds since the first event. Files may be gzip-compressed (read either way; a
 // writer compresses when the path ends in `.gz`).
-#ifndef TIDEPOOL_ALLOCATOR_TRACE_H_
-#define TIDEPOOL_ALLOCATOR_TRACE_H_
+#ifndef TIDEPOOL_TRACE_TRACE_H_
+#define TIDEPOOL_TRACE_TRACE_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -110,4 +110,4 @@ class TraceWriter {
 
 }  // namespace tidepool
 
-#endif  // TIDEPOOL_ALLOCATOR_TRACE_H_
+#endif  // TIDEPOOL_TRACE_TRACE_H_
