@@ -157,13 +157,13 @@ absl::Status CachingAllocatorImpl::NoteCaptureEnd() {
         device_->ordinal()));
   }
   if (captures_underway_.fetch_sub(1, std::memory_order_acq_rel) != 1) return absl::OkStatus();
-  // The last capture is over: what it held back can go ahead. Deferred frees used on a stream
-  // outside the captures wait for the device first (shard.h says why not for their streams).
+  // The last capture is over: what it held back can go ahead, once the device has finished the
+  // work queued on the blocks' other streams (shard.h says why not those streams alone).
   bool synchronize = false;
   for (Arena* arena : live_arenas_) {
     for (Shard* shard : arena->Shards()) {
       MutexLock lock(&shard->mu);
-      synchronize = synchronize || shard->DeferredNeedSynchronization();
+      synchronize = synchronize || shard->HasDeferredFrees();
     }
   }
   if (synchronize) {

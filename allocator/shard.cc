@@ -205,15 +205,6 @@ absl::Status Shard::FreeLive(Block* block) {
   return AwaitUses(block);
 }
 
-bool Shard::DeferredNeedSynchronization() const {
-  for (const Block* block : deferred_) {
-    for (const StreamUse& use : block->uses) {
-      if ((use.id & kCapturingStreamIdBit) == 0) return true;
-    }
-  }
-  return false;
-}
-
 absl::Status Shard::ReleaseDeferredFrees() {
   if (Capturing()) {
     return absl::FailedPreconditionError(

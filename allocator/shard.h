@@ -20,9 +20,10 @@
 // shard then harvests nothing, and a block freed after use on other streams is deferred: it waits,
 // unusable, until the allocator says the captures are over (ReleaseDeferredFrees). Its streams'
 // handles are never touched again after the free: the caller may destroy a stream while a
-// capture runs. Uses on capturing streams are graph work, which never runs outside a replay, so
-// they need no wait; a use on a stream outside every capture may still have work queued, so the
-// allocator synchronizes the device before such blocks go ahead (DeferredNeedSynchronization).
+// capture runs. Any of those streams may still have real work queued that uses the block, even
+// one that was capturing when its use was recorded (work queued on it before its capture began),
+// so the allocator synchronizes the device once before deferred blocks go ahead
+// (HasDeferredFrees).
 // A block used on its own stream only is reusable at once, during capture as outside it: inside
 // a graph, stream order is the graph's dependency order.
 #ifndef TIDEPOOL_ALLOCATOR_SHARD_H_
@@ -69,11 +70,11 @@ class alignas(64) Shard {
   // Frees a live block: at once if it was used on this stream only, else after events recorded
   // now on each stream it was used on (or, during capture, deferred: see above).
   absl::Status FreeLive(Block* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
-  // Whether a block deferred during capture was used on a stream outside every capture: then
-  // the device must be synchronized before ReleaseDeferredFrees.
-  bool DeferredNeedSynchronization() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Whether blocks were deferred during capture: then the device must be synchronized before
+  // ReleaseDeferredFrees (see above).
+  bool HasDeferredFrees() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return !deferred_.empty(); }
   // Frees the blocks deferred during capture, without touching their streams. Only once no
-  // capture is underway, and after a device synchronization if DeferredNeedSynchronization.
+  // capture is underway, and after a device synchronization if HasDeferredFrees.
   absl::Status ReleaseDeferredFrees() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Coalesces every parked block into the best-fit index.
   void FlushQuick() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);

@@ -841,8 +841,9 @@ class PoolDifferentialRun {
     if (dice < 36) return DoJoin();
     if (dice < 64) return FinishCapture(random_() % captures_.size(), kEndIt);
     if (dice < 74) {
-      return FinishCapture(random_() % captures_.size(),
-                           random_() % 3 == 0 ? kDestroyIt : kAbandonIt);
+      // Two draws, in this order (as arguments of one call their order would be the compiler's).
+      const size_t index = random_() % captures_.size();
+      return FinishCapture(index, random_() % 3 == 0 ? kDestroyIt : kAbandonIt);
     }
     if (dice < 80) return DoInvalidate();
     if (dice < 90) return DoLaunch();
@@ -852,7 +853,8 @@ class PoolDifferentialRun {
 
   void DoCaptureBegin() {
     if (captures_.size() >= kMaxCaptures) {
-      return FinishCapture(random_() % captures_.size(), random_() % 4 == 0 ? kAbandonIt : kEndIt);
+      const size_t index = random_() % captures_.size();
+      return FinishCapture(index, random_() % 4 == 0 ? kAbandonIt : kEndIt);
     }
     // Mostly a stream that is not capturing; now and then one that is, to be refused.
     int s = static_cast<int>(random_() % kStreams);
