@@ -10,21 +10,16 @@ namespace {
 // block is aligned only if the segment is.
 constexpr uintptr_t kSegmentAlignment = 512;
 
-// Callbacks running on this thread (trivial, so it is readable at thread exit too).
-thread_local int callbacks_running = 0;
+}  // namespace
 
 // Marks the calling thread as inside a callback for the scope's life.
 class CallingBackScope {
  public:
-  CallingBackScope() { ++callbacks_running; }
-  ~CallingBackScope() { --callbacks_running; }
+  CallingBackScope() { ++CallbackSegments::callbacks_running_; }
+  ~CallingBackScope() { --CallbackSegments::callbacks_running_; }
   CallingBackScope(const CallingBackScope&) = delete;
   CallingBackScope& operator=(const CallingBackScope&) = delete;
 };
-
-}  // namespace
-
-bool CallbackSegments::CallingBack() { return callbacks_running > 0; }
 
 absl::StatusOr<uintptr_t> CallbackSegments::AllocateSegment(size_t bytes) {
   void* segment;

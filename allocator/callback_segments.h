@@ -29,6 +29,8 @@
 
 namespace tidepool {
 
+class CallingBackScope;
+
 class CallbackSegments final : public SegmentSource {
  public:
   using AllocateFunction = void* (*)(size_t bytes, int device, void* context);
@@ -46,10 +48,15 @@ class CallbackSegments final : public SegmentSource {
   // wait for that lock forever; the C API refuses every call made from inside a callback
   // instead (FAILED_PRECONDITION). A callback that hands the work to another thread and waits
   // for it cannot be told apart, and deadlocks: the contract forbids both.
-  static bool CallingBack();
+  // Inline: the C API asks on every call (one thread-local read).
+  static bool CallingBack() { return callbacks_running_ > 0; }
   std::string name() const override { return "callbacks"; }
 
  private:
+  friend class CallingBackScope;
+  // Callbacks running on this thread (trivial, so it is readable at thread exit too).
+  static inline thread_local int callbacks_running_ = 0;
+
   const AllocateFunction allocate_;
   const FreeFunction free_;
   void* const context_;

@@ -46,8 +46,6 @@ constexpr size_t kMaxSimulatedBytes = size_t{1} << 40;
 struct GlobalState {
   Mutex mu;
   std::unique_ptr<Runtime> runtime ABSL_GUARDED_BY(mu);
-  // runtime.get() once made; read without mu.
-  std::atomic<Runtime*> published{nullptr};
 };
 
 // Never destroyed (global_runtime.h says why).
@@ -76,14 +74,17 @@ absl::Status StartTracing(Runtime& runtime) {
 void Publish(GlobalState& state, std::unique_ptr<Runtime> runtime)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) {
   state.runtime = std::move(runtime);
-  state.published.store(state.runtime.get(), std::memory_order_release);
+  global_runtime_internal::published.store(state.runtime.get(), std::memory_order_release);
 }
 
 }  // namespace
 
-absl::StatusOr<Runtime*> GlobalRuntime() {
+// runtime.get() once made; read without the lock. Constant-initialized, so it is null before
+// any constructor runs.
+std::atomic<Runtime*> global_runtime_internal::published{nullptr};
+
+absl::StatusOr<Runtime*> global_runtime_internal::Make() {
   GlobalState& state = State();
-  if (Runtime* runtime = state.published.load(std::memory_order_acquire)) return runtime;
   MutexLock lock(&state.mu);
   if (state.runtime != nullptr) return state.runtime.get();
   absl::StatusOr<Config> config = Config::FromEnvironment();

@@ -15,6 +15,7 @@
 #ifndef TIDEPOOL_RUNTIME_GLOBAL_RUNTIME_H_
 #define TIDEPOOL_RUNTIME_GLOBAL_RUNTIME_H_
 
+#include <atomic>
 #include <cstddef>
 
 #include "absl/status/status.h"
@@ -27,10 +28,24 @@ namespace tidepool {
 // addresses).
 inline constexpr int kMaxSimulatedDevices = 64;
 
+namespace global_runtime_internal {
+// The runtime once made (read without a lock), and the slow path that makes it.
+extern std::atomic<Runtime*> published;
+absl::StatusOr<Runtime*> Make();
+}  // namespace global_runtime_internal
+
+// The runtime if it has been made, else nullptr: one atomic load, for the C API's hot path.
+inline Runtime* GlobalRuntimeIfMade() {
+  return global_runtime_internal::published.load(std::memory_order_acquire);
+}
+
 // The runtime, made on the first call from every CUDA device and TIDEPOOL_CONF. Thread safe;
 // after the first success, one atomic load. If making it fails, the error is returned and the
 // next call tries again.
-absl::StatusOr<Runtime*> GlobalRuntime();
+inline absl::StatusOr<Runtime*> GlobalRuntime() {
+  if (Runtime* runtime = GlobalRuntimeIfMade()) return runtime;
+  return global_runtime_internal::Make();
+}
 
 // Makes the runtime from `device_count` simulated devices of `bytes_per_device` each, with
 // TIDEPOOL_CONF's configuration. FAILED_PRECONDITION if the runtime exists already.

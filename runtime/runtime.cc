@@ -106,7 +106,7 @@ absl::StatusOr<BlockHome> Runtime::HomeOf(const void* ptr) const {
   return BlockHome{*device, *pool};
 }
 
-absl::StatusOr<void*> Runtime::Allocate(int device, size_t bytes, Stream stream) {
+absl::StatusOr<void*> Runtime::AllocateSlow(int device, size_t bytes, Stream stream) {
   absl::StatusOr<PoolManager*> pools = Pools(device);
   if (!pools.ok()) return pools.status();
   absl::StatusOr<void*> block = (*pools)->Allocate(bytes, stream);
@@ -132,19 +132,20 @@ absl::StatusOr<void*> Runtime::RecordAllocation(PoolManager& pools, size_t bytes
                                    recorded.message()));
 }
 
-absl::Status Runtime::Free(void* ptr) {
+absl::Status Runtime::FreeRecorded(void* ptr) {
   // The row first: once the block is back, another thread may be handed it (recorder.h).
-  absl::Status recorded =
-      recorder_ != nullptr ? recorder_->RecordFree(ptr) : absl::OkStatus();
-  absl::Status freed = FreeUnrecorded(ptr);
+  absl::Status recorded = recorder_->RecordFree(ptr);
+  absl::Status freed = devices_[0].allocator->Free(ptr);
+  if (!freed.ok()) freed = FreeOnOtherDevices(ptr, std::move(freed));
   return freed.ok() ? recorded : freed;
 }
 
-absl::Status Runtime::FreeUnrecorded(void* ptr) {
+absl::Status Runtime::FreeOnOtherDevices(void* ptr, absl::Status first) {
   // Free directly rather than DeviceOf first: on the usual one-device path that is one page-map
   // lookup instead of two, and an address outside an allocator's memory changes nothing there.
-  for (PerDevice& per_device : devices_) {
-    absl::Status freed = per_device.allocator->Free(ptr);
+  if (!absl::IsInvalidArgument(first)) return first;
+  for (size_t device = 1; device < devices_.size(); ++device) {
+    absl::Status freed = devices_[device].allocator->Free(ptr);
     if (!absl::IsInvalidArgument(freed)) return freed;
   }
   return absl::InvalidArgumentError(absl::StrFormat(

@@ -40,6 +40,8 @@
 #include <memory>
 #include <vector>
 
+#include "absl/base/attributes.h"
+#include "absl/base/optimization.h"
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -93,10 +95,22 @@ class Runtime {
   // Allocates `bytes` on `device` for `stream`, from the pool routing picks (the pool manager's
   // Allocate: see pool/pool_manager.h). Every allocation of the process's runtime comes through
   // here, whichever way it came in, so this is where a trace records it.
-  absl::StatusOr<void*> Allocate(int device, size_t bytes, Stream stream);
+  // Inline: the C API's tidepool_malloc is this and little else.
+  absl::StatusOr<void*> Allocate(int device, size_t bytes, Stream stream) {
+    if (ABSL_PREDICT_TRUE(device >= 0 && device < device_count() && recorder_ == nullptr)) {
+      return devices_[device].pools->Allocate(bytes, stream);
+    }
+    return AllocateSlow(device, bytes, stream);
+  }
   // Frees a block of any device (the allocator's Free: see caching_allocator.h); errors as for
   // DeviceOf, and nothing changes on error.
-  absl::Status Free(void* ptr);
+  // Inline, as Allocate: device 0's allocator first, the others only if it does not own `ptr`.
+  absl::Status Free(void* ptr) {
+    if (ABSL_PREDICT_FALSE(recorder_ != nullptr)) return FreeRecorded(ptr);
+    absl::Status freed = devices_[0].allocator->Free(ptr);
+    if (ABSL_PREDICT_TRUE(freed.ok())) return freed;
+    return FreeOnOtherDevices(ptr, std::move(freed));
+  }
   // Marks a live block of any device as used on `stream` (a stream of the block's device).
   absl::Status RecordStream(void* ptr, Stream stream);
 
@@ -127,10 +141,14 @@ class Runtime {
   };
 
   Runtime() = default;
-  // Allocate's recording, out of the way of the unrecorded path.
+  // Allocate and Free off their fast paths: an unknown device, a trace being recorded, a
+  // pointer device 0 does not own (`first` is device 0's answer).
+  ABSL_ATTRIBUTE_NOINLINE absl::StatusOr<void*> AllocateSlow(int device, size_t bytes,
+                                                             Stream stream);
   absl::StatusOr<void*> RecordAllocation(PoolManager& pools, size_t bytes, Stream stream,
                                          absl::StatusOr<void*> block);
-  absl::Status FreeUnrecorded(void* ptr);
+  ABSL_ATTRIBUTE_NOINLINE absl::Status FreeRecorded(void* ptr);
+  ABSL_ATTRIBUTE_NOINLINE absl::Status FreeOnOtherDevices(void* ptr, absl::Status first);
   // The error for an ordinal the runtime does not have (see the file comment).
   absl::Status UnknownDevice(int device) const;
   // Builds an allocator and a pool manager for each device (checked as Create says).

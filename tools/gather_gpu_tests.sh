@@ -7,7 +7,9 @@
 #
 #   tools/gather_gpu_tests.sh OUTDIR          e.g. tools/gather_gpu_tests.sh gpu_bundle
 #
-# Layout of OUTDIR: run_gpu_tests.sh, tests/<test>, <program> (tidepool, benchmarks), traces/.
+# Layout of OUTDIR: run_gpu_tests.sh, tests/<test>, <program> (tidepool, benchmarks), traces/,
+# installed/ (libtidepool.so.1 as tools/install lays it out, and a C program built against it,
+# which tests/installed_program runs with an empty environment).
 # On the GPU host: copy OUTDIR over, then `OUTDIR/run_gpu_tests.sh`. The tools and bench targets
 # are taken when they exist and skipped (with a note) when their package or target does not.
 set -euo pipefail
@@ -55,7 +57,8 @@ if [ ${#tests[@]} -eq 0 ]; then
   exit 1
 fi
 
-bazel build "${tests[@]}" "${programs[@]}"
+library_label=//integrations/c_api:libtidepool.so.1
+bazel build "${tests[@]}" "${programs[@]}" "$library_label"
 bin_dir="$(bazel info bazel-bin)"
 
 # The shared libraries a binary may need on the GPU host: the C and C++ runtimes only.
@@ -99,9 +102,37 @@ done
 for label in "${programs[@]}"; do
   copy_binary "$label" "$outdir/${label#*:}"
 done
+# The installed library, and a C program built against it the way a user outside Bazel builds
+# one (pkg-config), that finds the library beside it ($ORIGIN): run_gpu_tests.sh runs it with an
+# empty environment, so it proves the library needs nothing on the GPU host but the driver.
+rm -rf "$outdir/installed"
+tools/install_layout.sh "$bin_dir/integrations/c_api/libtidepool.so.1" \
+  integrations/c_api/tidepool.h integrations/c_api/tidepool.pc.in "$outdir/installed"
+mkdir -p "$outdir/installed/bin"
+# shellcheck disable=SC2046  # pkg-config's flags are words
+cc -std=c99 -O2 -Wall -Werror tests/c_api/installed_program.c \
+  $(PKG_CONFIG_PATH="$outdir/installed/lib/pkgconfig" pkg-config --cflags --libs tidepool) \
+  -Wl,-rpath,'$ORIGIN/../lib' -o "$outdir/installed/bin/installed_program"
+for shipped in "$outdir/installed/lib/libtidepool.so.1" "$outdir/installed/bin/installed_program"; do
+  needed="$(readelf -d "$shipped" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' |
+            grep -Ev "$allowed_needed" | grep -vx 'libtidepool\.so\.1' || true)"
+  if [ -n "$needed" ]; then
+    echo "gather_gpu_tests: $shipped needs ${needed//$'\n'/ } and would not run on the GPU host" >&2
+    exit 1
+  fi
+done
+
+# As a test of the bundle: the program with an empty environment (no LD_LIBRARY_PATH, nothing).
+cat >"$outdir/tests/installed_program" <<'WRAPPER'
+#!/bin/sh
+# The installed libtidepool.so.1 and a C program built against it, with nothing but the driver.
+exec env -i "$(dirname "$0")/../installed/bin/installed_program"
+WRAPPER
+chmod 755 "$outdir/tests/installed_program"
+
 rm -rf "$outdir/traces"
 cp -r traces "$outdir/traces"
 install -m 755 tools/run_gpu_tests.sh "$outdir/run_gpu_tests.sh"
 
-echo "gather_gpu_tests: ${#tests[@]} tests and ${#programs[@]} programs in $outdir"
+echo "gather_gpu_tests: ${#tests[@]} tests, ${#programs[@]} programs and the installed library in $outdir"
 echo "on the GPU host: $outdir/run_gpu_tests.sh   (or copy the folder there and run it inside)"

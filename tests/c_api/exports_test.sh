@@ -1,9 +1,26 @@
 #!/usr/bin/env bash
-# Checks that libtidepool.so exports the C API and nothing else: every defined dynamic symbol
-# starts with tidepool_, and the calls of tidepool.h are all there. Argument: the library.
+# Checks that a shipped library stands alone and exports the C API only:
+#   * its dynamic section needs nothing but the C and C++ runtimes and the loader (libc, libm,
+#     libstdc++, libgcc_s, libdl, libpthread, librt, ld-linux): no Abseil, no CUDA (libcuda is
+#     opened at run time), so it loads on any host with a driver;
+#   * every symbol it exports (global or weak binding) starts with tidepool_, so it loads into a
+#     process that carries its own Abseil or its own copy of anything tidepool uses (local
+#     symbols the linker keeps in the dynamic table, such as hidden thread-locals, are not
+#     exported);
+#   * the calls of tidepool.h are all there.
+# Argument: the library.
 set -euo pipefail
 library="$1"
-exported="$(nm -D --defined-only "$library" | awk '{print $3}')"
+needed="$(readelf -d "$library" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')"
+others="$(grep -vxE 'lib(c|m|stdc\+\+|gcc_s|dl|pthread|rt)\.so\.[0-9]+|ld-linux-x86-64\.so\.2' \
+    <<<"$needed" || true)"
+if [ -n "$others" ]; then
+  echo "exports_test: $library needs libraries beyond the C and C++ runtimes:" >&2
+  echo "$others" >&2
+  exit 1
+fi
+# nm's type letter is upper case for global and weak symbols, lower case for local ones.
+exported="$(nm -D --defined-only "$library" | awk '$2 ~ /^[A-Z]$/ {print $3}')"
 others="$(grep -v '^tidepool_' <<<"$exported" || true)"
 if [ -n "$others" ]; then
   echo "exports_test: $library exports symbols outside the C API:" >&2
@@ -23,4 +40,4 @@ for function in tidepool_api_version tidepool_last_error tidepool_init_simulated
     exit 1
   fi
 done
-echo "exports_test: $(wc -l <<<"$exported") symbols, all tidepool_*"
+echo "exports_test: needs $(tr '\n' ' ' <<<"$needed"); exports $(wc -l <<<"$exported") symbols, all tidepool_*"
