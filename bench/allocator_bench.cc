@@ -114,9 +114,30 @@ class PoolManagerPairs : public DeviceStreams {
   }
   void Free(void* ptr, void*) override { CheckOk(allocator_->Free(ptr)); }
 
- private:
+ protected:
   const std::unique_ptr<CachingAllocator> allocator_;
   PoolManager manager_;
+};
+
+// The same with the calling thread routed to a pool (a current-thread route, as sglang's
+// symmetric-memory scope does): the difference to the PoolManager column is the cost of the
+// routing decision. Each thread begins its route before its first pair; a thread's route ends,
+// and its reference goes, when the thread exits.
+class RoutedPairs : public PoolManagerPairs {
+ public:
+  RoutedPairs(GraphDevice* device, std::unique_ptr<CachingAllocator> allocator)
+      : PoolManagerPairs(device, std::move(allocator)), pool_(NewUserPoolId()) {}
+
+  std::string name() const override { return "tidepool, routed to a pool"; }
+  void PrepareThread() override {
+    thread_local PoolManager* routed = nullptr;
+    if (routed == &manager_) return;
+    CheckOk(manager_.Begin(pool_, RouteFilter::CurrentThread()));
+    routed = &manager_;
+  }
+
+ private:
+  const PoolId pool_;
 };
 
 // The C API's entry points, from this binary or from a libtidepool.so.1 opened with dlopen.
@@ -184,41 +205,6 @@ class CApiPairs : public DeviceStreams {
 
 // The anchors call the driver directly from the benchmark's threads, which need the device's
 // context current (CudaDevice's own methods see to that themselves).
-// tidepool with the calling thread routed to a pool (PoolManager, a current-thread route, as
-// sglang's symmetric-memory scope does): the difference to the `tidepool` column is the cost of
-// the routing decision. Each thread begins its route before its first pair; a thread's route
-// ends, and its reference goes, when the thread exits.
-class RoutedPairs : public DeviceStreams {
- public:
-  RoutedPairs(GraphDevice* device, std::unique_ptr<CachingAllocator> allocator)
-      : DeviceStreams(device),
-        allocator_(std::move(allocator)),
-        manager_(allocator_.get()),
-        pool_(NewUserPoolId()) {}
-  ~RoutedPairs() override { CheckOk(allocator_->EmptyCache()); }
-
-  std::string name() const override { return "tidepool, routed to a pool"; }
-  bool stream_ordered() const override { return true; }
-  Effort effort(bool quick) const override { return bench::FastAllocatorEffort(quick); }
-  void PrepareThread() override {
-    thread_local PoolManager* routed = nullptr;
-    if (routed == &manager_) return;
-    CheckOk(manager_.Begin(pool_, RouteFilter::CurrentThread()));
-    routed = &manager_;
-  }
-  void* Allocate(size_t bytes, void* stream) override {
-    absl::StatusOr<void*> block = manager_.Allocate(bytes, stream);
-    CheckOk(block.status());
-    return *block;
-  }
-  void Free(void* ptr, void*) override { CheckOk(allocator_->Free(ptr)); }
-
- private:
-  const std::unique_ptr<CachingAllocator> allocator_;
-  PoolManager manager_;
-  const PoolId pool_;
-};
-
 // Not an allocator: one Device::GetStreamId per pair and nothing else. tidepool asks the device
 // for the stream's unique id on every allocation (handles are reused after a stream is
 // destroyed, ids are not), so this column is the floor under tidepool's column.
