@@ -113,7 +113,8 @@ mkdir -p "$outdir/installed/bin"
 cc -std=c99 -O2 -Wall -Werror tests/c_api/installed_program.c \
   $(PKG_CONFIG_PATH="$outdir/installed/lib/pkgconfig" pkg-config --cflags --libs tidepool) \
   -Wl,-rpath,'$ORIGIN/../lib' -o "$outdir/installed/bin/installed_program"
-for shipped in "$outdir/installed/lib/libtidepool.so.1" "$outdir/installed/bin/installed_program"; do
+for shipped in "$outdir/installed/lib/libtidepool.so.1" \
+    "$outdir/installed/bin/installed_program"; do
   needed="$(readelf -d "$shipped" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' |
             grep -Ev "$allowed_needed" | grep -vx 'libtidepool\.so\.1' || true)"
   if [ -n "$needed" ]; then
@@ -134,5 +135,6 @@ rm -rf "$outdir/traces"
 cp -r traces "$outdir/traces"
 install -m 755 tools/run_gpu_tests.sh "$outdir/run_gpu_tests.sh"
 
-echo "gather_gpu_tests: ${#tests[@]} tests, ${#programs[@]} programs and the installed library in $outdir"
+echo "gather_gpu_tests: ${#tests[@]} tests, ${#programs[@]} programs and the installed library" \
+  "in $outdir"
 echo "on the GPU host: $outdir/run_gpu_tests.sh   (or copy the folder there and run it inside)"

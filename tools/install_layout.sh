@@ -3,7 +3,8 @@
 #   PREFIX/include/tidepool/tidepool.h
 #   PREFIX/lib/libtidepool.so.1        (the library, named by its soname)
 #   PREFIX/lib/libtidepool.so          (-> libtidepool.so.1, for -ltidepool)
-#   PREFIX/lib/pkgconfig/tidepool.pc   (cc prog.c $(pkg-config --cflags --libs tidepool); prog.c includes <tidepool/tidepool.h>)
+#   PREFIX/lib/pkgconfig/tidepool.pc   (cc prog.c $(pkg-config --cflags --libs tidepool), where
+#                                      prog.c includes <tidepool/tidepool.h>)
 # tools/install builds the library and calls this; the install test and the GPU bundle call it
 # with the library Bazel built.
 #

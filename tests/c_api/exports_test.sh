@@ -40,4 +40,5 @@ for function in tidepool_api_version tidepool_last_error tidepool_init_simulated
     exit 1
   fi
 done
-echo "exports_test: needs $(tr '\n' ' ' <<<"$needed"); exports $(wc -l <<<"$exported") symbols, all tidepool_*"
+echo "exports_test: needs $(tr '\n' ' ' <<<"$needed");" \
+  "exports $(wc -l <<<"$exported") symbols, all tidepool_*"

@@ -120,9 +120,11 @@ TEST_CASE("a routed allocation's error blames the pool only when the pool was re
   h.device->Enqueue(b);
   REQUIRE(h.allocator->RecordStream(block, b).ok());
   h.Free(block);  // pending on b's event
-  h.device->BeginCapture(capturing);
+  REQUIRE(h.device->BeginCapture(capturing).ok());
   absl::StatusOr<void*> during = h.manager->Allocate(4096, a);
-  h.device->EndCapture(capturing);
+  absl::StatusOr<GraphHandle> graph = h.device->EndCapture(capturing);
+  REQUIRE(graph.ok());
+  REQUIRE(h.device->DestroyGraph(*graph).ok());
   INFO("Allocate during a capture elsewhere: " << during.status().ToString());
   CHECK(h.Info(pool).references == 1);  // the pool is alive and routed
   if (!during.ok()) {
