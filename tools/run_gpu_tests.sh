@@ -8,11 +8,22 @@
 # Prints `PASS name` or `FAIL name` per test, the whole output of each failing test, and last a
 # line `N passed, M failed`; exits non-zero if any test failed or none was found.
 # Environment: TIDEPOOL_TEST_TIMEOUT (seconds per test, default 900); TIDEPOOL_LIBCUDA (another
-# driver library than libcuda.so.1) reaches the tests unchanged.
+# driver library than libcuda.so.1) and TIDEPOOL_NCCL_LIBRARY (found below when unset) reach the
+# tests unchanged.
 set -uo pipefail
 cd "$(dirname "$0")" || exit 2
 # Multicast (NVLS) can put a multi-GPU host's GPUs out of service; no test may turn it on.
 export NCCL_NVLS_ENABLE=0
+# NCCL for the symmetric-segment tests: the one PyTorch ships in the Python site-packages (the GPU
+# host has no other), unless TIDEPOOL_NCCL_LIBRARY names one. Without it those tests fail, saying
+# where tidepool looked.
+if [ -z "${TIDEPOOL_NCCL_LIBRARY:-}" ] && command -v python3 >/dev/null 2>&1; then
+  site="$(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))' \
+          2>/dev/null || true)"
+  if [ -n "$site" ] && [ -f "$site/nvidia/nccl/lib/libnccl.so.2" ]; then
+    export TIDEPOOL_NCCL_LIBRARY="$site/nvidia/nccl/lib/libnccl.so.2"
+  fi
+fi
 timeout_s="${TIDEPOOL_TEST_TIMEOUT:-900}"
 
 names=()

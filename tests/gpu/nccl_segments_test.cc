@@ -1,0 +1,112 @@
+// Symmetric segments on a real GPU with the real NCCL, through a one-rank communicator (the one
+// shape one GPU allows: docs/background.md §4): NCCL is found (TIDEPOOL_NCCL_LIBRARY, which
+// run_gpu_tests.sh points at the NCCL in Python's site-packages), segments of 4 KiB to
+// 256 MiB are allocated and registered as symmetric windows, an in-place ncclAllReduce on each
+// gives the right values, every segment is deregistered and freed, and the device's free memory
+// comes back. Prints what registration and deregistration cost.
+#include <dlfcn.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "allocator/cuda_device.h"
+#include "catch2/catch.hpp"
+#include "nccl/nccl_library.h"
+#include "nccl/symmetric_segments.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace tidepool {
+namespace {
+
+using gpu_test::CountMismatches;
+using gpu_test::FillPattern;
+using gpu_test::RequireDevice;
+using gpu_test::RequireFreeBytes;
+using gpu_test::RequireStream;
+
+double MillisecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+TEST_CASE("symmetric windows on one GPU: register, all-reduce, deregister, nothing leaks") {
+  std::unique_ptr<CudaDevice> device = RequireDevice();
+  absl::StatusOr<const NcclLibrary*> nccl = NcclLibrary::Get();
+  INFO("NcclLibrary::Get(): " << nccl.status().ToString());
+  REQUIRE(nccl.ok());
+  std::printf("NCCL %s from %s\n", NcclLibrary::VersionText((*nccl)->version()).c_str(),
+              (*nccl)->path().c_str());
+  // What only the test needs: making and ending a communicator, and one collective.
+  void* handle = dlopen((*nccl)->path().c_str(), RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(handle != nullptr);
+  auto get_unique_id =
+      reinterpret_cast<decltype(&ncclGetUniqueId)>(dlsym(handle, "ncclGetUniqueId"));
+  auto init_rank =
+      reinterpret_cast<decltype(&ncclCommInitRank)>(dlsym(handle, "ncclCommInitRank"));
+  auto destroy = reinterpret_cast<decltype(&ncclCommDestroy)>(dlsym(handle, "ncclCommDestroy"));
+  auto all_reduce = reinterpret_cast<decltype(&ncclAllReduce)>(dlsym(handle, "ncclAllReduce"));
+  REQUIRE((get_unique_id != nullptr && init_rank != nullptr && destroy != nullptr &&
+           all_reduce != nullptr));
+
+  REQUIRE(device->MakeCurrent().ok());
+  Stream stream = RequireStream(*device);
+  const size_t free_before = RequireFreeBytes(*device);
+  ncclUniqueId id;
+  REQUIRE((*nccl)->Check(get_unique_id(&id), "ncclGetUniqueId").ok());
+  ncclComm_t comm = nullptr;
+  const auto init_start = std::chrono::steady_clock::now();
+  REQUIRE((*nccl)->Check(init_rank(&comm, 1, id, 0), "ncclCommInitRank(1 rank)").ok());
+  std::printf("ncclCommInitRank (1 rank): %.1f ms\n", MillisecondsSince(init_start));
+  const size_t free_with_comm = RequireFreeBytes(*device);
+
+  {
+    SymmetricSegments segments(*nccl, comm, [] { return 0; });
+    std::vector<SymmetricSegment> made;
+    for (size_t bytes : {size_t{4} << 10, size_t{1} << 20, size_t{64} << 20, size_t{256} << 20}) {
+      const auto start = std::chrono::steady_clock::now();
+      absl::StatusOr<SymmetricSegment> segment = segments.Create(bytes);
+      const double create_ms = MillisecondsSince(start);
+      INFO("Create(" << bytes << "): " << segment.status().ToString());
+      REQUIRE(segment.ok());
+      CHECK(segment->window != nullptr);
+      std::printf("segment of %zu bytes: ncclMemAlloc + ncclCommWindowRegister %.3f ms\n", bytes,
+                  create_ms);
+      // In place, one rank: the sum is the value itself, computed by NCCL on the window.
+      const uint32_t pattern = 0x01020304u + static_cast<uint32_t>(made.size());
+      FillPattern(*device, segment->base, bytes, pattern, stream);
+      REQUIRE((*nccl)
+                  ->Check(all_reduce(reinterpret_cast<void*>(segment->base),
+                                     reinterpret_cast<void*>(segment->base), bytes / 4, ncclUint32,
+                                     ncclSum, comm, static_cast<cudaStream_t>(stream)),
+                          "ncclAllReduce")
+                  .ok());
+      CHECK(CountMismatches(*device, segment->base, bytes / 4 * 4, pattern, stream) == 0);
+      made.push_back(*segment);
+    }
+    CHECK(segments.registrations() == 4);
+    CHECK(segments.segments().size() == 4);
+    for (const SymmetricSegment& segment : made) {
+      const auto start = std::chrono::steady_clock::now();
+      REQUIRE(segments.Destroy(segment).ok());
+      std::printf("segment of %zu bytes: ncclCommWindowDeregister + ncclMemFree %.3f ms\n",
+                  segment.bytes, MillisecondsSince(start));
+    }
+    CHECK(segments.deregistrations() == 4);
+    CHECK(segments.segments().empty());
+  }
+  const size_t free_after_segments = RequireFreeBytes(*device);
+  std::printf("free bytes: before the communicator %zu, with it %zu, after the segments %zu\n",
+              free_before, free_with_comm, free_after_segments);
+  // Every segment's memory is back (NCCL's own resources for windows stay with the
+  // communicator, which goes next).
+  CHECK(free_after_segments + (size_t{64} << 20) >= free_with_comm);
+  REQUIRE((*nccl)->Check(destroy(comm), "ncclCommDestroy").ok());
+  REQUIRE(device->DestroyStream(stream).ok());
+}
+
+}  // namespace
+}  // namespace tidepool
