@@ -29,7 +29,6 @@
 namespace tidepool {
 namespace {
 
-constexpr size_t kKiB = size_t{1} << 10;
 constexpr size_t kMiB = size_t{1} << 20;
 constexpr size_t kGiB = size_t{1} << 30;
 
