@@ -15,54 +15,15 @@
 #include "catch2/catch.hpp"
 #include "nccl/nccl_library.h"
 #include "nccl/symmetric_segments.h"
+#include "tests/nccl/fake_nccl_controls.h"
 
 namespace tidepool {
 namespace {
 
-// The fake's library and its controls.
-struct Fake {
-  std::unique_ptr<NcclLibrary> nccl;
-  void (*reset)() = nullptr;
-  int64_t (*violations)() = nullptr;
-  int64_t (*live_windows)() = nullptr;
-  int64_t (*live_allocations)() = nullptr;
-  int64_t (*registrations)() = nullptr;
-  void (*set_null_windows)(int) = nullptr;
-  void (*fail_next_register)() = nullptr;
-};
+using testing::Fake;
+using testing::TheFake;
 
-template <typename Fn>
-void Control(void* handle, const char* name, Fn* slot) {
-  *slot = reinterpret_cast<Fn>(dlsym(handle, name));
-  REQUIRE(*slot != nullptr);
-}
-
-Fake& TheFake() {
-  static Fake* const fake = [] {
-    auto* made = new Fake();
-    const char* path = std::getenv("FAKE_NCCL");
-    REQUIRE(path != nullptr);
-    absl::StatusOr<std::unique_ptr<NcclLibrary>> nccl = NcclLibrary::Open(path);
-    INFO(nccl.status().ToString());
-    REQUIRE(nccl.ok());
-    made->nccl = *std::move(nccl);
-    void* handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
-    REQUIRE(handle != nullptr);
-    Control(handle, "fake_nccl_reset", &made->reset);
-    Control(handle, "fake_nccl_violations", &made->violations);
-    Control(handle, "fake_nccl_live_windows", &made->live_windows);
-    Control(handle, "fake_nccl_live_allocations", &made->live_allocations);
-    Control(handle, "fake_nccl_registrations", &made->registrations);
-    Control(handle, "fake_nccl_set_null_windows", &made->set_null_windows);
-    Control(handle, "fake_nccl_fail_next_register", &made->fail_next_register);
-    return made;
-  }();
-  fake->reset();
-  return *fake;
-}
-
-// Communicators are opaque to the fake: any distinct pointers do.
-ncclComm_t Communicator(int n) { return reinterpret_cast<ncclComm_t>(uintptr_t{0x100} * (n + 1)); }
+ncclComm_t Communicator(int n) { return testing::FakeCommunicator(n); }
 
 TEST_CASE("a segment is registered once, and deregistered before it is freed") {
   Fake& fake = TheFake();

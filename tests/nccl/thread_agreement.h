@@ -1,0 +1,92 @@
+// A communicator of threads for the symmetric pool's CPU tests: ranks are threads, and Exchange
+// is a real rendezvous (each rank waits for all the others' proposals, round by round, under a
+// timeout). A rank that does not come, or comes late, makes every waiting rank time out; the group
+// is then aborted, and every later Exchange fails at once, as a real communicator that was
+// aborted would. Tests make ranks diverge or stall simply by what each thread does.
+#ifndef TIDEPOOL_TESTS_NCCL_THREAD_AGREEMENT_H_
+#define TIDEPOOL_TESTS_NCCL_THREAD_AGREEMENT_H_
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/time.h"
+#include "nccl/rank_agreement.h"
+
+namespace tidepool {
+namespace testing {
+
+class ThreadGroup {
+ public:
+  explicit ThreadGroup(int ranks) : ranks_(ranks), deposits_(ranks) {}
+
+  absl::StatusOr<std::vector<Proposal>> Exchange(int rank, const Proposal& mine,
+                                                 absl::Duration timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (aborted_) {
+      return absl::FailedPreconditionError("the communicator was aborted after a timeout");
+    }
+    const uint64_t round = round_;
+    deposits_[rank] = mine;
+    if (++arrived_ == ranks_) {
+      results_[round] = deposits_;
+      arrived_ = 0;
+      ++round_;
+      changed_.notify_all();
+    } else {
+      const bool done = changed_.wait_for(lock, absl::ToChronoNanoseconds(timeout),
+                                          [&] { return round_ > round || aborted_; });
+      if (!done || (aborted_ && round_ == round)) {
+        aborted_ = true;
+        changed_.notify_all();
+        return absl::DeadlineExceededError(absl::StrFormat(
+            "rank %d waited %s for the others at round %u; the communicator is aborted", rank,
+            absl::FormatDuration(timeout), round));
+      }
+    }
+    return results_.at(round);
+  }
+
+  bool aborted() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return aborted_;
+  }
+
+ private:
+  const int ranks_;
+  std::mutex mu_;
+  std::condition_variable changed_;
+  uint64_t round_ = 0;
+  int arrived_ = 0;
+  bool aborted_ = false;
+  std::vector<Proposal> deposits_;
+  std::map<uint64_t, std::vector<Proposal>> results_;
+};
+
+class ThreadAgreement : public RankAgreement {
+ public:
+  ThreadAgreement(ThreadGroup* group, int rank, int ranks)
+      : group_(group), rank_(rank), ranks_(ranks) {}
+  int rank() const override { return rank_; }
+  int ranks() const override { return ranks_; }
+  absl::StatusOr<std::vector<Proposal>> Exchange(const Proposal& mine,
+                                                 absl::Duration timeout) override {
+    return group_->Exchange(rank_, mine, timeout);
+  }
+
+ private:
+  ThreadGroup* const group_;
+  const int rank_;
+  const int ranks_;
+};
+
+}  // namespace testing
+}  // namespace tidepool
+
+#endif  // TIDEPOOL_TESTS_NCCL_THREAD_AGREEMENT_H_
