@@ -100,6 +100,8 @@ absl::Status ResolveRest(GetProcAddressFn get_proc_address, CudaDriver* driver) 
   TIDEPOOL_RESOLVE(cuMemAlloc, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuMemFree, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuMemGetInfo, CUDA_VERSION);
+  TIDEPOOL_RESOLVE(cuMemcpyHtoD, CUDA_VERSION);
+  TIDEPOOL_RESOLVE(cuMemcpyDtoH, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuMemAddressReserve, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuMemAddressFree, CUDA_VERSION);
   TIDEPOOL_RESOLVE(cuMemCreate, CUDA_VERSION);
@@ -140,7 +142,6 @@ void ResolveForTests(GetProcAddressFn get_proc_address, CudaDriver* driver) {
   Resolve(get_proc_address, "cuStreamWaitEvent", CUDA_VERSION, &driver->cuStreamWaitEvent).IgnoreError();
   Resolve(get_proc_address, "cuMemsetD8Async", CUDA_VERSION, &driver->cuMemsetD8Async).IgnoreError();
   Resolve(get_proc_address, "cuMemsetD32Async", CUDA_VERSION, &driver->cuMemsetD32Async).IgnoreError();
-  Resolve(get_proc_address, "cuMemcpyHtoD", CUDA_VERSION, &driver->cuMemcpyHtoD).IgnoreError();
   Resolve(get_proc_address, "cuMemcpyDtoHAsync", CUDA_VERSION, &driver->cuMemcpyDtoHAsync).IgnoreError();
   Resolve(get_proc_address, "cuMemcpyDtoDAsync", CUDA_VERSION, &driver->cuMemcpyDtoDAsync).IgnoreError();
   Resolve(get_proc_address, "cuModuleLoadData", CUDA_VERSION, &driver->cuModuleLoadData).IgnoreError();
@@ -218,7 +219,6 @@ absl::Status CudaDriver::CheckTestEntryPoints() const {
   note(reinterpret_cast<const void*>(cuStreamWaitEvent), "cuStreamWaitEvent");
   note(reinterpret_cast<const void*>(cuMemsetD8Async), "cuMemsetD8Async");
   note(reinterpret_cast<const void*>(cuMemsetD32Async), "cuMemsetD32Async");
-  note(reinterpret_cast<const void*>(cuMemcpyHtoD), "cuMemcpyHtoD");
   note(reinterpret_cast<const void*>(cuMemcpyDtoHAsync), "cuMemcpyDtoHAsync");
   note(reinterpret_cast<const void*>(cuMemcpyDtoDAsync), "cuMemcpyDtoDAsync");
   note(reinterpret_cast<const void*>(cuModuleLoadData), "cuModuleLoadData");

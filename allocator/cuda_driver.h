@@ -73,6 +73,9 @@ class CudaDriver {
   decltype(&::cuMemAlloc) cuMemAlloc = nullptr;
   decltype(&::cuMemFree) cuMemFree = nullptr;
   decltype(&::cuMemGetInfo) cuMemGetInfo = nullptr;
+  // Small synchronous copies (the symmetric pool's agreement among ranks, nccl/).
+  decltype(&::cuMemcpyHtoD) cuMemcpyHtoD = nullptr;
+  decltype(&::cuMemcpyDtoH) cuMemcpyDtoH = nullptr;
   // Virtual memory management (expandable segments).
   decltype(&::cuMemAddressReserve) cuMemAddressReserve = nullptr;
   decltype(&::cuMemAddressFree) cuMemAddressFree = nullptr;
@@ -119,7 +122,6 @@ class CudaDriver {
   decltype(&::cuStreamWaitEvent) cuStreamWaitEvent = nullptr;
   decltype(&::cuMemsetD8Async) cuMemsetD8Async = nullptr;
   decltype(&::cuMemsetD32Async) cuMemsetD32Async = nullptr;
-  decltype(&::cuMemcpyHtoD) cuMemcpyHtoD = nullptr;
   decltype(&::cuMemcpyDtoHAsync) cuMemcpyDtoHAsync = nullptr;
   decltype(&::cuMemcpyDtoDAsync) cuMemcpyDtoDAsync = nullptr;
   decltype(&::cuModuleLoadData) cuModuleLoadData = nullptr;

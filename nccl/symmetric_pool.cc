@@ -88,6 +88,7 @@ absl::Status SymmetricPool::Reserve(size_t bytes) {
   if (bytes == 0) return absl::InvalidArgumentError("tidepool: a reserve of 0 bytes");
   MutexLock lock(&mu_);
   if (absl::Status s = Broken(); !s.ok()) return s;
+  if (absl::Status s = segments_->RefuseDuringCapture("creation"); !s.ok()) return s;
   if (absl::Status s = Agree(kReserve, bytes); !s.ok()) return s;
   return AddSegment(bytes);
 }
@@ -112,6 +113,8 @@ absl::StatusOr<void*> SymmetricPool::Allocate(size_t bytes) {
           *rounded));
     }
     const size_t growth = std::max(options_.growth_bytes, *rounded);
+    // Every rank is capturing alike under the same-program rule, so every rank refuses alike.
+    if (absl::Status s = segments_->RefuseDuringCapture("creation"); !s.ok()) return s;
     if (absl::Status s = Agree(kGrow, growth); !s.ok()) return s;
     if (absl::Status s = AddSegment(growth); !s.ok()) return s;
     ++growths_;
@@ -190,6 +193,7 @@ absl::Status SymmetricPool::Trim() {
       empty_bytes += segment.bytes;
     }
   }
+  if (absl::Status s = segments_->RefuseDuringCapture("destruction"); !s.ok()) return s;
   if (absl::Status s = Agree(kTrim, empty_bytes); !s.ok()) return s;
   for (uint64_t number : empty) {
     if (absl::Status s = segments_->Destroy(held_.at(number)); !s.ok()) {

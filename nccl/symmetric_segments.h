@@ -78,9 +78,11 @@ class SymmetricSegments {
   int64_t registrations() const ABSL_LOCKS_EXCLUDED(mu_);
   int64_t deregistrations() const ABSL_LOCKS_EXCLUDED(mu_);
   ncclComm_t communicator() const { return comm_; }
+  // FAILED_PRECONDITION naming `what` while a capture is underway on the device: the symmetric
+  // pool asks before it agrees with the other ranks on a growth or a trim.
+  absl::Status RefuseDuringCapture(const char* what) const;
 
  private:
-  absl::Status RefuseDuringCapture(const char* what) const;
 
   const NcclLibrary* const nccl_;
   const ncclComm_t comm_;

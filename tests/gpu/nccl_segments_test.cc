@@ -15,7 +15,9 @@
 
 #include "allocator/cuda_device.h"
 #include "catch2/catch.hpp"
+#include "nccl/nccl_agreement.h"
 #include "nccl/nccl_library.h"
+#include "nccl/symmetric_pool.h"
 #include "nccl/symmetric_segments.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -104,6 +106,86 @@ TEST_CASE("symmetric windows on one GPU: register, all-reduce, deregister, nothi
   // Every segment's memory is back (NCCL's own resources for windows stay with the
   // communicator, which goes next).
   CHECK(free_after_segments + (size_t{64} << 20) >= free_with_comm);
+  REQUIRE((*nccl)->Check(destroy(comm), "ncclCommDestroy").ok());
+  REQUIRE(device->DestroyStream(stream).ok());
+}
+
+TEST_CASE("a symmetric pool over a one-rank communicator: agreed growth, placement, trim") {
+  std::unique_ptr<CudaDevice> device = RequireDevice();
+  absl::StatusOr<const NcclLibrary*> nccl = NcclLibrary::Get();
+  INFO("NcclLibrary::Get(): " << nccl.status().ToString());
+  REQUIRE(nccl.ok());
+  void* handle = dlopen((*nccl)->path().c_str(), RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(handle != nullptr);
+  auto get_unique_id =
+      reinterpret_cast<decltype(&ncclGetUniqueId)>(dlsym(handle, "ncclGetUniqueId"));
+  auto init_rank =
+      reinterpret_cast<decltype(&ncclCommInitRank)>(dlsym(handle, "ncclCommInitRank"));
+  auto destroy = reinterpret_cast<decltype(&ncclCommDestroy)>(dlsym(handle, "ncclCommDestroy"));
+  auto all_reduce = reinterpret_cast<decltype(&ncclAllReduce)>(dlsym(handle, "ncclAllReduce"));
+  REQUIRE(device->MakeCurrent().ok());
+  Stream stream = RequireStream(*device);
+  ncclUniqueId id;
+  REQUIRE((*nccl)->Check(get_unique_id(&id), "ncclGetUniqueId").ok());
+  ncclComm_t comm = nullptr;
+  REQUIRE((*nccl)->Check(init_rank(&comm, 1, id, 0), "ncclCommInitRank(1 rank)").ok());
+  {
+    absl::StatusOr<std::unique_ptr<NcclAgreement>> agreement =
+        NcclAgreement::Create(*nccl, comm, device.get());
+    INFO("NcclAgreement::Create: " << agreement.status().ToString());
+    REQUIRE(agreement.ok());
+    CHECK((*agreement)->ranks() == 1);
+    CHECK((*agreement)->rank() == 0);
+    SymmetricSegments segments(*nccl, comm, [] { return 0; });
+    SymmetricPool::Options options;
+    options.growth_bytes = size_t{64} << 20;
+    options.agreement_timeout = absl::Seconds(10);
+    SymmetricPool pool(&segments, agreement->get(), options);
+    const auto reserve_start = std::chrono::steady_clock::now();
+    REQUIRE(pool.Reserve(size_t{64} << 20).ok());
+    std::printf("pool Reserve(64 MiB), agreement included: %.3f ms\n",
+                MillisecondsSince(reserve_start));
+    absl::StatusOr<void*> first = pool.Allocate(4096);
+    absl::StatusOr<void*> second = pool.Allocate(size_t{1} << 20);
+    REQUIRE(first.ok());
+    REQUIRE(second.ok());
+    absl::StatusOr<SymmetricPool::Location> where = pool.Lookup(*second);
+    REQUIRE(where.ok());
+    CHECK(where->segment == 0);
+    CHECK(where->offset == 4096);  // first fit after the 4 KiB block
+    CHECK(where->window != nullptr);
+    // A collective on a pool buffer, in place.
+    FillPattern(*device, reinterpret_cast<uintptr_t>(*second), size_t{1} << 20, 0x0a0b0c0du,
+                stream);
+    REQUIRE((*nccl)
+                ->Check(all_reduce(*second, *second, (size_t{1} << 20) / 4, ncclUint32, ncclSum,
+                                   comm, static_cast<cudaStream_t>(stream)),
+                        "ncclAllReduce")
+                .ok());
+    CHECK(CountMismatches(*device, reinterpret_cast<uintptr_t>(*second), size_t{1} << 20,
+                          0x0a0b0c0du, stream) == 0);
+    // On demand: 96 MiB does not fit the reserve, so the pool grows (agreed with itself).
+    absl::StatusOr<void*> large = pool.Allocate(size_t{96} << 20);
+    REQUIRE(large.ok());
+    CHECK(pool.GetStats().segments == 2);
+    CHECK(pool.GetStats().growths == 1);
+    // The cached pair, the pool's hot path.
+    constexpr int kPairs = 200000;
+    const auto pairs_start = std::chrono::steady_clock::now();
+    for (int i = 0; i < kPairs; ++i) {
+      absl::StatusOr<void*> block = pool.Allocate(size_t{1} << 20);
+      if (!block.ok() || !pool.Free(*block).ok()) FAIL("a cached pair failed");
+    }
+    std::printf("cached symmetric-pool Allocate + Free (1 MiB): %.1f ns per pair\n",
+                MillisecondsSince(pairs_start) * 1e6 / kPairs);
+    for (absl::StatusOr<void*>* block : {&first, &second, &large}) {
+      REQUIRE(pool.Free(**block).ok());
+    }
+    REQUIRE(pool.Trim().ok());
+    CHECK(pool.GetStats().segments == 0);
+    CHECK(segments.registrations() == 2);
+    CHECK(segments.deregistrations() == 2);
+  }
   REQUIRE((*nccl)->Check(destroy(comm), "ncclCommDestroy").ok());
   REQUIRE(device->DestroyStream(stream).ok());
 }

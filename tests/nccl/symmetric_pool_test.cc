@@ -223,5 +223,39 @@ TEST_CASE("misuse of a symmetric pool is refused and changes nothing") {
   CHECK(fake.violations() == 0);
 }
 
+TEST_CASE("a pool grows or trims only outside captures, and refuses before asking the others") {
+  Fake& fake = TheFake();
+  ThreadGroup group(1);
+  std::atomic<int> captures{0};
+  ThreadAgreement agreement(&group, 0, 1);
+  SymmetricSegments segments(fake.nccl.get(), testing::FakeCommunicator(600),
+                             [&] { return captures.load(); });
+  SymmetricPool::Options options;
+  options.growth_bytes = kMiB;
+  SymmetricPool pool(&segments, &agreement, options);
+  absl::StatusOr<void*> before = pool.Allocate(512 * 1024);  // grows, outside any capture
+  REQUIRE(before.ok());
+  captures = 1;
+  // Room left in the segment: served during the capture, no growth needed.
+  absl::StatusOr<void*> inside = pool.Allocate(256 * 1024);
+  CHECK(inside.ok());
+  // No room: refused before any agreement (so no rank waits for this one), pool intact.
+  absl::StatusOr<void*> too_big = pool.Allocate(2 * kMiB);
+  CHECK(absl::IsFailedPrecondition(too_big.status()));
+  CHECK(too_big.status().message().find("capture") != std::string::npos);
+  CHECK(absl::IsFailedPrecondition(pool.Trim()));
+  CHECK(absl::IsFailedPrecondition(pool.Reserve(kMiB)));
+  captures = 0;
+  absl::StatusOr<void*> after = pool.Allocate(2 * kMiB);  // the pool is not broken
+  CHECK(after.ok());
+  CHECK(pool.GetStats().segments == 2);
+  for (absl::StatusOr<void*>* block : {&before, &inside, &after}) {
+    if (block->ok()) REQUIRE(pool.Free(**block).ok());
+  }
+  REQUIRE(pool.Trim().ok());
+  CHECK(fake.live_windows() == 0);
+  CHECK(fake.violations() == 0);
+}
+
 }  // namespace
 }  // namespace tidepool
