@@ -35,38 +35,53 @@ double MillisecondsSince(std::chrono::steady_clock::time_point start) {
       .count();
 }
 
-TEST_CASE("symmetric windows on one GPU: register, all-reduce, deregister, nothing leaks") {
-  std::unique_ptr<CudaDevice> device = RequireDevice();
+// What only the tests need from NCCL: making and ending a one-rank communicator, and one
+// collective. Resolved from the library NcclLibrary::Get() opened.
+struct OneRank {
+  const NcclLibrary* nccl = nullptr;
+  decltype(&ncclAllReduce) all_reduce = nullptr;
+  decltype(&ncclCommDestroy) destroy = nullptr;
+  ncclComm_t comm = nullptr;
+};
+
+OneRank RequireOneRankCommunicator() {
+  OneRank one;
   absl::StatusOr<const NcclLibrary*> nccl = NcclLibrary::Get();
   INFO("NcclLibrary::Get(): " << nccl.status().ToString());
   REQUIRE(nccl.ok());
-  std::printf("NCCL %s from %s\n", NcclLibrary::VersionText((*nccl)->version()).c_str(),
-              (*nccl)->path().c_str());
-  // What only the test needs: making and ending a communicator, and one collective.
-  void* handle = dlopen((*nccl)->path().c_str(), RTLD_NOW | RTLD_NOLOAD);
+  one.nccl = *nccl;
+  void* handle = dlopen(one.nccl->path().c_str(), RTLD_NOW | RTLD_NOLOAD);
   REQUIRE(handle != nullptr);
   auto get_unique_id =
       reinterpret_cast<decltype(&ncclGetUniqueId)>(dlsym(handle, "ncclGetUniqueId"));
   auto init_rank =
       reinterpret_cast<decltype(&ncclCommInitRank)>(dlsym(handle, "ncclCommInitRank"));
-  auto destroy = reinterpret_cast<decltype(&ncclCommDestroy)>(dlsym(handle, "ncclCommDestroy"));
-  auto all_reduce = reinterpret_cast<decltype(&ncclAllReduce)>(dlsym(handle, "ncclAllReduce"));
-  REQUIRE((get_unique_id != nullptr && init_rank != nullptr && destroy != nullptr &&
-           all_reduce != nullptr));
+  one.destroy = reinterpret_cast<decltype(&ncclCommDestroy)>(dlsym(handle, "ncclCommDestroy"));
+  one.all_reduce = reinterpret_cast<decltype(&ncclAllReduce)>(dlsym(handle, "ncclAllReduce"));
+  REQUIRE((get_unique_id != nullptr && init_rank != nullptr && one.destroy != nullptr &&
+           one.all_reduce != nullptr));
+  ncclUniqueId id;
+  REQUIRE(one.nccl->Check(get_unique_id(&id), "ncclGetUniqueId").ok());
+  const auto start = std::chrono::steady_clock::now();
+  REQUIRE(one.nccl->Check(init_rank(&one.comm, 1, id, 0), "ncclCommInitRank(1 rank)").ok());
+  std::printf("NCCL %s from %s; ncclCommInitRank (1 rank): %.1f ms\n",
+              NcclLibrary::VersionText(one.nccl->version()).c_str(), one.nccl->path().c_str(),
+              MillisecondsSince(start));
+  return one;
+}
 
+TEST_CASE("symmetric windows on one GPU: register, all-reduce, deregister, nothing leaks") {
+  std::unique_ptr<CudaDevice> device = RequireDevice();
   REQUIRE(device->MakeCurrent().ok());
   Stream stream = RequireStream(*device);
   const size_t free_before = RequireFreeBytes(*device);
-  ncclUniqueId id;
-  REQUIRE((*nccl)->Check(get_unique_id(&id), "ncclGetUniqueId").ok());
-  ncclComm_t comm = nullptr;
-  const auto init_start = std::chrono::steady_clock::now();
-  REQUIRE((*nccl)->Check(init_rank(&comm, 1, id, 0), "ncclCommInitRank(1 rank)").ok());
-  std::printf("ncclCommInitRank (1 rank): %.1f ms\n", MillisecondsSince(init_start));
+  const OneRank one = RequireOneRankCommunicator();
+  ncclComm_t comm = one.comm;
+  auto all_reduce = one.all_reduce;
   const size_t free_with_comm = RequireFreeBytes(*device);
 
   {
-    SymmetricSegments segments(*nccl, comm, [] { return 0; });
+    SymmetricSegments segments(one.nccl, comm, [] { return 0; });
     std::vector<SymmetricSegment> made;
     for (size_t bytes : {size_t{4} << 10, size_t{1} << 20, size_t{64} << 20, size_t{256} << 20}) {
       const auto start = std::chrono::steady_clock::now();
@@ -106,37 +121,25 @@ TEST_CASE("symmetric windows on one GPU: register, all-reduce, deregister, nothi
   // Every segment's memory is back (NCCL's own resources for windows stay with the
   // communicator, which goes next).
   CHECK(free_after_segments + (size_t{64} << 20) >= free_with_comm);
-  REQUIRE((*nccl)->Check(destroy(comm), "ncclCommDestroy").ok());
+  REQUIRE(one.nccl->Check(one.destroy(comm), "ncclCommDestroy").ok());
   REQUIRE(device->DestroyStream(stream).ok());
 }
 
 TEST_CASE("a symmetric pool over a one-rank communicator: agreed growth, placement, trim") {
   std::unique_ptr<CudaDevice> device = RequireDevice();
-  absl::StatusOr<const NcclLibrary*> nccl = NcclLibrary::Get();
-  INFO("NcclLibrary::Get(): " << nccl.status().ToString());
-  REQUIRE(nccl.ok());
-  void* handle = dlopen((*nccl)->path().c_str(), RTLD_NOW | RTLD_NOLOAD);
-  REQUIRE(handle != nullptr);
-  auto get_unique_id =
-      reinterpret_cast<decltype(&ncclGetUniqueId)>(dlsym(handle, "ncclGetUniqueId"));
-  auto init_rank =
-      reinterpret_cast<decltype(&ncclCommInitRank)>(dlsym(handle, "ncclCommInitRank"));
-  auto destroy = reinterpret_cast<decltype(&ncclCommDestroy)>(dlsym(handle, "ncclCommDestroy"));
-  auto all_reduce = reinterpret_cast<decltype(&ncclAllReduce)>(dlsym(handle, "ncclAllReduce"));
   REQUIRE(device->MakeCurrent().ok());
   Stream stream = RequireStream(*device);
-  ncclUniqueId id;
-  REQUIRE((*nccl)->Check(get_unique_id(&id), "ncclGetUniqueId").ok());
-  ncclComm_t comm = nullptr;
-  REQUIRE((*nccl)->Check(init_rank(&comm, 1, id, 0), "ncclCommInitRank(1 rank)").ok());
+  const OneRank one = RequireOneRankCommunicator();
+  ncclComm_t comm = one.comm;
+  auto all_reduce = one.all_reduce;
   {
     absl::StatusOr<std::unique_ptr<NcclAgreement>> agreement =
-        NcclAgreement::Create(*nccl, comm, device.get());
+        NcclAgreement::Create(one.nccl, comm, device.get());
     INFO("NcclAgreement::Create: " << agreement.status().ToString());
     REQUIRE(agreement.ok());
     CHECK((*agreement)->ranks() == 1);
     CHECK((*agreement)->rank() == 0);
-    SymmetricSegments segments(*nccl, comm, [] { return 0; });
+    SymmetricSegments segments(one.nccl, comm, [] { return 0; });
     SymmetricPool::Options options;
     options.growth_bytes = size_t{64} << 20;
     options.agreement_timeout = absl::Seconds(10);
@@ -186,7 +189,7 @@ TEST_CASE("a symmetric pool over a one-rank communicator: agreed growth, placeme
     CHECK(segments.registrations() == 2);
     CHECK(segments.deregistrations() == 2);
   }
-  REQUIRE((*nccl)->Check(destroy(comm), "ncclCommDestroy").ok());
+  REQUIRE(one.nccl->Check(one.destroy(comm), "ncclCommDestroy").ok());
   REQUIRE(device->DestroyStream(stream).ok());
 }
 
