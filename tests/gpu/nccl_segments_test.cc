@@ -95,7 +95,7 @@ TEST_CASE("symmetric windows on one GPU: register, all-reduce, deregister, nothi
       // In place, one rank: the sum is the value itself, computed by NCCL on the window.
       const uint32_t pattern = 0x01020304u + static_cast<uint32_t>(made.size());
       FillPattern(*device, segment->base, bytes, pattern, stream);
-      REQUIRE((*nccl)
+      REQUIRE(one.nccl
                   ->Check(all_reduce(reinterpret_cast<void*>(segment->base),
                                      reinterpret_cast<void*>(segment->base), bytes / 4, ncclUint32,
                                      ncclSum, comm, static_cast<cudaStream_t>(stream)),
@@ -160,7 +160,7 @@ TEST_CASE("a symmetric pool over a one-rank communicator: agreed growth, placeme
     // A collective on a pool buffer, in place.
     FillPattern(*device, reinterpret_cast<uintptr_t>(*second), size_t{1} << 20, 0x0a0b0c0du,
                 stream);
-    REQUIRE((*nccl)
+    REQUIRE(one.nccl
                 ->Check(all_reduce(*second, *second, (size_t{1} << 20) / 4, ncclUint32, ncclSum,
                                    comm, static_cast<cudaStream_t>(stream)),
                         "ncclAllReduce")
