@@ -71,7 +71,30 @@ absl::Status SymmetricPool::Agree(Kind kind, uint64_t bytes) {
 }
 
 absl::Status SymmetricPool::AddSegment(size_t bytes) {
-  absl::StatusOr<SymmetricSegment> segment = segments_->Create(bytes);
+  absl::StatusOr<void*> memory = segments_->AllocateMemory(bytes);
+  const Proposal mine{next_step_, memory.ok() ? kAllocated : kAllocationFailed, bytes};
+  absl::StatusOr<std::vector<Proposal>> all =
+      agreement_->Exchange(mine, options_.agreement_timeout);
+  if (!all.ok()) {
+    if (memory.ok()) segments_->FreeMemory(*memory);
+    broken_ = absl::StrCat("the ranks did not all report their allocation of an agreed segment: ",
+                           all.status().message());
+    return all.status();
+  }
+  ++next_step_;
+  std::string failed;
+  for (size_t rank = 0; rank < all->size(); ++rank) {
+    if ((*all)[rank].kind == kAllocated && (*all)[rank].bytes == bytes) continue;
+    absl::StrAppend(&failed, failed.empty() ? "" : ", ", rank);
+  }
+  if (!failed.empty()) {
+    if (memory.ok()) segments_->FreeMemory(*memory);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "tidepool: a symmetric segment of ", bytes, " bytes could not be allocated on rank(s) ",
+        failed, memory.ok() ? "" : absl::StrCat(" (here: ", memory.status().message(), ")"),
+        "; no rank registered it, and the pool is as it was"));
+  }
+  absl::StatusOr<SymmetricSegment> segment = segments_->Register(*memory, bytes);
   if (!segment.ok()) {
     // Every rank agreed to make it, so a failure here (out of memory on one rank, say) leaves
     // the ranks apart: the pool cannot be trusted to place alike any more.

@@ -8,10 +8,11 @@
 //     number, offset). Nothing else enters: no address, no event, no timing, no other pool;
 //   * growth happens at points every rank reaches together: a collective Reserve, or an Allocate
 //     that finds no room. Before registering, the ranks exchange (growth number, kind, size)
-//     (rank_agreement.h) and register only if all agree. A rank that diverged, is missing or is
-//     stalled makes every rank's call fail within the agreement timeout, with no registration
-//     made; the pool is then broken (every later call fails at once, FAILED_PRECONDITION), since
-//     its communicator is of no further use.
+//     (rank_agreement.h), allocate, exchange again whether every allocation succeeded (a rank
+//     whose device is full makes every rank fail alike, the pool intact), and only then register.
+//     A rank that diverged, is missing or is stalled makes every rank's call fail within the
+//     agreement timeout, with no registration made; the pool is then broken (every later call
+//     fails at once, FAILED_PRECONDITION), since its communicator is of no further use.
 // Placement and growth need no lock across ranks; within a process the pool takes its own lock.
 //
 // STREAMS. A freed block is reusable at once by the next allocation, in stream order: the pool
@@ -88,12 +89,22 @@ class SymmetricPool {
   std::string SnapshotJson() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  enum Kind : uint64_t { kReserve = 1, kGrow = 2, kTrim = 3 };
+  enum Kind : uint64_t {
+    kReserve = 1,
+    kGrow = 2,
+    kTrim = 3,
+    // The second round of making a segment: whether this rank's ncclMemAlloc succeeded.
+    kAllocated = 4,
+    kAllocationFailed = 5,
+  };
   // (segment number, offset): the placement order.
   using Place = std::pair<uint64_t, size_t>;
 
   // Agrees with the other ranks on the next collective step; breaks the pool if they do not.
   absl::Status Agree(Kind kind, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes an agreed segment: allocates, checks with the other ranks that every allocation
+  // succeeded, and only then registers. A rank whose allocation failed makes every rank fail
+  // alike (RESOURCE_EXHAUSTED) with nothing registered, and the pool stays usable.
   absl::Status AddSegment(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Broken() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The first free range (in placement order) that holds `bytes`, or end().

@@ -39,9 +39,14 @@ absl::Status SymmetricSegments::RefuseDuringCapture(const char* what) const {
 }
 
 absl::StatusOr<SymmetricSegment> SymmetricSegments::Create(size_t bytes) {
+  absl::StatusOr<void*> memory = AllocateMemory(bytes);
+  if (!memory.ok()) return memory.status();
+  return Register(*memory, bytes);
+}
+
+absl::StatusOr<void*> SymmetricSegments::AllocateMemory(size_t bytes) {
   if (bytes == 0) return absl::InvalidArgumentError("tidepool: a symmetric segment of 0 bytes");
   if (absl::Status s = RefuseDuringCapture("creation"); !s.ok()) return s;
-  MutexLock comm_lock(&CommunicatorLock(comm_));
   void* memory = nullptr;
   if (absl::Status s = nccl_->Check(nccl_->ncclMemAlloc(&memory, bytes),
                                     absl::StrFormat("ncclMemAlloc(%u)", bytes));
@@ -49,6 +54,17 @@ absl::StatusOr<SymmetricSegment> SymmetricSegments::Create(size_t bytes) {
     // ncclMemAlloc fails with a CUDA error when the device is full.
     return absl::ResourceExhaustedError(s.message());
   }
+  return memory;
+}
+
+void SymmetricSegments::FreeMemory(void* memory) { nccl_->ncclMemFree(memory); }
+
+absl::StatusOr<SymmetricSegment> SymmetricSegments::Register(void* memory, size_t bytes) {
+  if (absl::Status s = RefuseDuringCapture("creation"); !s.ok()) {
+    nccl_->ncclMemFree(memory);
+    return s;
+  }
+  MutexLock comm_lock(&CommunicatorLock(comm_));
   ncclWindow_t window = nullptr;
   absl::Status registered = nccl_->Check(
       nccl_->ncclCommWindowRegister(comm_, memory, bytes, &window, NCCL_WIN_COLL_SYMMETRIC),

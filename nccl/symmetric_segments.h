@@ -68,6 +68,13 @@ class SymmetricSegments {
   // NCCL's error (RESOURCE_EXHAUSTED when ncclMemAlloc finds no memory) otherwise, with nothing
   // left behind.
   absl::StatusOr<SymmetricSegment> Create(size_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
+  // Create in two steps, for a pool that checks with the other ranks between them (a rank whose
+  // allocation failed must not leave the others waiting in registration): memory first (local,
+  // not collective; FreeMemory gives it back unregistered), then its registration (collective;
+  // on failure the memory is freed, as for Create).
+  absl::StatusOr<void*> AllocateMemory(size_t bytes);
+  void FreeMemory(void* memory);
+  absl::StatusOr<SymmetricSegment> Register(void* memory, size_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
   // Deregisters the segment, then frees it. Collective. INVALID_ARGUMENT for a segment this
   // object does not hold; FAILED_PRECONDITION during a capture (a graph may still use it).
   absl::Status Destroy(const SymmetricSegment& segment) ABSL_LOCKS_EXCLUDED(mu_);

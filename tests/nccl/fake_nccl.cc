@@ -36,6 +36,7 @@ struct State {
   int64_t registrations = 0;
   bool null_windows = false;
   bool fail_next_register = false;
+  bool fail_next_alloc = false;
   std::map<ncclComm_t, int> in_registration;        // concurrent register/deregister detector
 };
 
@@ -77,6 +78,7 @@ void fake_nccl_reset() {
   s.registrations = 0;
   s.null_windows = false;
   s.fail_next_register = false;
+  s.fail_next_alloc = false;
 }
 int64_t fake_nccl_violations() {
   std::lock_guard<std::mutex> lock(Fake().mu);
@@ -97,6 +99,10 @@ int64_t fake_nccl_registrations() {
 void fake_nccl_set_null_windows(int on) {
   std::lock_guard<std::mutex> lock(Fake().mu);
   Fake().null_windows = on != 0;
+}
+void fake_nccl_fail_next_alloc() {
+  std::lock_guard<std::mutex> lock(Fake().mu);
+  Fake().fail_next_alloc = true;
 }
 void fake_nccl_fail_next_register() {
   std::lock_guard<std::mutex> lock(Fake().mu);
@@ -122,6 +128,13 @@ const char* ncclGetErrorString(ncclResult_t result) {
 }
 
 ncclResult_t ncclMemAlloc(void** ptr, size_t size) {
+  {
+    std::lock_guard<std::mutex> lock(Fake().mu);
+    if (Fake().fail_next_alloc) {
+      Fake().fail_next_alloc = false;
+      return ncclUnhandledCudaError;  // as the real one answers a full device
+    }
+  }
   const size_t rounded = (size + 4095) / 4096 * 4096;
   void* memory = std::aligned_alloc(4096, rounded);
   if (memory == nullptr) return ncclSystemError;

@@ -26,6 +26,7 @@ struct Fake {
   int64_t (*registrations)() = nullptr;
   void (*set_null_windows)(int) = nullptr;
   void (*fail_next_register)() = nullptr;
+  void (*fail_next_alloc)() = nullptr;
 };
 
 template <typename Fn>
@@ -52,6 +53,7 @@ inline Fake& TheFake() {
     Control(handle, "fake_nccl_registrations", &made->registrations);
     Control(handle, "fake_nccl_set_null_windows", &made->set_null_windows);
     Control(handle, "fake_nccl_fail_next_register", &made->fail_next_register);
+    Control(handle, "fake_nccl_fail_next_alloc", &made->fail_next_alloc);
     return made;
   }();
   fake->reset();

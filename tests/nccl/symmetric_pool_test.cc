@@ -150,6 +150,32 @@ TEST_CASE("ranks that reserve different sizes all fail, and nothing is registere
   CHECK(fake.violations() == 0);
 }
 
+TEST_CASE("a rank whose allocation fails makes every rank fail alike, and nothing registers") {
+  Fake& fake = TheFake();
+  constexpr int kRanks = 3;
+  ThreadGroup group(kRanks);
+  SymmetricPool::Options options;
+  options.agreement_timeout = absl::Seconds(10);
+  std::vector<std::unique_ptr<Rank>> ranks = MakeRanks(fake, &group, kRanks, 700, options);
+  fake.fail_next_alloc();  // whichever rank allocates first finds the device full
+  std::vector<absl::Status> results(kRanks);
+  OnEveryRank(kRanks, [&](int r) { results[r] = ranks[r]->pool.Reserve(4 * kMiB); });
+  for (int r = 0; r < kRanks; ++r) {
+    INFO("rank " << r << ": " << results[r].ToString());
+    CHECK(absl::IsResourceExhausted(results[r]));
+    CHECK(results[r].message().find("no rank registered it") != std::string::npos);
+  }
+  CHECK(fake.registrations() == 0);
+  CHECK(fake.live_allocations() == 0);
+  // The pools are intact: the next collective reserve works everywhere.
+  OnEveryRank(kRanks, [&](int r) { results[r] = ranks[r]->pool.Reserve(4 * kMiB); });
+  for (int r = 0; r < kRanks; ++r) CHECK(results[r].ok());
+  CHECK(fake.live_windows() == kRanks);
+  OnEveryRank(kRanks, [&](int r) { results[r] = ranks[r]->pool.Trim(); });
+  CHECK(fake.live_windows() == 0);
+  CHECK(fake.violations() == 0);
+}
+
 TEST_CASE("a rank that skips a growth, or stalls, makes every rank fail within the timeout") {
   Fake& fake = TheFake();
   constexpr int kRanks = 3;
