@@ -3,11 +3,21 @@
 // communicator's asynchronous error, up to the timeout. A rank that never comes (or comes with a
 // different program) would leave the all-gather waiting for ever; at the timeout the
 // communicator is aborted (ncclCommAbort), which ends the half-done collective on this rank, and
-// every later Exchange fails at once. The communicator may be blocking or not: the all-gather is
-// enqueued, never waited on by NCCL itself.
+// every later call fails at once. The communicator may be blocking or not (non-blocking is what
+// a timeout needs: a blocking one may wait inside NCCL while it connects to its peers); the
+// all-gather is enqueued, never waited on by NCCL itself.
 //
-// The device's context must be the one the communicator was made on (its primary context).
-// Thread safety: Exchange calls are serialized by the symmetric pool that makes them.
+// Split for one thread driving several GPUs (rank_agreement.h, ONE THREAD, SEVERAL RANKS): Start
+// copies the proposal to the device and enqueues the all-gather (inside the caller's
+// ncclGroupStart/End when several local ranks exchange together; GroupStart and GroupEnd are
+// those calls); Finish waits until the launch is done (a non-blocking communicator answers
+// ncclInProgress until then), records an event after it, and polls the event and the
+// communicator's error until the timeout. Every local rank's Finish aborts its own communicator
+// at the deadline, so a stalled peer makes every local rank fail within the one timeout.
+//
+// The device's context must be the one the communicator was made on (its primary context); Start
+// and Finish make it current. Thread safety: calls are serialized by the symmetric pool (or the
+// group of pools) that makes them.
 #ifndef TIDEPOOL_NCCL_NCCL_AGREEMENT_H_
 #define TIDEPOOL_NCCL_NCCL_AGREEMENT_H_
 
@@ -37,12 +47,17 @@ class NcclAgreement : public RankAgreement {
 
   int rank() const override { return rank_; }
   int ranks() const override { return ranks_; }
-  absl::StatusOr<std::vector<Proposal>> Exchange(const Proposal& mine,
-                                                 absl::Duration timeout) override;
+  // Exchange is RankAgreement's: Start, then Finish.
+  absl::Status Start(const Proposal& mine) override;
+  absl::StatusOr<std::vector<Proposal>> Finish(absl::Duration timeout) override;
+  absl::Status GroupStart() override;
+  absl::Status GroupEnd() override;
 
  private:
   NcclAgreement(const NcclLibrary* nccl, ncclComm_t comm, CudaDevice* device)
       : nccl_(nccl), comm_(comm), device_(device) {}
+  // Aborts the communicator: every later call fails at once.
+  void Abort();
 
   const NcclLibrary* const nccl_;
   const ncclComm_t comm_;
@@ -54,6 +69,7 @@ class NcclAgreement : public RankAgreement {
   CUdeviceptr send_ = 0;  // one proposal
   CUdeviceptr recv_ = 0;  // one per rank
   bool aborted_ = false;
+  bool started_ = false;  // a Start not yet finished
 };
 
 }  // namespace tidepool

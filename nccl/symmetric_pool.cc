@@ -1,7 +1,9 @@
 // A symmetric pool: see symmetric_pool.h for the same-program rule and the stream rule.
 #include "nccl/symmetric_pool.h"
 
+#include <algorithm>
 #include <iterator>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -19,6 +21,14 @@ const char* KindName(uint64_t kind) {
       return "growth";
     case 3:
       return "trim";
+    case 4:
+      return "allocation report (allocated)";
+    case 5:
+      return "allocation report (failed)";
+    case 6:
+      return "registration report (registered)";
+    case 7:
+      return "registration report (failed)";
   }
   return "unknown step";
 }
@@ -41,10 +51,17 @@ absl::Status SymmetricPool::Broken() const {
       broken_));
 }
 
-absl::Status SymmetricPool::Agree(Kind kind, uint64_t bytes) {
-  const Proposal mine{next_step_, kind, bytes};
-  absl::StatusOr<std::vector<Proposal>> all =
-      agreement_->Exchange(mine, options_.agreement_timeout);
+absl::Status SymmetricPool::GroupOnly(const char* what, const char* call) const {
+  if (group_ranks_ == 0) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "tidepool: a %s of one symmetric pool of a group of %d local ranks driven by one thread: it "
+      "would wait for the other local ranks, which this thread has not reached. Call the "
+      "group's %s (SymmetricPoolGroup), which makes the step for every local rank at once",
+      what, group_ranks_, call));
+}
+
+absl::Status SymmetricPool::Judge(const Proposal& mine,
+                                  const absl::StatusOr<std::vector<Proposal>>& all) {
   absl::Status outcome;
   if (!all.ok()) {
     outcome = absl::Status(
@@ -70,13 +87,14 @@ absl::Status SymmetricPool::Agree(Kind kind, uint64_t bytes) {
   return absl::OkStatus();
 }
 
-absl::Status SymmetricPool::AddSegment(size_t bytes) {
-  absl::StatusOr<void*> memory = segments_->AllocateMemory(bytes);
-  const Proposal mine{next_step_, memory.ok() ? kAllocated : kAllocationFailed, bytes};
-  absl::StatusOr<std::vector<Proposal>> all =
-      agreement_->Exchange(mine, options_.agreement_timeout);
+absl::Status SymmetricPool::Agree(Kind kind, uint64_t bytes) {
+  const Proposal mine = Propose(kind, bytes);
+  return Judge(mine, agreement_->Exchange(mine, options_.agreement_timeout));
+}
+
+absl::Status SymmetricPool::JudgeAllocations(size_t bytes, const absl::Status& mine,
+                                             const absl::StatusOr<std::vector<Proposal>>& all) {
   if (!all.ok()) {
-    if (memory.ok()) segments_->FreeMemory(*memory);
     broken_ = absl::StrCat("the ranks did not all report their allocation of an agreed segment: ",
                            all.status().message());
     return all.status();
@@ -87,30 +105,86 @@ absl::Status SymmetricPool::AddSegment(size_t bytes) {
     if ((*all)[rank].kind == kAllocated && (*all)[rank].bytes == bytes) continue;
     absl::StrAppend(&failed, failed.empty() ? "" : ", ", rank);
   }
-  if (!failed.empty()) {
+  if (failed.empty()) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "tidepool: a symmetric segment of ", bytes, " bytes could not be allocated on rank(s) ",
+      failed, mine.ok() ? "" : absl::StrCat(" (here: ", mine.message(), ")"),
+      "; no rank registered it, and the pool is as it was"));
+}
+
+void SymmetricPool::Adopt(const SymmetricSegment& segment) {
+  held_[segment.ordinal] = segment;
+  free_[Place{segment.ordinal, 0}] = segment.bytes;
+}
+
+std::vector<uint64_t> SymmetricPool::EmptySegments(uint64_t* bytes) const {
+  std::vector<uint64_t> empty;
+  *bytes = 0;
+  for (const auto& [number, segment] : held_) {
+    auto range = free_.find(Place{number, 0});
+    if (range != free_.end() && range->second == segment.bytes) {
+      empty.push_back(number);
+      *bytes += segment.bytes;
+    }
+  }
+  return empty;
+}
+
+void SymmetricPool::Drop(uint64_t number) {
+  free_.erase(Place{number, 0});
+  held_.erase(number);
+}
+
+absl::Status SymmetricPool::AddSegment(size_t bytes) {
+  absl::StatusOr<void*> memory = segments_->AllocateMemory(bytes);
+  const Proposal mine = Propose(memory.ok() ? kAllocated : kAllocationFailed, bytes);
+  absl::Status judged = JudgeAllocations(bytes, memory.status(),
+                                         agreement_->Exchange(mine, options_.agreement_timeout));
+  if (!judged.ok()) {
     if (memory.ok()) segments_->FreeMemory(*memory);
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "tidepool: a symmetric segment of ", bytes, " bytes could not be allocated on rank(s) ",
-        failed, memory.ok() ? "" : absl::StrCat(" (here: ", memory.status().message(), ")"),
-        "; no rank registered it, and the pool is as it was"));
+    return judged;
   }
   absl::StatusOr<SymmetricSegment> segment = segments_->Register(*memory, bytes);
-  if (!segment.ok()) {
-    // Every rank agreed to make it, so a failure here (out of memory on one rank, say) leaves
-    // the ranks apart: the pool cannot be trusted to place alike any more.
-    broken_ = absl::StrCat("making an agreed segment of ", bytes,
-                           " bytes failed: ", segment.status().message());
-    return segment.status();
+  // The third round: did every rank get a window? NCCL gives a NULL window (or fails) on every
+  // rank alike when it can, but a rank that alone failed would otherwise leave the others placing
+  // buffers in a segment it does not have. Every rank learns of it here and fails alike.
+  const Proposal registered = Propose(segment.ok() ? kRegistered : kRegistrationFailed, bytes);
+  return JudgeRegistrations(bytes, segment,
+                            agreement_->Exchange(registered, options_.agreement_timeout));
+}
+
+absl::Status SymmetricPool::JudgeRegistrations(size_t bytes,
+                                               const absl::StatusOr<SymmetricSegment>& mine,
+                                               const absl::StatusOr<std::vector<Proposal>>& all) {
+  std::string failed;
+  if (all.ok()) {
+    ++next_step_;
+    for (size_t rank = 0; rank < all->size(); ++rank) {
+      if ((*all)[rank].kind == kRegistered && (*all)[rank].bytes == bytes) continue;
+      absl::StrAppend(&failed, failed.empty() ? "" : ", ", rank);
+    }
+    if (failed.empty()) {
+      Adopt(*mine);
+      return absl::OkStatus();
+    }
   }
-  held_[segment->ordinal] = *segment;
-  free_[Place{segment->ordinal, 0}] = segment->bytes;
-  return absl::OkStatus();
+  if (mine.ok()) Keep(*mine);
+  broken_ = !all.ok() ? absl::StrCat("the ranks did not all report their registration: ",
+                                     all.status().message())
+                      : absl::StrCat("registering an agreed segment of ", bytes,
+                                     " bytes failed on rank(s) ", failed,
+                                     mine.ok() ? "" : absl::StrCat(" (here: ",
+                                                                   mine.status().message(), ")"));
+  if (!all.ok()) return all.status();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "tidepool: ", broken_, "; every rank's pool is broken, and none places in that segment"));
 }
 
 absl::Status SymmetricPool::Reserve(size_t bytes) {
   if (bytes == 0) return absl::InvalidArgumentError("tidepool: a reserve of 0 bytes");
   MutexLock lock(&mu_);
   if (absl::Status s = Broken(); !s.ok()) return s;
+  if (absl::Status s = GroupOnly("reserve", "Reserve"); !s.ok()) return s;
   if (absl::Status s = segments_->RefuseDuringCapture("creation"); !s.ok()) return s;
   if (absl::Status s = Agree(kReserve, bytes); !s.ok()) return s;
   return AddSegment(bytes);
@@ -130,6 +204,14 @@ absl::StatusOr<void*> SymmetricPool::Allocate(size_t bytes) {
   if (absl::Status s = Broken(); !s.ok()) return s;
   auto range = FirstFit(*rounded);
   if (range == free_.end()) {
+    if (group_ranks_ != 0) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "tidepool: no room for %u bytes in the symmetric pool of rank %d, one of %d local ranks "
+          "driven by one thread: it cannot grow on its own (growing needs every local rank at "
+          "once, and this thread drives them all). Grow it with the group's Reserve "
+          "(SymmetricPoolGroup::Reserve) before allocating; nothing was changed",
+          *rounded, agreement_->rank(), group_ranks_));
+    }
     if (options_.growth_bytes == 0) {
       return absl::ResourceExhaustedError(absl::StrFormat(
           "tidepool: no room for %u bytes in the symmetric pool, and it grows only by Reserve",
@@ -205,17 +287,11 @@ absl::StatusOr<SymmetricPool::Location> SymmetricPool::Lookup(const void* ptr) c
 absl::Status SymmetricPool::Trim() {
   MutexLock lock(&mu_);
   if (absl::Status s = Broken(); !s.ok()) return s;
+  if (absl::Status s = GroupOnly("trim", "Trim"); !s.ok()) return s;
   // The segments that are wholly free; the same on every rank under the same-program rule, and
   // the agreement checks how many bytes they come to.
-  std::vector<uint64_t> empty;
   uint64_t empty_bytes = 0;
-  for (const auto& [number, segment] : held_) {
-    auto range = free_.find(Place{number, 0});
-    if (range != free_.end() && range->second == segment.bytes) {
-      empty.push_back(number);
-      empty_bytes += segment.bytes;
-    }
-  }
+  const std::vector<uint64_t> empty = EmptySegments(&empty_bytes);
   if (absl::Status s = segments_->RefuseDuringCapture("destruction"); !s.ok()) return s;
   if (absl::Status s = Agree(kTrim, empty_bytes); !s.ok()) return s;
   for (uint64_t number : empty) {
@@ -223,10 +299,31 @@ absl::Status SymmetricPool::Trim() {
       broken_ = absl::StrCat("giving back an agreed segment failed: ", s.message());
       return s;
     }
-    free_.erase(Place{number, 0});
-    held_.erase(number);
+    Drop(number);
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<size_t> SymmetricPool::LiveBlockSize(const void* ptr) const {
+  MutexLock lock(&mu_);
+  const uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
+  auto live = live_.find(address);
+  if (live != live_.end()) return live->second.bytes;
+  for (const auto& [number, segment] : held_) {
+    if (address >= segment.base && address < segment.base + segment.bytes) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "tidepool: %p is in segment %u of a symmetric pool but is not a live block there (freed "
+          "already, or a pointer into a block)",
+          ptr, number));
+    }
+  }
+  return absl::InvalidArgumentError(
+      absl::StrFormat("tidepool: %p is in no segment of this symmetric pool", ptr));
+}
+
+bool SymmetricPool::broken() const {
+  MutexLock lock(&mu_);
+  return !broken_.empty();
 }
 
 SymmetricPool::Stats SymmetricPool::GetStats() const {

@@ -19,6 +19,17 @@
 //     support), frees the memory again: no segment is ever left half made. A NULL window is
 //     FAILED_PRECONDITION, and NCCL gives it on every rank alike, so every rank fails alike.
 //
+// ONE THREAD, SEVERAL GPUS. A process that drives several local ranks (one communicator per GPU)
+// from one thread cannot register rank by rank: the first rank's registration blocks until the
+// other local ranks register, which the same thread has not reached. RegisterTogether and
+// DestroyTogether make the calls of every local rank between ncclGroupStart and ncclGroupEnd
+// (NCCL fills the windows in at group end), then check each: a failure or a NULL window on any
+// local rank deregisters the windows that were made (again in one group) and frees every local
+// rank's memory, so nothing is left half registered. They take every local communicator's lock,
+// in address order, for the whole group.
+//
+// Lock order: communicator locks (several: in increasing address order), then one object's mu_.
+//
 // Thread safety: every method may be called from any thread.
 #ifndef TIDEPOOL_NCCL_SYMMETRIC_SEGMENTS_H_
 #define TIDEPOOL_NCCL_SYMMETRIC_SEGMENTS_H_
@@ -28,6 +39,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -57,6 +69,11 @@ class SymmetricSegments {
   // outlive this object.
   SymmetricSegments(const NcclLibrary* nccl, ncclComm_t comm,
                     std::function<int()> captures_underway);
+  // As above; `make_current` makes the communicator's device current before ncclMemAlloc
+  // (which allocates on the current device): one thread driving several GPUs needs it.
+  SymmetricSegments(const NcclLibrary* nccl, ncclComm_t comm,
+                    std::function<int()> captures_underway,
+                    std::function<absl::Status()> make_current);
   // Deregisters and frees every segment still held (a pool that goes away takes its memory
   // with it; errors are lost, as in any destructor).
   ~SymmetricSegments();
@@ -79,21 +96,45 @@ class SymmetricSegments {
   // object does not hold; FAILED_PRECONDITION during a capture (a graph may still use it).
   absl::Status Destroy(const SymmetricSegment& segment) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // One thread driving several local ranks (see ONE THREAD, SEVERAL GPUS): registers
+  // `memory[i]` (`bytes`, from ranks[i]->AllocateMemory) on ranks[i]'s communicator, every call
+  // inside one NCCL group, and returns each rank's segment, in the order of `ranks`. On any
+  // failure every rank's memory is freed and nothing stays registered: FAILED_PRECONDITION
+  // during a capture or for a NULL window on any rank (naming the ranks), NCCL's error
+  // otherwise. Every object must use the same NcclLibrary and a communicator of its own.
+  static absl::StatusOr<std::vector<SymmetricSegment>> RegisterTogether(
+      const std::vector<SymmetricSegments*>& ranks, const std::vector<void*>& memory,
+      size_t bytes);
+  // Deregisters every (object, segment) pair inside one NCCL group, then frees each segment
+  // whose deregistration succeeded. INVALID_ARGUMENT (nothing done) if an object does not hold
+  // its segment; FAILED_PRECONDITION during a capture; NCCL's error otherwise, the segments
+  // whose windows may still be live kept (registered, not freed).
+  static absl::Status DestroyTogether(
+      const std::vector<std::pair<SymmetricSegments*, SymmetricSegment>>& segments);
+
   // The held segments, in creation order.
   std::vector<SymmetricSegment> segments() const ABSL_LOCKS_EXCLUDED(mu_);
   // Windows registered and deregistered so far, over this object's life.
   int64_t registrations() const ABSL_LOCKS_EXCLUDED(mu_);
   int64_t deregistrations() const ABSL_LOCKS_EXCLUDED(mu_);
   ncclComm_t communicator() const { return comm_; }
+  const NcclLibrary* nccl() const { return nccl_; }
   // FAILED_PRECONDITION naming `what` while a capture is underway on the device: the symmetric
   // pool asks before it agrees with the other ranks on a growth or a trim.
   absl::Status RefuseDuringCapture(const char* what) const;
 
  private:
+  // Records a registered segment (the next number) and counts its registration.
+  SymmetricSegment Record(void* memory, size_t bytes, ncclWindow_t window)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  bool Holds(const SymmetricSegment& segment) const ABSL_LOCKS_EXCLUDED(mu_);
+  // Forgets a deregistered segment and counts its deregistration.
+  void Forget(const SymmetricSegment& segment) ABSL_LOCKS_EXCLUDED(mu_);
 
   const NcclLibrary* const nccl_;
   const ncclComm_t comm_;
   const std::function<int()> captures_underway_;
+  const std::function<absl::Status()> make_current_;
   // A leaf lock, taken after the communicator's.
   mutable Mutex mu_;
   std::vector<SymmetricSegment> segments_ ABSL_GUARDED_BY(mu_);

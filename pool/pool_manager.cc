@@ -143,6 +143,56 @@ absl::Status PoolManager::Create(PoolId id, const PoolOptions& options) {
   return absl::OkStatus();
 }
 
+absl::Status PoolManager::Attach(PoolId id, std::shared_ptr<ExternalPool> external) {
+  if (external == nullptr) {
+    return absl::InvalidArgumentError("tidepool: attach of a null external pool");
+  }
+  MutexLock lock(&mu_);
+  if (FindPool(id) != nullptr) {
+    return absl::AlreadyExistsError(absl::StrFormat(
+        "tidepool: device %d has had pool %s already; an external pool needs a new id. Nothing "
+        "was changed",
+        allocator_->device()->ordinal(), id.ToString()));
+  }
+  auto pool = std::make_unique<Pool>(id, PoolOptions{}, counts_.size(), std::move(external));
+  counts_.emplace_back();
+  counts_.back().references = 1;
+  externals_.push_back(pool->external.get());
+  external_count_.fetch_add(1, std::memory_order_release);
+  pools_[id] = std::move(pool);
+  return absl::OkStatus();
+}
+
+absl::Status PoolManager::Detach(PoolId id) {
+  MutexLock lock(&mu_);
+  Pool* pool = FindPool(id);
+  if (pool == nullptr || pool->external == nullptr || counts_[pool->index].references == 0) {
+    return absl::NotFoundError(absl::StrFormat(
+        "tidepool: detach of pool %s on device %d, which is not an attached external pool",
+        id.ToString(), allocator_->device()->ordinal()));
+  }
+  const PoolCounts& counts = counts_[pool->index];
+  if (counts.references > 1 || counts.routes > 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: pool %s on device %d is still held by %d begin(s) and %d route(s); end and "
+        "release them first. Nothing was changed",
+        id.ToString(), allocator_->device()->ordinal(), counts.references - 1, counts.routes));
+  }
+  return DropReference(*pool);
+}
+
+absl::StatusOr<ExternalPool*> PoolManager::ExternalOwnerOf(const void* ptr) {
+  if (external_count_.load(std::memory_order_acquire) != 0) {
+    MutexLock lock(&mu_);
+    for (ExternalPool* external : externals_) {
+      absl::StatusOr<size_t> size = external->BlockSize(ptr);
+      if (!absl::IsInvalidArgument(size.status())) return external;
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "tidepool: %p is in no external pool of device %d", ptr, allocator_->device()->ordinal()));
+}
+
 absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
                                 const PoolOptions& options) {
   MutexLock lock(&mu_);
@@ -151,6 +201,8 @@ absl::Status PoolManager::Begin(PoolId id, const RouteFilter& filter,
     absl::StatusOr<Pool*> created = NewPool(id, options);
     if (!created.ok()) return created.status();
     pool = *created;
+  } else if (pool->external != nullptr && counts_[pool->index].references == 0) {
+    return ReleasedExternal(*pool, "begin");
   } else if (!id.is_default() && counts_[pool->index].references == 0) {
     // Released earlier (its blocks may still be live, or all gone): the same arena serves again.
     if (absl::Status s = allocator_->ReviveArena(pool->arena.load()); !s.ok()) return s;
@@ -271,6 +323,13 @@ absl::Status PoolManager::Release(PoolId id) {
   // references as routes as long as routes are ended before their references are released.
   // Holding that line means no route ever outlives its pool, whoever releases and in what order
   // (a thread's exit ends its routes and releases their references).
+  if ((*pool)->external != nullptr && counts.references == 1) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tidepool: release of pool %s would drop its owner's reference: it is an external pool "
+        "(a symmetric NCCL pool, say), which only its owner ends (symmetric-pool destroy). "
+        "Nothing was changed",
+        id.ToString()));
+  }
   if (counts.references - 1 < counts.routes) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "tidepool: release of pool %s would leave it %d references for %d routing entries that "
@@ -300,8 +359,16 @@ absl::Status PoolManager::EndResumedRoute(PoolId id, uint64_t since) {
   return absl::OkStatus();
 }
 
+absl::Status PoolManager::ReleasedExternal(const Pool& pool, const char* operation) const {
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "tidepool: %s of pool %s on device %d, an external pool its owner has released (a "
+      "destroyed symmetric pool, say); nothing was changed",
+      operation, pool.id.ToString(), allocator_->device()->ordinal()));
+}
+
 absl::Status PoolManager::DropReference(Pool& pool) {
   if (--counts_[pool.index].references > 0) return absl::OkStatus();
+  if (pool.external != nullptr) return absl::OkStatus();  // its owner gives its memory back
   return allocator_->RetireArena(pool.arena.load()).status();
 }
 
@@ -385,6 +452,7 @@ absl::StatusOr<void*> PoolManager::Allocate(size_t bytes, Stream stream) {
   absl::StatusOr<Pool*> pool = Choose(stream);
   if (!pool.ok()) return pool.status();
   if (*pool == nullptr) return allocator_->Allocate(bytes, stream);
+  if ((*pool)->external != nullptr) return (*pool)->external->Allocate(bytes, stream);
   absl::StatusOr<void*> block =
       allocator_->Allocate((*pool)->arena.load(std::memory_order_acquire), bytes, stream);
   if (!block.ok() && !allocator_->IsActive((*pool)->arena.load(std::memory_order_acquire))) {
@@ -404,6 +472,16 @@ absl::StatusOr<PoolId> PoolManager::RouteOf(Stream stream) {
 
 absl::StatusOr<PoolId> PoolManager::PoolOf(const void* ptr) {
   absl::StatusOr<Arena*> arena = allocator_->ArenaOf(ptr);
+  if (absl::IsInvalidArgument(arena.status()) &&
+      external_count_.load(std::memory_order_acquire) != 0) {
+    MutexLock lock(&mu_);
+    for (const auto& [id, pool] : pools_) {
+      if (pool->external == nullptr) continue;
+      absl::StatusOr<size_t> size = pool->external->BlockSize(ptr);
+      if (size.ok()) return id;
+      if (!absl::IsInvalidArgument(size.status())) return size.status();
+    }
+  }
   if (!arena.ok()) return arena.status();
   MutexLock lock(&mu_);
   auto it = pool_of_arena_.find(*arena);
@@ -414,23 +492,35 @@ absl::StatusOr<PoolId> PoolManager::PoolOf(const void* ptr) {
 }
 
 absl::Status PoolManager::Trim(PoolId id) {
-  MutexLock lock(&mu_);
-  absl::StatusOr<Pool*> pool = KnownPool(id, "trim");
-  if (!pool.ok()) return pool.status();
-  const int64_t references = counts_[(*pool)->index].references;
-  if (id.first != 0 && references > 0) {
+  ExternalPool* external = nullptr;
+  {
+    MutexLock lock(&mu_);
+    absl::StatusOr<Pool*> pool = KnownPool(id, "trim");
+    if (!pool.ok()) return pool.status();
+    external = (*pool)->external.get();
+    if (external == nullptr) return TrimArena(**pool);
+  }
+  // Outside mu_: an external pool's trim may be collective and wait for other ranks. The pool
+  // outlives this call (the manager keeps it).
+  return external->Trim();
+}
+
+absl::Status PoolManager::TrimArena(Pool& pool) {
+  const int64_t references = counts_[pool.index].references;
+  if (pool.id.first != 0 && references > 0) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "tidepool: trim of graph pool %s, which %d graph(s) or handle(s) still hold: a graph may "
         "replay into any of its memory. Nothing was changed",
-        id.ToString(), references));
+        pool.id.ToString(), references));
   }
-  return allocator_->TrimArena((*pool)->arena.load());
+  return allocator_->TrimArena(pool.arena.load());
 }
 
 absl::StatusOr<AllocatorStats> PoolManager::Stats(PoolId id) {
   MutexLock lock(&mu_);
   absl::StatusOr<Pool*> pool = KnownPool(id, "stats");
   if (!pool.ok()) return pool.status();
+  if ((*pool)->external != nullptr) return (*pool)->external->Stats();
   return allocator_->GetStats((*pool)->arena.load());
 }
 
@@ -438,6 +528,7 @@ absl::StatusOr<std::string> PoolManager::Snapshot(PoolId id) {
   MutexLock lock(&mu_);
   absl::StatusOr<Pool*> pool = KnownPool(id, "snapshot");
   if (!pool.ok()) return pool.status();
+  if ((*pool)->external != nullptr) return (*pool)->external->SnapshotJson();
   return allocator_->SnapshotJson((*pool)->arena.load());
 }
 
@@ -449,8 +540,13 @@ absl::StatusOr<PoolInfo> PoolManager::Info(PoolId id) {
   PoolInfo info;
   info.references = counts.references;
   info.routes = counts.routes;
-  info.live_blocks = allocator_->LiveBlocks((*pool)->arena.load());
   info.released = !id.is_default() && counts.references == 0;
+  if (const ExternalPool* external = (*pool)->external.get(); external != nullptr) {
+    info.live_blocks = external->Stats().active_blocks.current;
+    info.gone = info.released && info.live_blocks == 0;
+    return info;
+  }
+  info.live_blocks = allocator_->LiveBlocks((*pool)->arena.load());
   info.gone = allocator_->IsGone((*pool)->arena.load());
   return info;
 }

@@ -13,6 +13,10 @@
 //   Release(pool)        drops a reference. At zero the pool's free memory goes back to its
 //                        source, and the pool is gone once its last live block is freed.
 //
+// A pool may instead be an external pool (external_pool.h: a symmetric NCCL pool, say), made by
+// its owner and attached here (Attach), so that routing, stats, snapshot and trim reach it like
+// any other pool; its blocks come from it, not from an arena.
+//
 // A block always returns to the pool it came from, whatever routing is active when it is
 // freed. Routing never changes reuse rules. Every misuse (End without Begin, Release of an
 // unknown pool or of one with no references left, Release that would drop the last reference
@@ -34,6 +38,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -45,6 +50,7 @@
 #include "allocator/mutex.h"
 #include "allocator/segment_source.h"
 #include "allocator/stats.h"
+#include "pool/external_pool.h"
 #include "pool/pool_id.h"
 #include "pool/route.h"
 
@@ -79,6 +85,21 @@ class PoolManager {
   // Creates a new pool with `options` and one reference, and no routing entry (PyTorch's
   // MemPool(allocator=...)); ALREADY_EXISTS if the device has had this pool id.
   absl::Status Create(PoolId pool, const PoolOptions& options) ABSL_LOCKS_EXCLUDED(mu_);
+  // Attaches an external pool under a new id, with one reference (its owner's) and no routing
+  // entry; ALREADY_EXISTS as for Create. The manager keeps `pool` until it is destroyed itself,
+  // so a pointer to it stays valid whatever the owner does; the owner closes it (its memory
+  // given back, its allocations refused) and drops its reference with Detach when done. Release
+  // never drops that last reference (FAILED_PRECONDITION): only the owner can end the pool. A
+  // detached pool is not begun again (FAILED_PRECONDITION).
+  absl::Status Attach(PoolId id, std::shared_ptr<ExternalPool> pool) ABSL_LOCKS_EXCLUDED(mu_);
+  // The owner's end of an external pool: drops its reference. FAILED_PRECONDITION, changing
+  // nothing, while anything else holds the pool (a route, a begin's reference); NOT_FOUND for an
+  // id that is not an attached, undetached external pool.
+  absl::Status Detach(PoolId id) ABSL_LOCKS_EXCLUDED(mu_);
+  // The external pool that holds `ptr` in a live block (or inside one), for a free, a size or a
+  // record_stream that no arena answers. INVALID_ARGUMENT when none does. Cheap when the device
+  // has no external pool (one atomic load).
+  absl::StatusOr<ExternalPool*> ExternalOwnerOf(const void* ptr) ABSL_LOCKS_EXCLUDED(mu_);
   // A pool with a graph id ({n, 0}) never shares its free memory, whatever `options` say.
   absl::Status Begin(PoolId pool, const RouteFilter& filter, const PoolOptions& options = {})
       ABSL_LOCKS_EXCLUDED(mu_);
@@ -110,7 +131,8 @@ class PoolManager {
   // The pool a live block came from.
   absl::StatusOr<PoolId> PoolOf(const void* ptr) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Returns the pool's whole free segments and chunks to their source. Refused
+  // Returns the pool's whole free segments and chunks to their source (an external pool's
+  // Trim, called without the manager's lock: it may be collective). Refused
   // (FAILED_PRECONDITION) for a graph pool that still has references: a graph that holds it may
   // replay into any of its memory.
   absl::Status Trim(PoolId pool) ABSL_LOCKS_EXCLUDED(mu_);
@@ -122,13 +144,17 @@ class PoolManager {
 
   // Internal (public for the thread-local storage in pool_manager.cc) ----------------------
   struct Pool {
-    Pool(PoolId id, const PoolOptions& options, size_t index)
-        : id(id), options(options), index(index) {}
+    Pool(PoolId id, const PoolOptions& options, size_t index,
+         std::shared_ptr<ExternalPool> external = nullptr)
+        : id(id), options(options), index(index), external(std::move(external)) {}
 
     const PoolId id;
     const PoolOptions options;
     // The pool's place in creation order: its counts are the manager's counts_[index].
     const size_t index;
+    // Set for an external pool, whose blocks come from it (no arena then); kept for the
+    // manager's life, so Allocate reads it without mu_.
+    const std::shared_ptr<ExternalPool> external;
     // Replaced when a pool that was gone is begun again; read by Allocate without mu_.
     std::atomic<Arena*> arena{nullptr};
   };
@@ -167,6 +193,10 @@ class PoolManager {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // KnownPool for a begin, also refusing a pool that nothing holds.
   absl::StatusOr<Pool*> HeldPool(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Trim of an arena pool (a graph pool's refusal included).
+  absl::Status TrimArena(Pool& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The refusal of `operation` on an external pool its owner released.
+  absl::Status ReleasedExternal(const Pool& pool, const char* operation) const;
   // Drops one reference; retires the arena at zero.
   absl::Status DropReference(Pool& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // End of the newest route to `pool` that `filter` matches exactly (nullptr: any filter).
@@ -191,6 +221,9 @@ class PoolManager {
   Mutex mu_;
   absl::flat_hash_map<PoolId, std::unique_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);
   std::vector<PoolCounts> counts_ ABSL_GUARDED_BY(mu_);  // per pool, at Pool::index
+  // External pools, in attach order; their count is read without mu_.
+  std::vector<ExternalPool*> externals_ ABSL_GUARDED_BY(mu_);
+  std::atomic<int64_t> external_count_{0};
   absl::flat_hash_map<const Arena*, PoolId> pool_of_arena_ ABSL_GUARDED_BY(mu_);
   // Stream, capture and everyone entries, oldest first.
   std::vector<Route> global_routes_ ABSL_GUARDED_BY(mu_);

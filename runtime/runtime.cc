@@ -92,6 +92,13 @@ absl::StatusOr<int> Runtime::DeviceOf(const void* ptr) const {
     if (size.ok()) return device;
     if (!absl::IsInvalidArgument(size.status())) return size.status();
   }
+  for (int device = 0; device < device_count(); ++device) {
+    absl::StatusOr<ExternalPool*> external = devices_[device].pools->ExternalOwnerOf(ptr);
+    if (!external.ok()) continue;
+    absl::StatusOr<size_t> size = (*external)->BlockSize(ptr);
+    if (!size.ok()) return size.status();
+    return device;
+  }
   return absl::InvalidArgumentError(absl::StrFormat(
       "tidepool: %p was not allocated by tidepool (on %s), or its memory has gone back to the "
       "device since it was freed",
@@ -148,6 +155,11 @@ absl::Status Runtime::FreeOnOtherDevices(void* ptr, absl::Status first) {
     absl::Status freed = devices_[device].allocator->Free(ptr);
     if (!absl::IsInvalidArgument(freed)) return freed;
   }
+  // Last, the external pools (a symmetric NCCL pool's blocks): no arena holds their memory.
+  for (const PerDevice& per_device : devices_) {
+    absl::StatusOr<ExternalPool*> external = per_device.pools->ExternalOwnerOf(ptr);
+    if (external.ok()) return (*external)->Free(ptr);
+  }
   return absl::InvalidArgumentError(absl::StrFormat(
       "tidepool: free of %p, which was not allocated by tidepool (on %s), or whose memory has "
       "gone back to the device since it was freed (a double free after empty_cache, a pool's "
@@ -160,6 +172,8 @@ absl::Status Runtime::RecordStream(void* ptr, Stream stream) {
   // know, which must not read as "not this device's pointer".
   absl::StatusOr<int> device = DeviceOf(ptr);
   if (!device.ok()) return device.status();
+  absl::StatusOr<ExternalPool*> external = devices_[*device].pools->ExternalOwnerOf(ptr);
+  if (external.ok()) return (*external)->RecordStream(ptr, stream);
   return devices_[*device].allocator->RecordStream(ptr, stream);
 }
 

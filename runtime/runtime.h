@@ -23,8 +23,9 @@
 //
 // Finding a pointer's device: every allocator is asked in turn. An allocator answers
 // INVALID_ARGUMENT for an address outside its memory (a lock-free page-map lookup) and anything
-// else for one inside it, so the first other answer decides; if every allocator says
-// INVALID_ARGUMENT the pointer was not allocated by tidepool.
+// else for one inside it, so the first other answer decides; then the external pools of each
+// device (pool/external_pool.h: symmetric NCCL pools) are asked the same way, off the fast path;
+// if none owns it, the pointer was not allocated by tidepool.
 //
 // Segment sources that pools take their memory from (user callbacks, ...) can be handed to the
 // runtime to keep: a pool's options live as long as its manager (a released pool may be begun

@@ -24,6 +24,7 @@
 #include "allocator/device.h"
 #include "allocator/thread_exit_safe.h"
 #include "graph/capture.h"
+#include "nccl/symmetric_registry.h"
 #include "allocator/callback_segments.h"
 #include "runtime/global_runtime.h"
 #include "pool/pool_id.h"
@@ -60,6 +61,8 @@ tidepool_status CodeOf(const absl::Status& status) {
       return TIDEPOOL_FAILED_PRECONDITION;
     case absl::StatusCode::kUnavailable:
       return TIDEPOOL_UNAVAILABLE;
+    case absl::StatusCode::kDeadlineExceeded:
+      return TIDEPOOL_DEADLINE_EXCEEDED;
     default:
       return TIDEPOOL_INTERNAL;
   }
@@ -108,6 +111,15 @@ absl::StatusOr<PoolManager*> PoolsOf(int device) {
   absl::StatusOr<Runtime*> runtime = GlobalRuntime();
   if (!runtime.ok()) return runtime.status();
   return (*runtime)->Pools(device);
+}
+
+// The symmetric pools of the process's runtime, made with it and kept as long (never destroyed,
+// like the runtime itself).
+absl::StatusOr<SymmetricRegistry*> Symmetric() {
+  absl::StatusOr<Runtime*> runtime = GlobalRuntime();
+  if (!runtime.ok()) return runtime.status();
+  static SymmetricRegistry* const registry = new SymmetricRegistry(*runtime);
+  return registry;
 }
 
 absl::StatusOr<RouteFilter> ToRouteFilter(PoolManager& pools, int kind, uint64_t value) {
@@ -227,6 +239,10 @@ using tidepool::PoolManager;
 using tidepool::PoolOptions;
 using tidepool::RouteFilter;
 using tidepool::Runtime;
+using tidepool::SymmetricPool;
+using tidepool::SymmetricPoolRef;
+using tidepool::SymmetricRegistry;
+using tidepool::c_api::Symmetric;
 using tidepool::c_api::Guarded;
 using tidepool::c_api::NullArgument;
 using tidepool::c_api::PoolsOf;
@@ -258,6 +274,8 @@ const char* tidepool_status_name(tidepool_status status) {
       return "TIDEPOOL_UNAVAILABLE";
     case TIDEPOOL_INTERNAL:
       return "TIDEPOOL_INTERNAL";
+    case TIDEPOOL_DEADLINE_EXCEEDED:
+      return "TIDEPOOL_DEADLINE_EXCEEDED";
   }
   return "unknown tidepool_status";
 }
@@ -522,6 +540,97 @@ tidepool_status tidepool_graph_pool_create(int device, tidepool_pool_id* pool) {
     if (!created.ok()) return created;
     *pool = ToC(id);
     return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_symmetric_pool_create(int device, void* communicator, size_t growth_bytes,
+                                               double agreement_timeout_seconds,
+                                               tidepool_pool_id* pool) {
+  return Guarded("tidepool_symmetric_pool_create", [&]() -> absl::Status {
+    if (pool == nullptr) return NullArgument("pool");
+    if (communicator == nullptr) return NullArgument("communicator");
+    if (!(agreement_timeout_seconds > 0)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "agreement timeout %g s: it must be positive", agreement_timeout_seconds));
+    }
+    absl::StatusOr<SymmetricRegistry*> registry = Symmetric();
+    if (!registry.ok()) return registry.status();
+    SymmetricPool::Options options;
+    options.growth_bytes = growth_bytes;
+    options.agreement_timeout = absl::Seconds(agreement_timeout_seconds);
+    absl::StatusOr<PoolId> made =
+        (*registry)->Create(device, static_cast<ncclComm_t>(communicator), options);
+    if (!made.ok()) return made.status();
+    *pool = ToC(*made);
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_symmetric_pool_reserve(int device, tidepool_pool_id pool, size_t bytes) {
+  return Guarded("tidepool_symmetric_pool_reserve", [&]() -> absl::Status {
+    absl::StatusOr<SymmetricRegistry*> registry = Symmetric();
+    if (!registry.ok()) return registry.status();
+    return (*registry)->Reserve(device, ToPoolId(pool), bytes);
+  });
+}
+
+tidepool_status tidepool_symmetric_pool_trim(int device, tidepool_pool_id pool) {
+  return Guarded("tidepool_symmetric_pool_trim", [&]() -> absl::Status {
+    absl::StatusOr<SymmetricRegistry*> registry = Symmetric();
+    if (!registry.ok()) return registry.status();
+    return (*registry)->Trim(device, ToPoolId(pool));
+  });
+}
+
+tidepool_status tidepool_symmetric_pool_destroy(int device, tidepool_pool_id pool) {
+  return Guarded("tidepool_symmetric_pool_destroy", [&]() -> absl::Status {
+    absl::StatusOr<SymmetricRegistry*> registry = Symmetric();
+    if (!registry.ok()) return registry.status();
+    return (*registry)->Destroy(device, ToPoolId(pool));
+  });
+}
+
+tidepool_status tidepool_symmetric_lookup(const void* ptr, void** window, size_t* offset) {
+  return Guarded("tidepool_symmetric_lookup", [&]() -> absl::Status {
+    if (window == nullptr) return NullArgument("window");
+    if (offset == nullptr) return NullArgument("offset");
+    absl::StatusOr<SymmetricRegistry*> registry = Symmetric();
+    if (!registry.ok()) return registry.status();
+    absl::StatusOr<SymmetricPool::Location> location = (*registry)->Lookup(ptr);
+    if (!location.ok()) return location.status();
+    *window = static_cast<void*>(location->window);
+    *offset = location->offset;
+    return absl::OkStatus();
+  });
+}
+
+tidepool_status tidepool_symmetric_begin(int device, tidepool_pool_id pool) {
+  return Guarded("tidepool_symmetric_begin", [&]() -> absl::Status {
+    absl::StatusOr<SymmetricRegistry*> registry = Symmetric();
+    if (!registry.ok()) return registry.status();
+    absl::StatusOr<SymmetricPoolRef> found = (*registry)->Find(device, ToPoolId(pool));
+    if (!found.ok()) return found.status();
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    // BeginHeld: a pool destroyed meanwhile is refused, not made anew (nccl/symmetric_scope.h).
+    return (*pools)->BeginHeld(found->id, RouteFilter::CurrentThread());
+  });
+}
+
+tidepool_status tidepool_symmetric_end(int device, tidepool_pool_id pool) {
+  return Guarded("tidepool_symmetric_end", [&]() -> absl::Status {
+    absl::StatusOr<SymmetricRegistry*> registry = Symmetric();
+    if (!registry.ok()) return registry.status();
+    absl::StatusOr<SymmetricPoolRef> found = (*registry)->Find(device, ToPoolId(pool));
+    if (!found.ok()) return found.status();
+    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    if (!pools.ok()) return pools.status();
+    if (absl::Status ended = (*pools)->End(found->id, RouteFilter::CurrentThread());
+        !ended.ok()) {
+      return ended;
+    }
+    // The begin's reference: it cannot be the registry's own while the begin held one.
+    return (*pools)->Release(found->id);
   });
 }
 

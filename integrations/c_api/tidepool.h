@@ -59,7 +59,10 @@ typedef enum tidepool_status {
   // No usable CUDA driver or GPU.
   TIDEPOOL_UNAVAILABLE = 5,
   // A fault inside tidepool or the driver; the message says which.
-  TIDEPOOL_INTERNAL = 6
+  TIDEPOOL_INTERNAL = 6,
+  // The ranks of a communicator did not all come within a symmetric pool's agreement timeout
+  // (a rank missing or stalled); the communicator has been aborted.
+  TIDEPOOL_DEADLINE_EXCEEDED = 7
 } tidepool_status;
 
 // A pool's identity: a pair of integers, one-to-one with PyTorch's MempoolId_t. {0, 0} is the
@@ -280,6 +283,62 @@ tidepool_status tidepool_graph_destroy(tidepool_graph* graph);
 // it (PyTorch's graph_pool_handle()), stores its new id {n,0} in *pool, and takes one reference
 // to it, which tidepool_release_pool drops. Pass it as share_pool to tidepool_capture_begin.
 tidepool_status tidepool_graph_pool_create(int device, tidepool_pool_id* pool);
+
+// --- Symmetric NCCL pools ---------------------------------------------------------------------
+// docs/nccl.md has the rules and a worked example. A symmetric pool belongs to one NCCL
+// communicator (NCCL 2.27 or newer, opened at run time: TIDEPOOL_NCCL_LIBRARY, else
+// libnccl.so.2) and places its buffers at the same offset of the same window on every rank, as
+// collectives on symmetric windows need, provided every rank makes the same sequence of calls
+// on it with the same sizes (the same-program rule). Its segments come from ncclMemAlloc and are
+// registered with ncclCommWindowRegister(..., NCCL_WIN_COLL_SYMMETRIC) once each, after every
+// rank agreed. It is a pool of its device like any other: route to it with
+// tidepool_begin_allocate_current_thread_to_pool (or the symmetric begin / end below), free its
+// buffers with tidepool_free, ask tidepool_pool_of, tidepool_stats_json and
+// tidepool_snapshot_json about it (the snapshot gives each segment's window); the device-wide
+// stats (pool NULL) do not include it. Its buffers are reusable at once when freed, in stream
+// order: use them on one stream, or synchronize the others before freeing
+// (tidepool_record_stream on one is FAILED_PRECONDITION).
+//
+// COLLECTIVE calls, made by every rank in the same order: create, reserve, trim, destroy, and
+// any allocation that grows the pool. When the ranks do not agree (a different size, a rank
+// missing or stalled past the timeout) every rank's call fails within the timeout with nothing
+// registered (FAILED_PRECONDITION when they diverged, DEADLINE_EXCEEDED when one did not come); the pool is then broken, every later call on it fails at once, and after a timeout the
+// communicator has been aborted (ncclCommAbort, which frees it: do not destroy it again).
+
+// Makes the symmetric pool of `communicator` (an ncclComm_t of `device`'s rank) and stores its
+// new id in *pool. `growth_bytes`: an allocation that finds no room grows the pool by at least
+// this much, collectively (0: it grows only by reserve). `agreement_timeout_seconds`: how long
+// the ranks wait for each other at a growth, reserve or trim (> 0). One pool per communicator:
+// FAILED_PRECONDITION for a second; INVALID_ARGUMENT for a NULL communicator or a timeout that
+// is not positive; UNAVAILABLE when NCCL cannot be opened, FAILED_PRECONDITION when it is older
+// than 2.27 (both naming the library). Not collective itself.
+tidepool_status tidepool_symmetric_pool_create(int device, void* communicator, size_t growth_bytes,
+                                               double agreement_timeout_seconds,
+                                               tidepool_pool_id* pool);
+// Collective: adds one registered segment of `bytes` to the pool. FAILED_PRECONDITION during a
+// CUDA graph capture on the device (reserve before capturing); OUT_OF_MEMORY when a rank's
+// device is full (every rank fails alike and the pool is as it was).
+tidepool_status tidepool_symmetric_pool_reserve(int device, tidepool_pool_id pool, size_t bytes);
+// Collective: gives back every segment with no live buffer (deregistered, then freed).
+// tidepool_trim_pool does the same for a symmetric pool.
+tidepool_status tidepool_symmetric_pool_trim(int device, tidepool_pool_id pool);
+// Collective: gives back every segment and ends the pool; its id is refused from then on.
+// FAILED_PRECONDITION, changing nothing, while a buffer is live or a begin still holds it. A
+// broken pool's segments cannot be deregistered (that is collective): they are kept until the
+// process ends, and the pool is ended all the same.
+tidepool_status tidepool_symmetric_pool_destroy(int device, tidepool_pool_id pool);
+// The window (an ncclWindow_t) of the segment holding `ptr`, a pointer into a live buffer of a
+// symmetric pool, and the offset of `ptr` from the window's start: the same on every rank.
+// INVALID_ARGUMENT when no symmetric pool holds `ptr`.
+tidepool_status tidepool_symmetric_lookup(const void* ptr, void** window, size_t* offset);
+// sglang's pattern: every allocation this thread makes on `device` goes to the symmetric pool
+// until tidepool_symmetric_end. Inside a CUDA graph capture this pauses the capture's routing
+// for this thread only; the end restores it, with references balanced (docs/graphs.md rule 11).
+// NOT_FOUND for an id that is not a symmetric pool of the device (never made, or destroyed).
+tidepool_status tidepool_symmetric_begin(int device, tidepool_pool_id pool);
+// Ends this thread's newest symmetric begin of `pool` and drops the reference it took.
+// FAILED_PRECONDITION without a matching begin on this thread.
+tidepool_status tidepool_symmetric_end(int device, tidepool_pool_id pool);
 
 // --- Observability ----------------------------------------------------------------------------
 // Both calls write a NUL-terminated JSON text into `buffer` (of `capacity` bytes) and store in

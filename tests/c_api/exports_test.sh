@@ -34,7 +34,9 @@ for function in tidepool_api_version tidepool_last_error tidepool_init_simulated
     tidepool_trim_pool tidepool_pool_of tidepool_stats_json tidepool_snapshot_json \
     tidepool_capture_begin tidepool_capture_end tidepool_capture_abandon tidepool_capture_pool \
     tidepool_graph_launch tidepool_graph_pool tidepool_graph_destroy \
-    tidepool_graph_pool_create; do
+    tidepool_graph_pool_create tidepool_symmetric_pool_create tidepool_symmetric_pool_reserve \
+    tidepool_symmetric_pool_trim tidepool_symmetric_pool_destroy tidepool_symmetric_lookup \
+    tidepool_symmetric_begin tidepool_symmetric_end; do
   if ! grep -qx "$function" <<<"$exported"; then
     echo "exports_test: $library does not export $function" >&2
     exit 1

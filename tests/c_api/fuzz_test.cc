@@ -139,7 +139,7 @@ size_t PlainSegmentSize(size_t rounded) {
 }
 
 bool KnownStatus(tidepool_status status) {
-  return static_cast<unsigned>(status) <= static_cast<unsigned>(TIDEPOOL_INTERNAL);
+  return static_cast<unsigned>(status) <= static_cast<unsigned>(TIDEPOOL_DEADLINE_EXCEEDED);
 }
 
 std::string CodeName(tidepool_status status) {
@@ -149,7 +149,7 @@ std::string CodeName(tidepool_status status) {
 
 std::string CodesText(uint32_t codes) {
   std::string text;
-  for (int code = TIDEPOOL_OK; code <= TIDEPOOL_INTERNAL; ++code) {
+  for (int code = TIDEPOOL_OK; code <= TIDEPOOL_DEADLINE_EXCEEDED; ++code) {
     if ((codes & (1u << code)) == 0) continue;
     absl::StrAppend(&text, text.empty() ? "" : " or ",
                     tidepool_status_name(static_cast<tidepool_status>(code)));
@@ -662,11 +662,11 @@ void CheckBeforeInit(const FuzzOptions& options) {
   const char* const names[] = {
       "TIDEPOOL_OK",        "TIDEPOOL_INVALID_ARGUMENT",    "TIDEPOOL_OUT_OF_MEMORY",
       "TIDEPOOL_NOT_FOUND", "TIDEPOOL_FAILED_PRECONDITION", "TIDEPOOL_UNAVAILABLE",
-      "TIDEPOOL_INTERNAL"};
-  for (int code = 0; code <= TIDEPOOL_INTERNAL; ++code) {
+      "TIDEPOOL_INTERNAL",  "TIDEPOOL_DEADLINE_EXCEEDED"};
+  for (int code = 0; code <= TIDEPOOL_DEADLINE_EXCEEDED; ++code) {
     CHECK(std::string(tidepool_status_name(static_cast<tidepool_status>(code))) == names[code]);
   }
-  CHECK(std::string(tidepool_status_name(static_cast<tidepool_status>(7))) ==
+  CHECK(std::string(tidepool_status_name(static_cast<tidepool_status>(8))) ==
         "unknown tidepool_status");
   const struct {
     int devices;
@@ -2726,9 +2726,9 @@ class SerialFuzzer {
         rep_.Begin(step_, "tidepool_api_version, tidepool_status_name, tidepool_last_error");
         const std::string error = tidepool_last_error();
         if (tidepool_api_version() != TIDEPOOL_API_VERSION) rep_.Fail("tidepool_api_version");
-        const int code = static_cast<int>(random_.Below(8));
+        const int code = static_cast<int>(random_.Below(9));
         const char* name = tidepool_status_name(static_cast<tidepool_status>(code));
-        if (name == nullptr || (code == 7) != (std::string(name) == "unknown tidepool_status")) {
+        if (name == nullptr || (code == 8) != (std::string(name) == "unknown tidepool_status")) {
           rep_.Fail(absl::StrCat("tidepool_status_name(", code, ")"));
         }
         if (error != tidepool_last_error()) rep_.Fail("reading names changed the last error");

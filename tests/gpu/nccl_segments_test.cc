@@ -4,7 +4,6 @@
 // 256 MiB are allocated and registered as symmetric windows, an in-place ncclAllReduce on each
 // gives the right values, every segment is deregistered and freed, and the device's free memory
 // comes back. Prints what registration and deregistration cost.
-#include <dlfcn.h>
 #include <nccl.h>
 
 #include <chrono>
@@ -20,55 +19,19 @@
 #include "nccl/symmetric_pool.h"
 #include "nccl/symmetric_segments.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/gpu/one_rank_nccl.h"
 
 namespace tidepool {
 namespace {
 
 using gpu_test::CountMismatches;
+using gpu_test::MillisecondsSince;
+using gpu_test::OneRank;
+using gpu_test::RequireOneRankCommunicator;
 using gpu_test::FillPattern;
 using gpu_test::RequireDevice;
 using gpu_test::RequireFreeBytes;
 using gpu_test::RequireStream;
-
-double MillisecondsSince(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-      .count();
-}
-
-// What only the tests need from NCCL: making and ending a one-rank communicator, and one
-// collective. Resolved from the library NcclLibrary::Get() opened.
-struct OneRank {
-  const NcclLibrary* nccl = nullptr;
-  decltype(&ncclAllReduce) all_reduce = nullptr;
-  decltype(&ncclCommDestroy) destroy = nullptr;
-  ncclComm_t comm = nullptr;
-};
-
-OneRank RequireOneRankCommunicator() {
-  OneRank one;
-  absl::StatusOr<const NcclLibrary*> nccl = NcclLibrary::Get();
-  INFO("NcclLibrary::Get(): " << nccl.status().ToString());
-  REQUIRE(nccl.ok());
-  one.nccl = *nccl;
-  void* handle = dlopen(one.nccl->path().c_str(), RTLD_NOW | RTLD_NOLOAD);
-  REQUIRE(handle != nullptr);
-  auto get_unique_id =
-      reinterpret_cast<decltype(&ncclGetUniqueId)>(dlsym(handle, "ncclGetUniqueId"));
-  auto init_rank =
-      reinterpret_cast<decltype(&ncclCommInitRank)>(dlsym(handle, "ncclCommInitRank"));
-  one.destroy = reinterpret_cast<decltype(&ncclCommDestroy)>(dlsym(handle, "ncclCommDestroy"));
-  one.all_reduce = reinterpret_cast<decltype(&ncclAllReduce)>(dlsym(handle, "ncclAllReduce"));
-  REQUIRE((get_unique_id != nullptr && init_rank != nullptr && one.destroy != nullptr &&
-           one.all_reduce != nullptr));
-  ncclUniqueId id;
-  REQUIRE(one.nccl->Check(get_unique_id(&id), "ncclGetUniqueId").ok());
-  const auto start = std::chrono::steady_clock::now();
-  REQUIRE(one.nccl->Check(init_rank(&one.comm, 1, id, 0), "ncclCommInitRank(1 rank)").ok());
-  std::printf("NCCL %s from %s; ncclCommInitRank (1 rank): %.1f ms\n",
-              NcclLibrary::VersionText(one.nccl->version()).c_str(), one.nccl->path().c_str(),
-              MillisecondsSince(start));
-  return one;
-}
 
 TEST_CASE("symmetric windows on one GPU: register, all-reduce, deregister, nothing leaks") {
   std::unique_ptr<CudaDevice> device = RequireDevice();

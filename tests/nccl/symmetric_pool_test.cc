@@ -176,6 +176,33 @@ TEST_CASE("a rank whose allocation fails makes every rank fail alike, and nothin
   CHECK(fake.violations() == 0);
 }
 
+TEST_CASE("a NULL window on one rank only breaks every rank's pool alike, nothing placed there") {
+  Fake& fake = TheFake();
+  constexpr int kRanks = 3;
+  ThreadGroup group(kRanks);
+  SymmetricPool::Options options;
+  options.agreement_timeout = absl::Seconds(10);
+  std::vector<std::unique_ptr<Rank>> ranks = MakeRanks(fake, &group, kRanks, 900, options);
+  fake.set_null_window_on(testing::FakeCommunicator(901), 1);  // rank 1's communicator only
+  std::vector<absl::Status> results(kRanks);
+  OnEveryRank(kRanks, [&](int r) { results[r] = ranks[r]->pool.Reserve(4 * kMiB); });
+  for (int r = 0; r < kRanks; ++r) {
+    INFO("rank " << r << ": " << results[r].ToString());
+    CHECK(absl::IsFailedPrecondition(results[r]));
+    CHECK(results[r].message().find("failed on rank(s) 1") != std::string::npos);
+    // Every pool is broken, so no rank places a buffer in a segment rank 1 lacks.
+    absl::StatusOr<void*> after = ranks[r]->pool.Allocate(4096);
+    CHECK(absl::IsFailedPrecondition(after.status()));
+  }
+  // Rank 1 freed its memory again; the others keep their windows unused rather than wait for
+  // rank 1 in a deregistration it would never join.
+  CHECK(fake.live_windows_on(testing::FakeCommunicator(901)) == 0);
+  CHECK(fake.live_windows_on(testing::FakeCommunicator(900)) == 1);
+  CHECK(fake.live_windows_on(testing::FakeCommunicator(902)) == 1);
+  CHECK(fake.live_allocations() == 2);
+  CHECK(fake.violations() == 0);
+}
+
 TEST_CASE("a rank that skips a growth, or stalls, makes every rank fail within the timeout") {
   Fake& fake = TheFake();
   constexpr int kRanks = 3;
