@@ -3,7 +3,9 @@
 // run_gpu_tests.sh points at the NCCL in Python's site-packages), segments of 4 KiB to
 // 256 MiB are allocated and registered as symmetric windows, an in-place ncclAllReduce on each
 // gives the right values, every segment is deregistered and freed, and the device's free memory
-// comes back. Prints what registration and deregistration cost.
+// comes back. Prints what registration and deregistration cost. Then a symmetric pool over the
+// same kind of communicator, and a group of local ranks (nccl/symmetric_group.h) doing its
+// exchanges, registration and deregistration inside NCCL groups.
 #include <nccl.h>
 
 #include <chrono>
@@ -16,6 +18,7 @@
 #include "catch2/catch.hpp"
 #include "nccl/nccl_agreement.h"
 #include "nccl/nccl_library.h"
+#include "nccl/symmetric_group.h"
 #include "nccl/symmetric_pool.h"
 #include "nccl/symmetric_segments.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -153,6 +156,61 @@ TEST_CASE("a symmetric pool over a one-rank communicator: agreed growth, placeme
     CHECK(segments.deregistrations() == 2);
   }
   REQUIRE(one.nccl->Check(one.destroy(comm), "ncclCommDestroy").ok());
+  REQUIRE(device->DestroyStream(stream).ok());
+}
+
+TEST_CASE("a group of local ranks over the real NCCL: group exchange, registration, trim") {
+  // One GPU gives one rank, so the group has one local rank: what this proves is that the group
+  // path (every exchange's all-gather, registration and deregistration between ncclGroupStart
+  // and ncclGroupEnd, windows read after group end) works against the real library.
+  std::unique_ptr<CudaDevice> device = RequireDevice();
+  REQUIRE(device->MakeCurrent().ok());
+  Stream stream = RequireStream(*device);
+  const OneRank one = RequireOneRankCommunicator();
+  {
+    absl::StatusOr<std::unique_ptr<NcclAgreement>> agreement =
+        NcclAgreement::Create(one.nccl, one.comm, device.get());
+    REQUIRE(agreement.ok());
+    CudaDevice* raw_device = device.get();
+    SymmetricSegments segments(one.nccl, one.comm, [] { return 0; },
+                               [raw_device] { return raw_device->MakeCurrent(); });
+    SymmetricPool::Options options;
+    options.agreement_timeout = absl::Seconds(10);
+    absl::StatusOr<std::unique_ptr<SymmetricPoolGroup>> group =
+        SymmetricPoolGroup::Create({{&segments, agreement->get()}}, options);
+    INFO("SymmetricPoolGroup::Create: " << group.status().ToString());
+    REQUIRE(group.ok());
+    const auto start = std::chrono::steady_clock::now();
+    absl::Status reserved = (*group)->Reserve(size_t{32} << 20);
+    INFO("group Reserve: " << reserved.ToString());
+    REQUIRE(reserved.ok());
+    std::printf("group Reserve(32 MiB) of one local rank, three grouped exchanges included: "
+                "%.3f ms\n",
+                MillisecondsSince(start));
+    SymmetricPool& pool = (*group)->pool(0);
+    absl::StatusOr<void*> buffer = pool.Allocate(size_t{4} << 20);
+    REQUIRE(buffer.ok());
+    absl::StatusOr<SymmetricPool::Location> where = pool.Lookup(*buffer);
+    REQUIRE(where.ok());
+    CHECK(where->window != nullptr);
+    FillPattern(*device, reinterpret_cast<uintptr_t>(*buffer), size_t{4} << 20, 0x77665544u,
+                stream);
+    REQUIRE(one.nccl
+                ->Check(one.all_reduce(*buffer, *buffer, (size_t{4} << 20) / 4, ncclUint32,
+                                       ncclSum, one.comm, static_cast<cudaStream_t>(stream)),
+                        "ncclAllReduce")
+                .ok());
+    CHECK(CountMismatches(*device, reinterpret_cast<uintptr_t>(*buffer), size_t{4} << 20,
+                          0x77665544u, stream) == 0);
+    // A pool of a group never grows on its own.
+    CHECK(absl::IsResourceExhausted(pool.Allocate(size_t{64} << 20).status()));
+    REQUIRE(pool.Free(*buffer).ok());
+    REQUIRE((*group)->Trim().ok());
+    CHECK(pool.GetStats().segments == 0);
+    CHECK(segments.registrations() == 1);
+    CHECK(segments.deregistrations() == 1);
+  }
+  REQUIRE(one.nccl->Check(one.destroy(one.comm), "ncclCommDestroy").ok());
   REQUIRE(device->DestroyStream(stream).ok());
 }
 
