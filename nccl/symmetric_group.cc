@@ -117,6 +117,20 @@ void SymmetricPoolGroup::BreakAll(const absl::Status& why) {
   }
 }
 
+absl::Status SymmetricPoolGroup::AgreeTogether(const std::vector<Proposal>& proposals) {
+  std::vector<absl::StatusOr<std::vector<Proposal>>> answers =
+      ExchangeTogether(Agreements(), proposals, options_.agreement_timeout);
+  std::vector<absl::Status> outcomes(pools_.size());
+  for (size_t i = 0; i < pools_.size(); ++i) {
+    SymmetricPool& pool = *pools_[i];
+    pool.HeldByGroup();
+    outcomes[i] = pool.Judge(proposals[i], answers[i]);
+  }
+  absl::Status failed = FirstFailure(outcomes);
+  if (!failed.ok()) BreakAll(failed);
+  return failed;
+}
+
 absl::Status SymmetricPoolGroup::FirstFailure(const std::vector<absl::Status>& outcomes) {
   for (size_t i = 0; i < outcomes.size(); ++i) {
     if (outcomes[i].ok()) continue;
@@ -147,18 +161,7 @@ absl::Status SymmetricPoolGroup::Reserve(size_t bytes) {
     pool.HeldByGroup();
     proposals[i] = pool.Propose(SymmetricPool::kReserve, bytes);
   }
-  std::vector<absl::StatusOr<std::vector<Proposal>>> answers =
-      ExchangeTogether(Agreements(), proposals, options_.agreement_timeout);
-  std::vector<absl::Status> outcomes(n);
-  for (size_t i = 0; i < n; ++i) {
-    SymmetricPool& pool = *pools_[i];
-    pool.HeldByGroup();
-    outcomes[i] = pool.Judge(proposals[i], answers[i]);
-  }
-  if (absl::Status failed = FirstFailure(outcomes); !failed.ok()) {
-    BreakAll(failed);
-    return failed;
-  }
+  if (absl::Status agreed = AgreeTogether(proposals); !agreed.ok()) return agreed;
   // 2. Every local rank allocates; every rank everywhere reports whether it could.
   std::vector<absl::StatusOr<void*>> memory;
   for (size_t i = 0; i < n; ++i) memory.push_back(ranks_[i].segments->AllocateMemory(bytes));
@@ -168,7 +171,9 @@ absl::Status SymmetricPoolGroup::Reserve(size_t bytes) {
     proposals[i] = pool.Propose(
         memory[i].ok() ? SymmetricPool::kAllocated : SymmetricPool::kAllocationFailed, bytes);
   }
-  answers = ExchangeTogether(Agreements(), proposals, options_.agreement_timeout);
+  std::vector<absl::StatusOr<std::vector<Proposal>>> answers =
+      ExchangeTogether(Agreements(), proposals, options_.agreement_timeout);
+  std::vector<absl::Status> outcomes(n);
   bool broke = false;
   for (size_t i = 0; i < n; ++i) {
     SymmetricPool& pool = *pools_[i];
@@ -237,18 +242,7 @@ absl::Status SymmetricPoolGroup::Trim() {
     empty[i] = pool.EmptySegments(&empty_bytes);
     proposals[i] = pool.Propose(SymmetricPool::kTrim, empty_bytes);
   }
-  std::vector<absl::StatusOr<std::vector<Proposal>>> answers =
-      ExchangeTogether(Agreements(), proposals, options_.agreement_timeout);
-  std::vector<absl::Status> outcomes(n);
-  for (size_t i = 0; i < n; ++i) {
-    SymmetricPool& pool = *pools_[i];
-    pool.HeldByGroup();
-    outcomes[i] = pool.Judge(proposals[i], answers[i]);
-  }
-  if (absl::Status failed = FirstFailure(outcomes); !failed.ok()) {
-    BreakAll(failed);
-    return failed;
-  }
+  if (absl::Status agreed = AgreeTogether(proposals); !agreed.ok()) return agreed;
   // The same-program rule gives every local pool the same free segments; the exchange compared
   // only their bytes.
   for (size_t i = 1; i < n; ++i) {

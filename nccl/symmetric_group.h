@@ -103,6 +103,10 @@ class SymmetricPoolGroup {
   std::vector<SymmetricSegments*> Segments() const;
   // Breaks every pool not broken yet, with `why`. Needs every pool's lock (PoolLocks).
   void BreakAll(const absl::Status& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Every local rank's step `proposals[i]`, exchanged in one group and judged by each pool; the
+  // group broken on any failure.
+  absl::Status AgreeTogether(const std::vector<Proposal>& proposals)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The first of several local ranks' outcomes that failed, naming its local rank; OK if none.
   static absl::Status FirstFailure(const std::vector<absl::Status>& outcomes);
 

@@ -122,6 +122,16 @@ absl::StatusOr<SymmetricRegistry*> Symmetric() {
   return registry;
 }
 
+// The pool manager of `device`, once `pool` is known to be a symmetric pool there (NOT_FOUND
+// otherwise).
+absl::StatusOr<PoolManager*> SymmetricPoolsOf(int device, PoolId pool) {
+  absl::StatusOr<SymmetricRegistry*> registry = Symmetric();
+  if (!registry.ok()) return registry.status();
+  absl::StatusOr<SymmetricPoolRef> found = (*registry)->Find(device, pool);
+  if (!found.ok()) return found.status();
+  return PoolsOf(device);
+}
+
 absl::StatusOr<RouteFilter> ToRouteFilter(PoolManager& pools, int kind, uint64_t value) {
   switch (kind) {
     case TIDEPOOL_ROUTE_CURRENT_THREAD:
@@ -240,9 +250,9 @@ using tidepool::PoolOptions;
 using tidepool::RouteFilter;
 using tidepool::Runtime;
 using tidepool::SymmetricPool;
-using tidepool::SymmetricPoolRef;
 using tidepool::SymmetricRegistry;
 using tidepool::c_api::Symmetric;
+using tidepool::c_api::SymmetricPoolsOf;
 using tidepool::c_api::Guarded;
 using tidepool::c_api::NullArgument;
 using tidepool::c_api::PoolsOf;
@@ -606,31 +616,23 @@ tidepool_status tidepool_symmetric_lookup(const void* ptr, void** window, size_t
 
 tidepool_status tidepool_symmetric_begin(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_symmetric_begin", [&]() -> absl::Status {
-    absl::StatusOr<SymmetricRegistry*> registry = Symmetric();
-    if (!registry.ok()) return registry.status();
-    absl::StatusOr<SymmetricPoolRef> found = (*registry)->Find(device, ToPoolId(pool));
-    if (!found.ok()) return found.status();
-    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    absl::StatusOr<PoolManager*> pools = SymmetricPoolsOf(device, ToPoolId(pool));
     if (!pools.ok()) return pools.status();
     // BeginHeld: a pool destroyed meanwhile is refused, not made anew (nccl/symmetric_scope.h).
-    return (*pools)->BeginHeld(found->id, RouteFilter::CurrentThread());
+    return (*pools)->BeginHeld(ToPoolId(pool), RouteFilter::CurrentThread());
   });
 }
 
 tidepool_status tidepool_symmetric_end(int device, tidepool_pool_id pool) {
   return Guarded("tidepool_symmetric_end", [&]() -> absl::Status {
-    absl::StatusOr<SymmetricRegistry*> registry = Symmetric();
-    if (!registry.ok()) return registry.status();
-    absl::StatusOr<SymmetricPoolRef> found = (*registry)->Find(device, ToPoolId(pool));
-    if (!found.ok()) return found.status();
-    absl::StatusOr<PoolManager*> pools = PoolsOf(device);
+    absl::StatusOr<PoolManager*> pools = SymmetricPoolsOf(device, ToPoolId(pool));
     if (!pools.ok()) return pools.status();
-    if (absl::Status ended = (*pools)->End(found->id, RouteFilter::CurrentThread());
+    if (absl::Status ended = (*pools)->End(ToPoolId(pool), RouteFilter::CurrentThread());
         !ended.ok()) {
       return ended;
     }
     // The begin's reference: it cannot be the registry's own while the begin held one.
-    return (*pools)->Release(found->id);
+    return (*pools)->Release(ToPoolId(pool));
   });
 }
 

@@ -24,6 +24,7 @@ namespace tidepool {
 namespace {
 
 using testing::Fake;
+using testing::OnEveryRank;
 using testing::ThreadAgreement;
 using testing::ThreadGroup;
 using testing::TheFake;
@@ -51,14 +52,6 @@ std::vector<std::unique_ptr<Rank>> MakeRanks(Fake& fake, ThreadGroup* group, int
                                           options));
   }
   return made;
-}
-
-// Runs `body(rank)` on one thread per rank and waits for them all.
-template <typename Body>
-void OnEveryRank(int ranks, Body body) {
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < ranks; ++rank) threads.emplace_back([&body, rank] { body(rank); });
-  for (std::thread& thread : threads) thread.join();
 }
 
 TEST_CASE("every rank places every buffer alike, whatever the thread schedules") {

@@ -35,6 +35,7 @@ namespace tidepool {
 namespace {
 
 using testing::Fake;
+using testing::OnEveryRank;
 using testing::ThreadAgreement;
 using testing::ThreadGroup;
 using testing::TheFake;
@@ -79,13 +80,6 @@ PoolId CreatePool(Fake& fake, Rank& rank, ThreadGroup* group, int r, int ranks, 
   INFO(id.status().ToString());
   REQUIRE(id.ok());
   return *id;
-}
-
-template <typename Body>
-void OnEveryRank(int ranks, Body body) {
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < ranks; ++rank) threads.emplace_back([&body, rank] { body(rank); });
-  for (std::thread& thread : threads) thread.join();
 }
 
 TEST_CASE("a symmetric pool is a pool of the runtime: routed, freed, traced and trimmed like any") {

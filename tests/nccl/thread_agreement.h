@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -119,6 +120,14 @@ class ThreadAgreement : public RankAgreement {
   bool started_ = false;
   uint64_t round_ = 0;
 };
+
+// Runs `body(rank)` on one thread per rank and waits for them all.
+template <typename Body>
+void OnEveryRank(int ranks, Body body) {
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < ranks; ++rank) threads.emplace_back([&body, rank] { body(rank); });
+  for (std::thread& thread : threads) thread.join();
+}
 
 }  // namespace testing
 }  // namespace tidepool
