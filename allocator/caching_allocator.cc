@@ -226,6 +226,16 @@ absl::Status CachingAllocatorImpl::RecordStream(void* ptr, Stream stream) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<CachingAllocator::SegmentRange> CachingAllocatorImpl::RangeOf(
+    const void* ptr) const {
+  absl::StatusOr<size_t> live = BlockSize(ptr);  // a live block, or the error Free would give
+  if (!live.ok()) return live.status();
+  absl::StatusOr<Segment*> segment = SegmentOf(reinterpret_cast<uintptr_t>(ptr), "segment query");
+  if (!segment.ok()) return segment.status();
+  return CachingAllocator::SegmentRange{(*segment)->base, (*segment)->size,
+                                        (*segment)->expandable};
+}
+
 absl::StatusOr<size_t> CachingAllocatorImpl::BlockSize(const void* ptr) const {
   uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
   absl::StatusOr<Segment*> segment = SegmentOf(address, "size query");
@@ -310,6 +320,8 @@ absl::Status CachingAllocator::RecordStream(void* ptr, Stream stream) {
   return impl_->RecordStream(ptr, stream);
 }
 absl::Status CachingAllocator::EmptyCache() { return impl_->EmptyCache(); }
+void CachingAllocator::SetMemoryLimit(size_t bytes) { impl_->SetMemoryLimit(bytes); }
+size_t CachingAllocator::memory_limit() const { return impl_->memory_limit(); }
 void CachingAllocator::NoteCaptureBegin() { impl_->NoteCaptureBegin(); }
 absl::Status CachingAllocator::NoteCaptureEnd() { return impl_->NoteCaptureEnd(); }
 int CachingAllocator::captures_underway() const { return impl_->captures_underway(); }
@@ -318,6 +330,9 @@ absl::StatusOr<StreamId> CachingAllocator::StreamIdOf(Stream stream) const {
 }
 absl::StatusOr<size_t> CachingAllocator::BlockSize(const void* ptr) const {
   return impl_->BlockSize(ptr);
+}
+absl::StatusOr<CachingAllocator::SegmentRange> CachingAllocator::SegmentOf(const void* ptr) const {
+  return impl_->RangeOf(ptr);
 }
 absl::StatusOr<Arena*> CachingAllocator::CreateArena(const ArenaOptions& options) {
   return impl_->CreateArena(options);

@@ -95,6 +95,13 @@ class CachingAllocator {
   absl::Status RecordStream(void* ptr, Stream stream);
   // Returns every whole free segment (and every free mapped chunk) to the device.
   absl::Status EmptyCache();
+  // Caps the memory the allocator holds, every pool together (reserved bytes: segments and
+  // mapped chunks, whatever their source), at `bytes`; SIZE_MAX lifts the cap. A growth that
+  // would pass it is refused as if the device were full: the cache goes back and growth is tried
+  // once more, then the allocation fails with RESOURCE_EXHAUSTED, whose message names the cap.
+  // Memory held already stays (PyTorch's set_per_process_memory_fraction does the same).
+  void SetMemoryLimit(size_t bytes);
+  size_t memory_limit() const;
 
   // Marks the beginning and end of a CUDA graph capture on this device (see the contract above).
   // NoteCaptureBegin must come before the capture begins and NoteCaptureEnd after it has ended
@@ -111,6 +118,15 @@ class CachingAllocator {
 
   // Size of the live block at ptr (its rounded size), or an error as for Free.
   absl::StatusOr<size_t> BlockSize(const void* ptr) const;
+  // The segment that holds the live block at `ptr` (errors as for Free): its base and size, and
+  // whether it is expandable (then the range is reserved address space, mapped in part).
+  // PyTorch's base_alloc hook asks it, to share a block's whole allocation between processes.
+  struct SegmentRange {
+    uintptr_t base = 0;
+    size_t size = 0;
+    bool expandable = false;
+  };
+  absl::StatusOr<SegmentRange> SegmentOf(const void* ptr) const;
 
   // --- Arenas ---
   absl::StatusOr<Arena*> CreateArena(const ArenaOptions& options);

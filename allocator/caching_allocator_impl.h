@@ -82,7 +82,16 @@ class CachingAllocatorImpl {
   absl::Status Free(void* ptr) ABSL_LOCKS_EXCLUDED(growth_mu_);
   absl::Status RecordStream(void* ptr, Stream stream);
   absl::Status EmptyCache() ABSL_LOCKS_EXCLUDED(growth_mu_);
+  void SetMemoryLimit(size_t bytes) ABSL_LOCKS_EXCLUDED(growth_mu_) {
+    MutexLock lock(&growth_mu_);
+    memory_limit_ = bytes;
+  }
+  size_t memory_limit() const ABSL_LOCKS_EXCLUDED(growth_mu_) {
+    MutexLock lock(&growth_mu_);
+    return memory_limit_;
+  }
   absl::StatusOr<size_t> BlockSize(const void* ptr) const;
+  absl::StatusOr<CachingAllocator::SegmentRange> RangeOf(const void* ptr) const;
   void NoteCaptureBegin() ABSL_LOCKS_EXCLUDED(growth_mu_);
   absl::Status NoteCaptureEnd() ABSL_LOCKS_EXCLUDED(growth_mu_);
   int captures_underway() const { return captures_underway_.load(std::memory_order_acquire); }
@@ -153,6 +162,8 @@ class CachingAllocatorImpl {
 
   // RESOURCE_EXHAUSTED: a request larger than the whole device.
   absl::Status TooLarge(size_t rounded) const;
+  // RESOURCE_EXHAUSTED when taking `more` bytes from a source would pass the memory limit.
+  absl::Status CheckMemoryLimit(size_t more) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Adds free memory for `rounded` bytes to the shard. Takes shard locks itself, one at a time.
   absl::Status Grow(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status GrowPlain(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
@@ -251,6 +262,8 @@ class CachingAllocatorImpl {
   std::vector<std::unique_ptr<Arena>> arenas_ ABSL_GUARDED_BY(growth_mu_);  // incl. gone ones
   // Per arena, at Arena::index: reserved bytes, segments and device counters.
   std::vector<AllocatorStats> arena_device_stats_ ABSL_GUARDED_BY(growth_mu_);
+  // SetMemoryLimit's cap on reserved bytes, every arena together.
+  size_t memory_limit_ ABSL_GUARDED_BY(growth_mu_) = SIZE_MAX;
   // Active and retired arenas, in creation order.
   std::vector<Arena*> live_arenas_ ABSL_GUARDED_BY(growth_mu_);
   // Gone arenas that still hold address ranges (kept so that a pool begun again reuses them);

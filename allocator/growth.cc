@@ -15,6 +15,19 @@ absl::Status CachingAllocatorImpl::TooLarge(size_t rounded) const {
       "%u bytes is more than the device's %u bytes of memory", rounded, total_memory_));
 }
 
+absl::Status CachingAllocatorImpl::CheckMemoryLimit(size_t more) const {
+  if (memory_limit_ == SIZE_MAX) return absl::OkStatus();
+  size_t reserved = 0;
+  for (const Arena* arena : live_arenas_) {
+    reserved += static_cast<size_t>(DeviceStats(*arena).reserved_bytes.current);
+  }
+  if (reserved <= memory_limit_ && more <= memory_limit_ - reserved) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrFormat(
+      "the memory limit of %u bytes (set_per_process_memory_fraction, or SetMemoryLimit) would "
+      "be passed: %u bytes are reserved, and this growth needs %u more",
+      memory_limit_, reserved, more));
+}
+
 absl::Status CachingAllocatorImpl::Grow(Shard& shard, size_t rounded) {
   return shard.arena->expandable ? GrowExpandable(shard, rounded) : GrowPlain(shard, rounded);
 }
@@ -44,6 +57,7 @@ absl::Status CachingAllocatorImpl::GrowPlain(Shard& shard, size_t rounded) {
   Arena& arena = *shard.arena;
   size_t size = PlainSegmentSize(rounded, config_.max_split_size);
   if (size > total_memory_) return TooLarge(rounded);
+  if (absl::Status s = CheckMemoryLimit(size); !s.ok()) return s;
   absl::StatusOr<uintptr_t> base = arena.source->AllocateSegment(size);
   if (!base.ok()) return base.status();
   if (!PageMap<Segment>::Covers(*base, size)) {
@@ -153,6 +167,9 @@ absl::Status CachingAllocatorImpl::MapExpandable(Shard& shard,
     absl::Status s = ReclaimAcrossShards(shard, granules, placement.target, &handles);
     DeviceStats(arena).reserved_bytes.Increase(static_cast<int64_t>(handles.size() * g));
     if (!s.ok()) return AbandonExpandable(shard, placement, /*mapped=*/0, handles, s);
+  }
+  if (absl::Status s = CheckMemoryLimit((granules - handles.size()) * g); !s.ok()) {
+    return AbandonExpandable(shard, placement, /*mapped=*/0, handles, s);
   }
   // Fail fast when the device plainly lacks the memory, rather than map thousands of chunks
   // only to give them back.

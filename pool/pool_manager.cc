@@ -434,6 +434,9 @@ absl::StatusOr<PoolManager::Pool*> PoolManager::Choose(Stream stream) {
         matches = capture->capturing && capture->capture_id == it->filter.capture_id;
         break;
       }
+      case RouteFilter::Kind::kCallable:
+        matches = (*it->filter.callable)(stream);
+        break;
       case RouteFilter::Kind::kCurrentThread:
         break;  // kept in thread-local storage, never here
     }

@@ -6,6 +6,7 @@
 // does. No C++ exception crosses the boundary: host memory running out inside tidepool is
 // TIDEPOOL_OUT_OF_MEMORY, any other exception TIDEPOOL_INTERNAL.
 #include "integrations/c_api/tidepool.h"
+#include "integrations/c_api/c_status.h"
 
 #include <cstring>
 #include <exception>
@@ -24,6 +25,7 @@
 #include "allocator/device.h"
 #include "allocator/thread_exit_safe.h"
 #include "graph/capture.h"
+#include "nccl/global_symmetric_registry.h"
 #include "nccl/symmetric_registry.h"
 #include "allocator/callback_segments.h"
 #include "runtime/global_runtime.h"
@@ -36,74 +38,6 @@ namespace tidepool {
 namespace c_api {
 namespace {
 
-// The calling thread's last error message (tidepool_last_error). Not a thread_local string: a
-// call that fails from a thread_local destructor at thread exit must still have somewhere to
-// write (allocator/thread_exit_safe.h).
-struct LastError {
-  std::string message;
-};
-using LastErrors = ThreadExitSafe<LastError>;
-
-tidepool_status CodeOf(const absl::Status& status) {
-  switch (status.code()) {
-    case absl::StatusCode::kOk:
-      return TIDEPOOL_OK;
-    case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kOutOfRange:
-      return TIDEPOOL_INVALID_ARGUMENT;
-    case absl::StatusCode::kResourceExhausted:
-      return TIDEPOOL_OUT_OF_MEMORY;
-    case absl::StatusCode::kNotFound:
-      return TIDEPOOL_NOT_FOUND;
-    case absl::StatusCode::kFailedPrecondition:
-    case absl::StatusCode::kAlreadyExists:
-    case absl::StatusCode::kAborted:
-      return TIDEPOOL_FAILED_PRECONDITION;
-    case absl::StatusCode::kUnavailable:
-      return TIDEPOOL_UNAVAILABLE;
-    case absl::StatusCode::kDeadlineExceeded:
-      return TIDEPOOL_DEADLINE_EXCEEDED;
-    default:
-      return TIDEPOOL_INTERNAL;
-  }
-}
-
-// Keeps "<function>: <message>" for the calling thread and returns the status's code. The C++
-// messages start with "tidepool: ", which the function's name makes redundant.
-tidepool_status Fail(const char* function, const absl::Status& status) {
-  absl::string_view message = status.message();
-  absl::ConsumePrefix(&message, "tidepool: ");
-  LastErrors::Get().message = absl::StrCat(function, ": ", message);
-  return CodeOf(status);
-}
-
-// Runs one C function's body (which returns an absl::Status) and turns the result into a code,
-// catching every exception at the boundary.
-template <typename Body>
-tidepool_status Guarded(const char* function, Body&& body) noexcept {
-  try {
-    if (CallbackSegments::CallingBack()) {
-      return Fail(function, absl::FailedPreconditionError(
-                                "called from inside a pool's segment callback, which tidepool "
-                                "runs under its device lock; a callback must not call tidepool "
-                                "(only tidepool_last_error, tidepool_status_name and "
-                                "tidepool_api_version). Nothing was changed"));
-    }
-    const absl::Status status = body();
-    return status.ok() ? TIDEPOOL_OK : Fail(function, status);
-  } catch (const std::bad_alloc&) {
-    return Fail(function, absl::ResourceExhaustedError("host memory ran out inside tidepool"));
-  } catch (const std::exception& exception) {
-    return Fail(function, absl::InternalError(absl::StrCat("exception: ", exception.what())));
-  } catch (...) {
-    return Fail(function, absl::InternalError("an exception of unknown type"));
-  }
-}
-
-absl::Status NullArgument(const char* name) {
-  return absl::InvalidArgumentError(absl::StrCat(name, " is NULL"));
-}
-
 PoolId ToPoolId(tidepool_pool_id pool) { return PoolId{pool.first, pool.second}; }
 tidepool_pool_id ToC(PoolId pool) { return tidepool_pool_id{pool.first, pool.second}; }
 
@@ -113,14 +47,8 @@ absl::StatusOr<PoolManager*> PoolsOf(int device) {
   return (*runtime)->Pools(device);
 }
 
-// The symmetric pools of the process's runtime, made with it and kept as long (never destroyed,
-// like the runtime itself).
-absl::StatusOr<SymmetricRegistry*> Symmetric() {
-  absl::StatusOr<Runtime*> runtime = GlobalRuntime();
-  if (!runtime.ok()) return runtime.status();
-  static SymmetricRegistry* const registry = new SymmetricRegistry(*runtime);
-  return registry;
-}
+// The symmetric pools of the process's runtime.
+absl::StatusOr<SymmetricRegistry*> Symmetric() { return GlobalSymmetricRegistry(); }
 
 // The pool manager of `device`, once `pool` is known to be a symmetric pool there (NOT_FOUND
 // otherwise).

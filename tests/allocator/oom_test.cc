@@ -303,5 +303,38 @@ TEST_CASE("out-of-memory recovery returns cache held by other streams too") {
   h.FreeAllAndRequireClean(live);
 }
 
+TEST_CASE("a memory limit is a device that is full there: the cache goes back, then a clear error") {
+  const Growth growth =
+      GENERATE(Growth::kPlain, Growth::kExpandable, Growth::kExpandableReclaiming);
+  INFO(GrowthName(growth));
+  Harness h(growth);
+  h.allocator->SetMemoryLimit(32 * kMiB);
+  CHECK(h.allocator->memory_limit() == 32 * kMiB);
+  void* kept = h.Allocate(12 * kMiB);
+  void* cached = h.Allocate(12 * kMiB);
+  h.Free(cached);  // 24 MiB reserved, 12 of them cached
+  std::vector<std::pair<void*, size_t>> live = {h.Live(kept)};
+  // 16 MiB more would pass the limit with the cache kept, but not once the cache is back.
+  void* fits = h.Allocate(16 * kMiB);
+  live.push_back(h.Live(fits));
+  // Plain segments needed the cache back; expandable ones grew the freed range in place.
+  if (growth == Growth::kPlain) CHECK(h.allocator->GetStats().retries >= 1);
+  CHECK(h.device->used_bytes() <= 32 * kMiB);
+  // 8 MiB more cannot fit under 32 MiB whatever is given back: the error names the limit.
+  const AllocatorStats before = h.allocator->GetStats();
+  absl::StatusOr<void*> refused = h.allocator->Allocate(8 * kMiB, h.stream);
+  REQUIRE(absl::IsResourceExhausted(refused.status()));
+  CHECK(refused.status().message().find("memory limit of 33554432 bytes") != std::string::npos);
+  CHECK(h.allocator->GetStats().ooms == before.ooms + 1);
+  CHECK(h.device->used_bytes() <= 32 * kMiB);
+  h.CheckIntact(live);
+  // Lifted, the same request succeeds: the device itself has room.
+  h.allocator->SetMemoryLimit(SIZE_MAX);
+  void* after = h.Allocate(8 * kMiB);
+  live.push_back(h.Live(after));
+  h.CheckIntact(live);
+  h.FreeAllAndRequireClean(live);
+}
+
 }  // namespace
 }  // namespace tidepool
