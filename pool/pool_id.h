@@ -3,7 +3,9 @@
 //
 // {0, 0} is the default pool of a device, which always exists. Pools that users create take ids
 // {0, n} from one counter; pools made for CUDA graphs take {n, 0} from another, as PyTorch does,
-// so ids from the two never collide and a PyTorch id means the same thing here.
+// so ids from the two never collide and a PyTorch id means the same thing here. tidepool's
+// counters start at 2^48, far above PyTorch's own (which start at 1), so that ids PyTorch makes
+// and ids tidepool makes never meet in one process (pool_id.cc).
 #ifndef TIDEPOOL_POOL_POOL_ID_H_
 #define TIDEPOOL_POOL_POOL_ID_H_
 

@@ -131,6 +131,22 @@ exec env -i "$(dirname "$0")/../installed/bin/installed_program"
 WRAPPER
 chmod 755 "$outdir/tests/installed_program"
 
+# The Python package (tidepool.torch, ...) and the PyTorch tests, which run with the installed
+# library (run_gpu_tests.sh points TIDEPOOL_LIBRARY and PYTHONPATH there).
+rm -rf "$outdir/python"
+mkdir -p "$outdir/python"
+cp -r integrations/python/tidepool "$outdir/python/tidepool"
+find "$outdir/python" -name __pycache__ -prune -exec rm -rf {} +
+for script in tests/gpu_torch/*.py; do
+  [ -e "$script" ] || continue
+  name="$(basename "$script" .py)"
+  if [ -e "$outdir/tests/$name" ]; then
+    echo "gather_gpu_tests: two GPU tests are named $name; rename one" >&2
+    exit 1
+  fi
+  install -m 755 "$script" "$outdir/tests/$name"
+done
+
 rm -rf "$outdir/traces"
 cp -r traces "$outdir/traces"
 install -m 755 tools/run_gpu_tests.sh "$outdir/run_gpu_tests.sh"

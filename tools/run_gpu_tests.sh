@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs tidepool's GPU tests on a GPU host that has no Bazel, from the folder that
 # tools/gather_gpu_tests.sh filled: every binary in its tests/ folder, one after another, with the
-# folder as working directory (so a test finds traces/ where it finds them under Bazel).
+# folder as working directory (so a test finds traces/ where it finds them under Bazel), and the
+# PyTorch tests (Python scripts, with the bundle's tidepool package and installed library).
 #
 #   ./run_gpu_tests.sh [TEST_NAME...]      (default: every test in tests/)
 #
@@ -24,6 +25,9 @@ if [ -z "${TIDEPOOL_NCCL_LIBRARY:-}" ] && command -v python3 >/dev/null 2>&1; th
     export TIDEPOOL_NCCL_LIBRARY="$site/nvidia/nccl/lib/libnccl.so.2"
   fi
 fi
+# The PyTorch tests (Python scripts in tests/) use the bundle's package and installed library.
+export PYTHONPATH="$(pwd)/python${PYTHONPATH:+:$PYTHONPATH}"
+export TIDEPOOL_LIBRARY="${TIDEPOOL_LIBRARY:-$(pwd)/installed/lib/libtidepool.so.1}"
 timeout_s="${TIDEPOOL_TEST_TIMEOUT:-900}"
 
 names=()
