@@ -58,7 +58,8 @@ if [ ${#tests[@]} -eq 0 ]; then
 fi
 
 library_label=//integrations/c_api:libtidepool.so.1
-bazel build "${tests[@]}" "${programs[@]}" "$library_label"
+preload_label=//integrations/preload:libtidepool_preload.so
+bazel build "${tests[@]}" "${programs[@]}" "$library_label" "$preload_label"
 bin_dir="$(bazel info bazel-bin)"
 
 # The shared libraries a binary may need on the GPU host: the C and C++ runtimes only.
@@ -108,6 +109,8 @@ done
 rm -rf "$outdir/installed"
 tools/install_layout.sh "$bin_dir/integrations/c_api/libtidepool.so.1" \
   integrations/c_api/tidepool.h integrations/c_api/tidepool.pc.in "$outdir/installed"
+# The interposer beside the library it needs (its RUNPATH is $ORIGIN).
+install -m 755 "$bin_dir/integrations/preload/libtidepool_preload.so" "$outdir/installed/lib/"
 mkdir -p "$outdir/installed/bin"
 # shellcheck disable=SC2046  # pkg-config's flags are words
 cc -std=c99 -O2 -Wall -Werror tests/c_api/installed_program.c \
@@ -137,7 +140,11 @@ rm -rf "$outdir/python"
 mkdir -p "$outdir/python"
 cp -r integrations/python/tidepool "$outdir/python/tidepool"
 find "$outdir/python" -name __pycache__ -prune -exec rm -rf {} +
-for script in tests/gpu_torch/*.py; do
+# The interposer's test: a CUDA program (built there with nvcc; a .txt, so that the runner does
+# not take it for a test) and the script that builds and runs it.
+install -m 644 tests/gpu_preload/preload_program.cu "$outdir/tests/preload_program.cu.txt"
+install -m 755 tests/gpu_preload/preload_programs.sh "$outdir/tests/preload_programs"
+for script in tests/gpu_torch/*.py tests/gpu_python/*.py; do
   [ -e "$script" ] || continue
   name="$(basename "$script" .py)"
   if [ -e "$outdir/tests/$name" ]; then

@@ -247,6 +247,18 @@ tidepool_status tidepool_malloc(void** ptr, size_t size, int device, void* strea
   });
 }
 
+tidepool_status tidepool_free_async(void* ptr, void* stream) {
+  return Guarded("tidepool_free_async", [&]() -> absl::Status {
+    if (ptr == nullptr) return absl::OkStatus();
+    absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
+    if (!runtime.ok()) return runtime.status();
+    if (absl::Status recorded = (*runtime)->RecordStream(ptr, stream); !recorded.ok()) {
+      return recorded;
+    }
+    return (*runtime)->Free(ptr);
+  });
+}
+
 tidepool_status tidepool_free(void* ptr) {
   return Guarded("tidepool_free", [&]() -> absl::Status {
     if (ptr == nullptr) return absl::OkStatus();

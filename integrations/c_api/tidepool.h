@@ -140,6 +140,12 @@ tidepool_status tidepool_free(void* ptr);
 // as well as the one it was allocated on. Errors as for tidepool_free.
 tidepool_status tidepool_record_stream(void* ptr, void* stream);
 
+// Frees `ptr` as ordered on `stream` (cudaFreeAsync's contract): the block is reusable once
+// `stream` has reached this point. When `stream` is the block's own stream this is
+// tidepool_free; otherwise the stream is recorded first (tidepool_record_stream), so the block
+// waits for it. Errors as for tidepool_free, and for a stream of another device.
+tidepool_status tidepool_free_async(void* ptr, void* stream);
+
 // Returns every whole free segment of `device`, in every pool that lets its free memory be
 // taken back, to where it came from.
 tidepool_status tidepool_empty_cache(int device);

@@ -28,7 +28,7 @@ if [ -n "$others" ]; then
   exit 1
 fi
 for function in tidepool_api_version tidepool_last_error tidepool_init_simulated \
-    tidepool_malloc tidepool_free tidepool_record_stream tidepool_empty_cache \
+    tidepool_malloc tidepool_free tidepool_free_async tidepool_record_stream tidepool_empty_cache \
     tidepool_begin_allocate_current_thread_to_pool tidepool_begin_allocate_to_pool \
     tidepool_end_allocate_to_pool tidepool_release_pool tidepool_create_callback_pool \
     tidepool_trim_pool tidepool_pool_of tidepool_stats_json tidepool_snapshot_json \

@@ -55,6 +55,7 @@ C_API = {
     "tidepool_device_count": (_status, [ctypes.POINTER(_int)]),
     "tidepool_malloc": (_status, [ctypes.POINTER(_ptr), _size, _int, _ptr]),
     "tidepool_free": (_status, [_ptr]),
+    "tidepool_free_async": (_status, [_ptr, _ptr]),
     "tidepool_record_stream": (_status, [_ptr, _ptr]),
     "tidepool_empty_cache": (_status, [_int]),
     "tidepool_new_pool_id": (_status, [_PoolIdP]),
