@@ -318,7 +318,7 @@ CUresult SynchronousFree(CUdeviceptr dptr) {
     for (CUstream stream : streams) tidepool_record_stream(ptr, stream);
     return ToCuResult(tidepool_free(ptr));
   }
-  passed_frees.fetch_add(1, std::memory_order_relaxed);
+  if (ptr != nullptr) passed_frees.fetch_add(1, std::memory_order_relaxed);
   const Driver& d = TheDriver();
   return d.mem_free != nullptr ? d.mem_free(dptr) : CUDA_ERROR_NOT_INITIALIZED;
 }
@@ -343,7 +343,7 @@ CUresult AsyncFree(CUdeviceptr dptr, CUstream stream, bool per_thread) {
     const tidepool_status status = tidepool_free_async(ptr, stream);
     if (status != TIDEPOOL_INVALID_ARGUMENT) return ToCuResult(status);
   }
-  passed_frees.fetch_add(1, std::memory_order_relaxed);
+  if (ptr != nullptr) passed_frees.fetch_add(1, std::memory_order_relaxed);
   const Driver& d = TheDriver();
   auto real = per_thread ? d.mem_free_async_ptsz : d.mem_free_async;
   return real != nullptr ? real(dptr, stream) : CUDA_ERROR_NOT_INITIALIZED;
@@ -611,10 +611,19 @@ Fn NextCudart(const char* name) {
   return reinterpret_cast<Fn>(RealDlsym()(RTLD_NEXT, name));
 }
 
-// cudart's entry points first make sure the device's primary context is current (its lazy
-// initialization); a cudaFree(NULL) does that and nothing else.
+// cudart's entry points first make sure the current device's primary context is current (its
+// lazy initialization, and the device cudaSetDevice chose). A cudaFree(NULL) does exactly that,
+// but it is not free, and during a stream capture it would invalidate the capture: it is made
+// only when the current context is not the primary context of cudart's current device.
 void InitializeCudart() {
-  static auto real_free = NextCudart<cudaError_t (*)(void*)>("cudaFree");
+  using GetDevice = cudaError_t (*)(int*);
+  static const auto real_get_device = NextCudart<GetDevice>("cudaGetDevice");
+  static const auto real_free = NextCudart<cudaError_t (*)(void*)>("cudaFree");
+  int device = -1;
+  if (real_get_device != nullptr && real_get_device(&device) == kCudaSuccess &&
+      device == CurrentDevice()) {
+    return;
+  }
   if (real_free != nullptr) real_free(nullptr);
 }
 
