@@ -143,6 +143,7 @@ find "$outdir/python" -name __pycache__ -prune -exec rm -rf {} +
 # The interposer's test: a CUDA program (built there with nvcc; a .txt, so that the runner does
 # not take it for a test) and the script that builds and runs it.
 install -m 644 tests/gpu_preload/preload_program.cu "$outdir/tests/preload_program.cu.txt"
+install -m 644 tests/gpu_preload/preload_bench.cu "$outdir/tests/preload_bench.cu.txt"
 install -m 755 tests/gpu_preload/preload_programs.sh "$outdir/tests/preload_programs"
 for script in tests/gpu_torch/*.py tests/gpu_python/*.py; do
   [ -e "$script" ] || continue
