@@ -1,6 +1,6 @@
 // tidepool as CuPy's allocator: the two functions a cupy.cuda.memory.CFunctionAllocator calls,
 // built into libtidepool.so.1 so that CuPy's arrays come from the process's one runtime
-// (docs/integrations_cupy_numba.md). Python installs them with tidepool.cupy.install().
+// (docs/integrations.md). Python installs them with tidepool.cupy.install().
 //
 // CuPy's contract (cupy/cuda/memory.pyx, CFunctionAllocatorMemory): malloc is
 // `void* (*)(void* param, size_t size, int device_id)` and free `void (*)(void* param, void* ptr,

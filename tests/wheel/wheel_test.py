@@ -1,4 +1,4 @@
-"""The wheel (//integrations/python/wheel:wheel, docs/integrations_wheel.md), on the CPU:
+"""The wheel (//integrations/python/wheel:wheel, docs/integrations.md), on the CPU:
 
   ContentsTest   every file in it, and nothing else; RECORD's hashes and sizes; METADATA,
                  WHEEL, entry_points.txt, top_level.txt; modes and timestamps; the platform tag

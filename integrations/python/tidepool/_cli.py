@@ -1,4 +1,4 @@
-"""The `tidepool` console command of the wheel (docs/integrations_wheel.md).
+"""The `tidepool` console command of the wheel (docs/integrations.md).
 
     tidepool run [--stats] [--trace PATH] -- PROGRAM ARGS...
         runs PROGRAM with the wheel's libtidepool_preload.so in LD_PRELOAD (before whatever

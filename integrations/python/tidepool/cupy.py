@@ -1,4 +1,4 @@
-"""tidepool as CuPy's device-memory allocator (docs/integrations_cupy_numba.md).
+"""tidepool as CuPy's device-memory allocator (docs/integrations.md).
 
     import cupy, tidepool.cupy
     tidepool.cupy.install()        # every later cupy array's memory comes from tidepool
@@ -39,7 +39,7 @@ tidepool's message as the exception's __cause__ (a tidepool.OutOfMemoryError). A
 Pinned (page-locked host) memory is left alone: cupy.cuda.set_pinned_memory_allocator is not
 touched, and CuPy's pinned memory pool keeps serving cupyx.empty_pinned and the like. IPC: CuPy's
 cupy.cuda.runtime.ipcGetMemHandle on a tidepool block is not supported (expandable segments, the
-default, are not cudaMalloc memory; docs/integrations_cupy_numba.md).
+default, are not cudaMalloc memory; docs/integrations.md).
 
 The C entry points are in libtidepool.so.1 when it is built with //integrations/cupy:
 cupy_entry_points. A library without them still works: install() then hands CuPy ctypes

@@ -1,5 +1,5 @@
 """tidepool as Numba's CUDA memory manager: an External Memory Management (EMM) plugin
-(docs/integrations_cupy_numba.md; Numba's "External Memory Management (EMM) Plugin interface").
+(docs/integrations.md; Numba's "External Memory Management (EMM) Plugin interface").
 
     NUMBA_CUDA_MEMORY_MANAGER=tidepool.numba python3 prog.py
 

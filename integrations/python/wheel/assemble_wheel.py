@@ -1,6 +1,6 @@
 """Assembles tidepool's wheel from what Bazel built: the `tidepool` Python package, the shared
 libraries inside it and the `tidepool` command's C++ binary. Standard library only (zipfile), no
-network, no pip, no setuptools. docs/integrations_wheel.md describes the result.
+network, no pip, no setuptools. docs/integrations.md describes the result.
 
     assemble_wheel.py --out_dir DIR --version_file VERSION --library libtidepool.so.1
         [--preload libtidepool_preload.so] --tool tidepool
