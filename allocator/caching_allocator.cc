@@ -92,6 +92,9 @@ absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Arena* arena, Stream strea
   if (!id.ok()) return id.status();
   for (const ShardCacheEntry& entry : shard_cache) {
     if (entry.serial == serial_ && entry.arena == arena && entry.stream_id == *id) {
+      if (entry.shard->last_handle.load(std::memory_order_relaxed) != stream) {
+        entry.shard->last_handle.store(stream, std::memory_order_relaxed);
+      }
       return entry.shard;
     }
   }
@@ -106,6 +109,7 @@ absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Arena* arena, Stream strea
     }
     shard = slot.get();
   }
+  shard->last_handle.store(stream, std::memory_order_relaxed);
   shard_cache[shard_cache_next] = ShardCacheEntry{serial_, arena, *id, shard};
   shard_cache_next = (shard_cache_next + 1) % kShardCacheSize;
   return shard;
@@ -187,6 +191,43 @@ absl::Status CachingAllocatorImpl::Free(void* ptr) {
           "tidepool: free of %#x, which is not a live allocation (a double free, or a pointer "
           "into the middle of a block); nothing was changed",
           address));
+    }
+    if (absl::Status s = shard.FreeLive(block); !s.ok()) return s;
+  }
+  if (shard.arena->state.load(std::memory_order_acquire) == Arena::kRetired) {
+    return FinishRetiredAfterFree(*shard.arena);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::FreeOnStream(void* ptr, Stream stream) {
+  uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
+  absl::StatusOr<Segment*> segment = SegmentOf(address, "free");
+  if (!segment.ok()) return segment.status();
+  Shard& shard = *(*segment)->shard;
+  // The stream's id only when it is not the handle the shard's allocations come with.
+  bool other_stream = false;
+  StreamId other_id = 0;
+  if (stream != shard.last_handle.load(std::memory_order_relaxed)) {
+    absl::StatusOr<StreamId> id = StreamIdOf(stream);
+    if (!id.ok()) return id.status();
+    other_stream = *id != shard.stream_id;
+    other_id = *id;
+  }
+  {
+    MutexLock lock(&shard.mu);
+    if (!(*segment)->live) return NotHeld(address, "free");
+    Block* block = shard.FindLive(address);
+    if (block == nullptr) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "tidepool: free of %#x, which is not a live allocation (a double free, or a pointer "
+          "into the middle of a block); nothing was changed",
+          address));
+    }
+    if (other_stream) {
+      bool recorded = false;
+      for (const StreamUse& use : block->uses) recorded = recorded || use.id == other_id;
+      if (!recorded) block->uses.push_back(StreamUse{stream, other_id});
     }
     if (absl::Status s = shard.FreeLive(block); !s.ok()) return s;
   }
@@ -318,6 +359,9 @@ absl::StatusOr<void*> CachingAllocator::Allocate(Arena* arena, size_t bytes, Str
 absl::Status CachingAllocator::Free(void* ptr) { return impl_->Free(ptr); }
 absl::Status CachingAllocator::RecordStream(void* ptr, Stream stream) {
   return impl_->RecordStream(ptr, stream);
+}
+absl::Status CachingAllocator::FreeOnStream(void* ptr, Stream stream) {
+  return impl_->FreeOnStream(ptr, stream);
 }
 absl::Status CachingAllocator::EmptyCache() { return impl_->EmptyCache(); }
 void CachingAllocator::SetMemoryLimit(size_t bytes) { impl_->SetMemoryLimit(bytes); }

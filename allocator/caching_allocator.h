@@ -91,6 +91,9 @@ class CachingAllocator {
   // allocated, or given back to the device since it was freed); FAILED_PRECONDITION for a pointer
   // inside that memory that is not a live block (a double free, a pointer into a block).
   absl::Status Free(void* ptr);
+  // Frees a block as ordered on `stream` (cudaFreeAsync's contract): Free when `stream` is the
+  // block's own stream, else the stream is recorded first (RecordStream), in one step.
+  absl::Status FreeOnStream(void* ptr, Stream stream);
   // Marks a live block as used on `stream` (see the contract above).
   absl::Status RecordStream(void* ptr, Stream stream);
   // Returns every whole free segment (and every free mapped chunk) to the device.

@@ -80,6 +80,7 @@ class CachingAllocatorImpl {
   absl::StatusOr<void*> Allocate(Arena* arena, size_t bytes, Stream stream)
       ABSL_LOCKS_EXCLUDED(growth_mu_);
   absl::Status Free(void* ptr) ABSL_LOCKS_EXCLUDED(growth_mu_);
+  absl::Status FreeOnStream(void* ptr, Stream stream) ABSL_LOCKS_EXCLUDED(growth_mu_);
   absl::Status RecordStream(void* ptr, Stream stream);
   absl::Status EmptyCache() ABSL_LOCKS_EXCLUDED(growth_mu_);
   void SetMemoryLimit(size_t bytes) ABSL_LOCKS_EXCLUDED(growth_mu_) {

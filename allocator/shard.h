@@ -61,6 +61,11 @@ class alignas(64) Shard {
 
   Arena* const arena;
   const StreamId stream_id;
+  // The stream handle allocations last reached this shard with, so that a free on the same
+  // handle (FreeOnStream) need not ask the device for the stream's id. A handle reused by a
+  // later stream after this one was destroyed only makes such a free skip recording: the block
+  // then comes back to this shard, which serves this stream's id alone.
+  std::atomic<Stream> last_handle{nullptr};
 
   // Takes the best-fitting free block for `rounded` bytes, splits it if worth it, and returns it
   // allocated and live; nullptr if no free block fits.

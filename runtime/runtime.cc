@@ -167,6 +167,26 @@ absl::Status Runtime::FreeOnOtherDevices(void* ptr, absl::Status first) {
       ptr, AnyDevice(device_count())));
 }
 
+absl::Status Runtime::FreeOnStream(void* ptr, Stream stream) {
+  if (ABSL_PREDICT_FALSE(recorder_ != nullptr)) {
+    if (absl::Status recorded = RecordStream(ptr, stream); !recorded.ok()) return recorded;
+    return FreeRecorded(ptr);
+  }
+  for (const PerDevice& per_device : devices_) {
+    absl::Status freed = per_device.allocator->FreeOnStream(ptr, stream);
+    if (!absl::IsInvalidArgument(freed)) return freed;
+  }
+  for (const PerDevice& per_device : devices_) {
+    absl::StatusOr<ExternalPool*> external = per_device.pools->ExternalOwnerOf(ptr);
+    if (!external.ok()) continue;
+    if (absl::Status recorded = (*external)->RecordStream(ptr, stream); !recorded.ok()) {
+      return recorded;
+    }
+    return (*external)->Free(ptr);
+  }
+  return FreeOnOtherDevices(ptr, absl::InvalidArgumentError(""));
+}
+
 absl::Status Runtime::RecordStream(void* ptr, Stream stream) {
   // DeviceOf first: RecordStream also answers INVALID_ARGUMENT for a stream its device does not
   // know, which must not read as "not this device's pointer".

@@ -112,6 +112,9 @@ class Runtime {
     if (ABSL_PREDICT_TRUE(freed.ok())) return freed;
     return FreeOnOtherDevices(ptr, std::move(freed));
   }
+  // Frees a block of any device as ordered on `stream` (CachingAllocator::FreeOnStream; an
+  // external pool's block: its RecordStream, then its Free).
+  absl::Status FreeOnStream(void* ptr, Stream stream);
   // Marks a live block of any device as used on `stream` (a stream of the block's device).
   absl::Status RecordStream(void* ptr, Stream stream);
 

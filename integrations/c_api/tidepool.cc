@@ -252,10 +252,7 @@ tidepool_status tidepool_free_async(void* ptr, void* stream) {
     if (ptr == nullptr) return absl::OkStatus();
     absl::StatusOr<Runtime*> runtime = tidepool::GlobalRuntime();
     if (!runtime.ok()) return runtime.status();
-    if (absl::Status recorded = (*runtime)->RecordStream(ptr, stream); !recorded.ok()) {
-      return recorded;
-    }
-    return (*runtime)->Free(ptr);
+    return (*runtime)->FreeOnStream(ptr, stream);
   });
 }
 
