@@ -258,6 +258,35 @@ TEST_CASE("RecordStream on the block's own stream needs no event") {
   h.Free(block);
 }
 
+TEST_CASE("FreeOnStream on another stream waits for it; on the block's own, reuse is at once") {
+  const bool expandable = GENERATE(true, false);
+  INFO("expandable_segments=" << expandable);
+  Harness h(expandable);
+  Stream a = h.NewStream();
+  Stream b = h.NewStream();
+  // On its own stream: as Free, no event.
+  void* own = h.Allocate(8 * kKiB, a);
+  h.device->Enqueue(a);
+  const int64_t events_before = h.device->live_events();
+  REQUIRE(h.allocator->FreeOnStream(own, a).ok());
+  CHECK(h.device->live_events() == events_before);
+  CHECK(h.Allocate(8 * kKiB, a) == own);
+  // On another: the block waits for that stream's work queued before the free, as after
+  // RecordStream(b) and Free.
+  const uint64_t b_at_free = h.device->Enqueue(b);
+  REQUIRE(h.allocator->FreeOnStream(own, b).ok());
+  void* meanwhile = h.Allocate(8 * kKiB, a);
+  CHECK(meanwhile != own);
+  h.device->Complete(b, b_at_free);
+  CHECK(h.Allocate(8 * kKiB, a) == own);
+  // Misuse changes nothing: a second free, a foreign pointer.
+  h.Free(own);
+  CHECK(absl::IsFailedPrecondition(h.allocator->FreeOnStream(own, a)));
+  int foreign = 0;
+  CHECK(absl::IsInvalidArgument(h.allocator->FreeOnStream(&foreign, a)));
+  h.Free(meanwhile);
+}
+
 TEST_CASE("the default stream is a stream like any other") {
   const bool expandable = GENERATE(true, false);
   INFO("expandable_segments=" << expandable);
