@@ -147,6 +147,10 @@ install -m 644 tests/gpu_preload/preload_bench.cu "$outdir/tests/preload_bench.c
 install -m 755 tests/gpu_preload/preload_programs.sh "$outdir/tests/preload_programs"
 for script in tests/gpu_torch/*.py tests/gpu_python/*.py; do
   [ -e "$script" ] || continue
+  # A module the scripts share (_name.py) goes beside them, not run as a test.
+  case "$(basename "$script")" in
+    _*) install -m 644 "$script" "$outdir/tests/$(basename "$script")"; continue ;;
+  esac
   name="$(basename "$script" .py)"
   if [ -e "$outdir/tests/$name" ]; then
     echo "gather_gpu_tests: two GPU tests are named $name; rename one" >&2

@@ -14,25 +14,11 @@ it compiling the kernels.
 import gc
 import sys
 import time
-import traceback
 
-FAILURES = []
+import os
 
-
-def check(name, condition, detail=""):
-    if condition:
-        print("PASS %s" % name)
-    else:
-        print("FAIL %s %s" % (name, detail))
-        FAILURES.append(name)
-
-
-def run(name, fn):
-    try:
-        fn()
-    except Exception:  # noqa: BLE001 (report every failure, keep going)
-        print("FAIL %s raised:\n%s" % (name, traceback.format_exc()))
-        FAILURES.append(name)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _checks import FAILURES, check, finish, run  # noqa: E402 (beside this script)
 
 
 def main():
@@ -158,8 +144,7 @@ def main():
     run("reset", reset)
 
     print("elapsed %.1f s" % (time.time() - started))
-    print("%s: %d failure(s)" % ("FAIL" if FAILURES else "PASS", len(FAILURES)))
-    return 1 if FAILURES else 0
+    return finish()
 
 
 if __name__ == "__main__":
