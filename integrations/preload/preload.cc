@@ -154,6 +154,20 @@ std::atomic<uint64_t> stream_generation{1};
 
 bool Forked() { return forked.load(std::memory_order_relaxed); }
 
+// What each thread remembers between calls, in one place: the device of the context and of the
+// stream it last asked about, and its private stream. Initial-exec TLS: this library is loaded
+// with the program (LD_PRELOAD), so its thread-locals are reached without a call.
+struct ThreadCache {
+  CUcontext ctx = nullptr;
+  int ctx_device = -1;
+  CUstream stream = nullptr;
+  uint64_t stream_generation = 0;
+  int stream_device = -1;
+  int private_device = -1;
+  CUstream private_stream = nullptr;
+};
+__attribute__((tls_model("initial-exec"))) thread_local ThreadCache cache;
+
 // The streams the program made through the driver, by device, for the synchronous frees; and
 // each device's primary context.
 std::mutex streams_mu;
@@ -211,18 +225,16 @@ int PrimaryDeviceOf(CUcontext ctx, CUdevice device) {
 // The device of the current context if it is a primary context, else -1.
 int CurrentDevice() {
   const Driver& d = TheDriver();
-  thread_local CUcontext cached_ctx = nullptr;
-  thread_local int cached_device = -1;
   CUcontext ctx = nullptr;
   if (d.ctx_get_current == nullptr || d.ctx_get_current(&ctx) != CUDA_SUCCESS || ctx == nullptr) {
     return -1;
   }
-  if (ctx == cached_ctx) return cached_device;
+  if (ctx == cache.ctx) return cache.ctx_device;
   CUdevice device = 0;
   if (d.ctx_get_device(&device) != CUDA_SUCCESS) return -1;
-  cached_ctx = ctx;
-  cached_device = PrimaryDeviceOf(ctx, device);
-  return cached_device;
+  cache.ctx = ctx;
+  cache.ctx_device = PrimaryDeviceOf(ctx, device);
+  return cache.ctx_device;
 }
 
 bool IsSpecialStream(CUstream stream) {
@@ -233,35 +245,32 @@ bool IsSpecialStream(CUstream stream) {
 int StreamDevice(CUstream stream) {
   if (IsSpecialStream(stream)) return CurrentDevice();
   const Driver& d = TheDriver();
-  thread_local CUstream cached_stream = nullptr;
-  thread_local uint64_t cached_generation = 0;
-  thread_local int cached_device = -1;
   const uint64_t generation = stream_generation.load(std::memory_order_acquire);
-  if (stream == cached_stream && generation == cached_generation) return cached_device;
+  if (stream == cache.stream && generation == cache.stream_generation) {
+    return cache.stream_device;
+  }
   CUcontext ctx = nullptr;
   CUdevice device = 0;
   if (d.stream_get_ctx == nullptr || d.stream_get_ctx(stream, &ctx) != CUDA_SUCCESS ||
       d.stream_get_device == nullptr || d.stream_get_device(stream, &device) != CUDA_SUCCESS) {
     return -1;
   }
-  cached_stream = stream;
-  cached_generation = generation;
-  cached_device = PrimaryDeviceOf(ctx, device);
-  return cached_device;
+  cache.stream = stream;
+  cache.stream_generation = generation;
+  cache.stream_device = PrimaryDeviceOf(ctx, device);
+  return cache.stream_device;
 }
 
 // The interposer's own stream on `device`, made by tidepool, which nothing else uses: the home
 // of the synchronous API's blocks.
 CUstream PrivateStream(int device) {
-  thread_local int cached_device = -1;
-  thread_local CUstream cached_stream = nullptr;
-  if (device != cached_device) {
+  if (device != cache.private_device) {
     void* stream = nullptr;
     if (tidepool_preload_private_stream(device, &stream) != TIDEPOOL_OK) return nullptr;
-    cached_device = device;
-    cached_stream = static_cast<CUstream>(stream);
+    cache.private_device = device;
+    cache.private_stream = static_cast<CUstream>(stream);
   }
-  return cached_stream;
+  return cache.private_stream;
 }
 
 CUresult ToCuResult(tidepool_status status) {
