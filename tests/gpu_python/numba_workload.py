@@ -37,11 +37,14 @@ def main():
           % (tidepool.library_path(), device, manager.stream_handle()))
     before = tidepool.numba.memory_stats(device)
 
+    # `a` comes in a one-element array, not as a scalar argument: on the GPU host (numba-cuda with
+    # NumPy 2.5) compiling a kernel with a float scalar argument fails inside Numba
+    # (np.row_stack, removed from NumPy). It is one more allocation per iteration besides.
     @cuda.jit
     def axpy(out, a, x, y):
         i = cuda.grid(1)
         if i < out.size:
-            out[i] = a * x[i] + y[i]
+            out[i] = a[0] * x[i] + y[i]
 
     @cuda.jit
     def row_sums(out, m):
@@ -62,21 +65,22 @@ def main():
         for i in range(iterations):
             n = 1000 + (i * 7919) % ((1 << 18) - 1000)
             a = np.float32(0.5 + (i % 7))
+            a_device = cuda.to_device(np.array([a], dtype=np.float32), **kwargs)
             x = cuda.to_device(host_x[:n], **kwargs)
             y = cuda.to_device(host_y[:n], **kwargs)
             out = cuda.device_array(n, dtype=np.float32, **kwargs)
             blocks = (n + 255) // 256
             if stream is None:
-                axpy[blocks, 256](out, a, x, y)
+                axpy[blocks, 256](out, a_device, x, y)
             else:
-                axpy[blocks, 256, stream](out, a, x, y)
+                axpy[blocks, 256, stream](out, a_device, x, y)
             if i % 50 == 0 or i == iterations - 1:
                 got = out.copy_to_host(**kwargs)
                 if stream is not None:
                     stream.synchronize()
                 if not np.allclose(got, a * host_x[:n] + host_y[:n], rtol=1e-6, atol=1e-6):
                     bad += 1
-            del x, y, out
+            del a_device, x, y, out
         if stream is not None:
             stream.synchronize()
         check("%s: %d iterations of axpy over fresh device arrays match NumPy" % (tag, iterations),
@@ -99,7 +103,8 @@ def main():
         x = cuda.to_device(host_x, stream=stream)
         tidepool.numba.record_stream(x, stream)  # declared: freed below while `stream` may run
         out = cuda.device_array_like(x, stream=stream)
-        axpy[(x.size + 255) // 256, 256, stream](out, np.float32(2.0), x, x)
+        two = cuda.to_device(np.array([2.0], dtype=np.float32), stream=stream)
+        axpy[(x.size + 255) // 256, 256, stream](out, two, x, x)
         del x
         got = out.copy_to_host(stream=stream)
         stream.synchronize()
