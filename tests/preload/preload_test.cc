@@ -7,11 +7,14 @@
 //   * an allocation through them comes from tidepool, and its free goes back to tidepool;
 //   * a pointer tidepool does not own is passed to the driver's free (synchronous and async);
 //   * cuMemGetInfo counts tidepool's cached bytes as free;
-//   * cudaMalloc / cudaFree exported for shared-cudart programs serve from tidepool too.
+//   * cudaMalloc / cudaFree exported for shared-cudart programs serve from tidepool too;
+//   * in a child after fork, every call goes to the driver and the parent's state is untouched.
 // Prints "preload_test: N checks passed" or the failures, and exits non-zero on any.
 #include <cuda.h>
 #undef cuGetProcAddress
 #include <dlfcn.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -144,6 +147,25 @@ int main() {
             OwnedByTidepool(reinterpret_cast<CUdeviceptr>(runtime_block)),
         "cudaMalloc is served by tidepool");
   Check(cuda_free(runtime_block) == 0, "cudaFree gives it back");
+
+  // After fork, the child's calls go to the driver; the parent's blocks stay tidepool's.
+  CUdeviceptr parent_block = 0;
+  alloc(&parent_block, 4096);
+  const long driver_allocations = Counter(stub, "stub_allocations");
+  const pid_t child = fork();
+  if (child == 0) {
+    CUdeviceptr in_child = 0;
+    const bool passed = alloc(&in_child, 4096) == CUDA_SUCCESS && !OwnedByTidepool(in_child) &&
+                        Counter(stub, "stub_allocations") == driver_allocations + 1;
+    _exit(passed ? 0 : 1);
+  }
+  int child_status = -1;
+  waitpid(child, &child_status, 0);
+  Check(WIFEXITED(child_status) && WEXITSTATUS(child_status) == 0,
+        "in a child after fork, cuMemAlloc goes to the driver, not to the parent's tidepool");
+  Check(OwnedByTidepool(parent_block) && free_fn(parent_block) == CUDA_SUCCESS &&
+            Counter(stub, "stub_allocations") == driver_allocations,
+        "the parent's block is still tidepool's, and the parent's driver saw nothing");
 
   std::printf("preload_test: %d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;
