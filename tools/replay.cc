@@ -68,6 +68,12 @@ absl::Status ReplayEvents(const Trace& trace, CachingAllocator& allocator,
   malloc_ns.reserve(trace.events.size());
   free_ns.reserve(trace.events.size());
   int64_t live_bytes = 0;
+  const int64_t events = static_cast<int64_t>(trace.events.size());
+  const int64_t bucket =
+      std::max<int64_t>(1, (events + ReplayResult::kTimelinePoints - 1) /
+                               ReplayResult::kTimelinePoints);
+  int64_t index = 0;
+  int64_t bucket_live = 0;
   for (const TraceEvent& event : trace.events) {
     if (event.action == TraceAction::kAllocate) {
       const std::string what =
@@ -106,6 +112,13 @@ absl::Status ReplayEvents(const Trace& trace, CachingAllocator& allocator,
       live_bytes -= static_cast<int64_t>(freed->second.requested_bytes);
       live.erase(freed);
       ++result.frees;
+    }
+    bucket_live = std::max(bucket_live, live_bytes);
+    ++index;
+    if (index % bucket == 0 || index == events) {
+      result.timeline.push_back(
+          TimelinePoint{index, bucket_live, allocator.GetStats().reserved_bytes.current});
+      bucket_live = live_bytes;
     }
   }
   result.stats = allocator.GetStats();

@@ -31,6 +31,15 @@ struct LatencySummary {
   int64_t p99_ns = 0;
 };
 
+// Live and reserved bytes over a replay, one point per bucket of consecutive events: the most
+// bytes live in the bucket (exact: the trace's own sizes) and tidepool's reserved bytes at its
+// end (the allocator's statistics, read between events, outside the timed calls).
+struct TimelinePoint {
+  int64_t event = 0;  // the bucket's last event, counted from 1
+  int64_t live_bytes = 0;
+  int64_t reserved_bytes = 0;
+};
+
 struct ReplayResult {
   int64_t allocations = 0;
   int64_t frees = 0;
@@ -44,6 +53,9 @@ struct ReplayResult {
   AllocatorStats stats;
   LatencySummary malloc_latency;
   LatencySummary free_latency;
+  // At most kTimelinePoints points, evenly spaced over the events.
+  static constexpr int64_t kTimelinePoints = 1000;
+  std::vector<TimelinePoint> timeline;
 
   // Peak reserved bytes over peak live bytes: 1.0 is the floor, lower is better.
   double reserved_over_live() const;

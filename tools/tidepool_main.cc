@@ -3,12 +3,16 @@
 // workload (see tools/replay.h):
 //
 //   tidepool replay TRACE... [--device=sim|cuda] [--conf=key:value,...]
+//                   [--plot=out.svg [--plot-compare=LABEL:FILE.csv]]
 //
 // --device: `cuda` replays on GPU 0 (real memory, real driver latencies); `sim` on the simulated
 //   device (no GPU needed; reserved bytes are the same, latencies are tidepool's CPU path alone).
 //   By default: cuda when a GPU is usable, sim otherwise.
 // --conf: the allocator configuration, in TIDEPOOL_CONF's format (docs/configuration.md); when
 //   absent, TIDEPOOL_CONF itself is read.
+// --plot: with one trace, writes an SVG of live and reserved bytes over the replay
+//   (tools/replay_plot.h); --plot-compare adds another run's reserved bytes from a CSV of
+//   `event,reserved_bytes` lines.
 //
 // Exits 0 when every trace replayed, 1 with the error on the first that did not, 2 on bad usage.
 #include <cstdio>
@@ -29,6 +33,7 @@
 #include "allocator/simulated_device.h"
 #include "trace/trace.h"
 #include "tools/replay.h"
+#include "tools/replay_plot.h"
 
 namespace tidepool {
 namespace {
@@ -38,7 +43,9 @@ constexpr char kUsage[] =
     "  Replays allocation traces (Thread,Time,Action,Pointer,Size,Stream CSV, plain or .gz)\n"
     "  and prints peak reserved bytes against PyTorch's for the same workload.\n"
     "  --device  cuda (GPU 0) or sim (simulated); default: cuda when a GPU is usable\n"
-    "  --conf    allocator configuration; default: the TIDEPOOL_CONF environment variable\n";
+    "  --conf    allocator configuration; default: the TIDEPOOL_CONF environment variable\n"
+    "  --plot=out.svg  (one trace) an SVG of live and reserved bytes over the replay\n"
+    "  --plot-compare=LABEL:FILE.csv  another run's reserved bytes (event,reserved_bytes)\n";
 
 struct ReplayCommand {
   std::vector<std::string> trace_paths;
@@ -47,6 +54,10 @@ struct ReplayCommand {
   // Set when --conf was given.
   bool has_conf = false;
   std::string conf;
+  // --plot and --plot-compare.
+  std::string plot_path;
+  std::string compare_label;
+  std::string compare_path;
 };
 
 absl::StatusOr<ReplayCommand> ParseReplayArguments(int argc, char** argv) {
@@ -62,6 +73,15 @@ absl::StatusOr<ReplayCommand> ParseReplayArguments(int argc, char** argv) {
     } else if (absl::ConsumePrefix(&argument, "--conf=")) {
       command.has_conf = true;
       command.conf = std::string(argument);
+    } else if (absl::ConsumePrefix(&argument, "--plot=")) {
+      command.plot_path = std::string(argument);
+    } else if (absl::ConsumePrefix(&argument, "--plot-compare=")) {
+      const size_t colon = argument.find(':');
+      if (colon == absl::string_view::npos || colon == 0 || colon + 1 == argument.size()) {
+        return absl::InvalidArgumentError("--plot-compare takes LABEL:FILE.csv");
+      }
+      command.compare_label = std::string(argument.substr(0, colon));
+      command.compare_path = std::string(argument.substr(colon + 1));
     } else if (absl::StartsWith(argument, "-")) {
       return absl::InvalidArgumentError(absl::StrCat("unknown option ", argument));
     } else {
@@ -69,6 +89,12 @@ absl::StatusOr<ReplayCommand> ParseReplayArguments(int argc, char** argv) {
     }
   }
   if (command.trace_paths.empty()) return absl::InvalidArgumentError("no trace given");
+  if (!command.plot_path.empty() && command.trace_paths.size() != 1) {
+    return absl::InvalidArgumentError("--plot draws one trace: give exactly one");
+  }
+  if (!command.compare_path.empty() && command.plot_path.empty()) {
+    return absl::InvalidArgumentError("--plot-compare needs --plot");
+  }
   return command;
 }
 
@@ -87,6 +113,28 @@ absl::StatusOr<std::unique_ptr<GraphDevice>> OpenDevice(const std::string& reque
     *description = "sim";
   }
   return std::unique_ptr<GraphDevice>(std::make_unique<SimulatedDevice>());
+}
+
+absl::Status WritePlot(const ReplayCommand& command, const std::string& trace_path,
+                       const ReplayResult& result) {
+  std::vector<PlotSeries> series = ReplaySeries(result);
+  if (!command.compare_path.empty()) {
+    absl::StatusOr<PlotSeries> compared =
+        ReadReservedSeries(command.compare_label, command.compare_path);
+    if (!compared.ok()) return compared.status();
+    series.push_back(*std::move(compared));
+  }
+  std::FILE* out = std::fopen(command.plot_path.c_str(), "w");
+  if (out == nullptr) {
+    return absl::NotFoundError(absl::StrCat("cannot write ", command.plot_path));
+  }
+  const std::string svg = PlotSvg(TraceName(trace_path), series);
+  const bool written = std::fwrite(svg.data(), 1, svg.size(), out) == svg.size();
+  if (std::fclose(out) != 0 || !written) {
+    return absl::InternalError(absl::StrCat("writing ", command.plot_path, " failed"));
+  }
+  std::fprintf(stderr, "plot: %s\n", command.plot_path.c_str());
+  return absl::OkStatus();
 }
 
 absl::Status RunReplay(const ReplayCommand& command) {
@@ -112,6 +160,9 @@ absl::Status RunReplay(const ReplayCommand& command) {
     std::fprintf(stderr, "replayed %s: %lld events on %lld streams\n", path.c_str(),
                  static_cast<long long>(trace->events.size()),
                  static_cast<long long>(result->streams));
+    if (!command.plot_path.empty()) {
+      if (absl::Status s = WritePlot(command, path, *result); !s.ok()) return s;
+    }
     rows.push_back(ReplayRow{TraceName(path), *std::move(result), ReadPytorchReference(path)});
   }
   std::printf("\n%s", FormatReplayTable(rows).c_str());
