@@ -25,27 +25,13 @@ import sys
 import types
 import weakref
 
+from testing import InstalledModules
+
 _MallocFunc = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _FreeFunc = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 
 
-class _Modules:
-    """Puts modules in sys.modules for the life of a `with`, and restores what was there."""
-
-    def __enter__(self):
-        self.saved = {name: sys.modules.get(name) for name in self.modules}
-        sys.modules.update(self.modules)
-        return self
-
-    def __exit__(self, *exc):
-        for name, module in self.saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-
-
-class FakeCupy(_Modules):
+class FakeCupy(InstalledModules):
 
     def __init__(self):
         self.made = []  # (param, malloc_func, free_func, owner) of each CFunctionAllocator
@@ -152,7 +138,7 @@ class FakeCupy(_Modules):
             self.stream_ptr = saved
 
 
-class FakeNumba(_Modules):
+class FakeNumba(InstalledModules):
 
     def __init__(self, device_free=700 << 20, device_total=1 << 30, stream_handle=None):
         self.device_free, self.device_total = device_free, device_total

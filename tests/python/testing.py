@@ -30,7 +30,27 @@ def free(ptr):
     tidepool.library().call("tidepool_free", ctypes.c_void_p(ptr))
 
 
-class FakeTorch:
+class InstalledModules:
+    """Puts `self.modules` (name -> module) in sys.modules for the life of a `with`, and restores
+    what was there: the base of the fake frameworks (FakeTorch here, FakeCupy and FakeNumba in
+    fake_cupy_numba.py)."""
+
+    modules = {}
+
+    def __enter__(self):
+        self.saved = {name: sys.modules.get(name) for name in self.modules}
+        sys.modules.update(self.modules)
+        return self
+
+    def __exit__(self, *exc):
+        for name, module in self.saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+class FakeTorch(InstalledModules):
     """Builds a fake `torch` package (torch, torch.cuda, torch.cuda.memory, torch._C) and puts it
     in sys.modules. Attributes record every call: `allocators` (each CUDAPluggableAllocator made,
     with its path, names, resolved addresses and setter calls), `current` (what
@@ -97,22 +117,9 @@ class FakeTorch:
         torch.cuda = cuda
         torch._C = c
         self.module = torch
+        self.modules = {"torch": torch, "torch.cuda": cuda, "torch.cuda.memory": memory,
+                        "torch._C": c}
 
-    def __enter__(self):
-        self.saved = {name: sys.modules.get(name)
-                      for name in ("torch", "torch.cuda", "torch.cuda.memory", "torch._C")}
-        sys.modules["torch"] = self.module
-        sys.modules["torch.cuda"] = self.module.cuda
-        sys.modules["torch.cuda.memory"] = self.module.cuda.memory
-        sys.modules["torch._C"] = self.module._C
-        return self
-
-    def __exit__(self, *exc):
-        for name, module in self.saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 def library_path():
