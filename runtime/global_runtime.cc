@@ -68,6 +68,13 @@ absl::Status StartTracing(Runtime& runtime) {
                                                    recorder.status().message()));
   }
   runtime.RecordTo(*std::move(recorder));
+  // The runtime is never destroyed, so nothing else would write out the rows still buffered
+  // when the process ends (a program under the interposer never flushes by hand). Registered
+  // once: the runtime is made once.
+  std::atexit([] {
+    Runtime* made = GlobalRuntimeIfMade();
+    if (made != nullptr && made->recorder() != nullptr) made->recorder()->Flush().IgnoreError();
+  });
   return absl::OkStatus();
 }
 
