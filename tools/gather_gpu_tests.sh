@@ -8,8 +8,10 @@
 #   tools/gather_gpu_tests.sh OUTDIR          e.g. tools/gather_gpu_tests.sh gpu_bundle
 #
 # Layout of OUTDIR: run_gpu_tests.sh, tests/<test>, <program> (tidepool, benchmarks), traces/,
-# installed/ (libtidepool.so.1 as tools/install lays it out, and a C program built against it,
-# which tests/installed_program runs with an empty environment).
+# installed/ (libtidepool.so.1 and libtidepool_preload.so as tools/install lays them out, and a
+# C program built against it, which tests/installed_program runs with an empty environment),
+# python/ (the tidepool package, for the PyTorch, CuPy and Numba scripts in tests/), wheel/ (the
+# wheel, which tests/wheel_install installs into a fresh venv there).
 # On the GPU host: copy OUTDIR over, then `OUTDIR/run_gpu_tests.sh`. The tools and bench targets
 # are taken when they exist and skipped (with a note) when their package or target does not.
 set -euo pipefail
@@ -59,7 +61,8 @@ fi
 
 library_label=//integrations/c_api:libtidepool.so.1
 preload_label=//integrations/preload:libtidepool_preload.so
-bazel build "${tests[@]}" "${programs[@]}" "$library_label" "$preload_label"
+wheel_label=//integrations/python/wheel:wheel
+bazel build "${tests[@]}" "${programs[@]}" "$library_label" "$preload_label" "$wheel_label"
 bin_dir="$(bazel info bazel-bin)"
 
 # The shared libraries a binary may need on the GPU host: the C and C++ runtimes only.
@@ -158,6 +161,12 @@ for script in tests/gpu_torch/*.py tests/gpu_python/*.py; do
   fi
   install -m 755 "$script" "$outdir/tests/$name"
 done
+
+# The wheel, and its test there (installed into a fresh venv, then `tidepool run`).
+rm -rf "$outdir/wheel"
+mkdir -p "$outdir/wheel"
+cp "$bin_dir"/integrations/python/wheel/wheel/tidepool-*.whl "$outdir/wheel/"
+install -m 755 tests/gpu_wheel/wheel_install.sh "$outdir/tests/wheel_install"
 
 rm -rf "$outdir/traces"
 cp -r traces "$outdir/traces"
