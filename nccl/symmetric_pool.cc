@@ -239,12 +239,7 @@ absl::StatusOr<void*> SymmetricPool::Allocate(size_t bytes) {
 absl::Status SymmetricPool::Free(void* ptr) {
   MutexLock lock(&mu_);
   auto live = live_.find(reinterpret_cast<uintptr_t>(ptr));
-  if (live == live_.end()) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "tidepool: %p is not a live block of this symmetric pool (a double free, a pointer into "
-        "a block, or another pool's); nothing was changed",
-        ptr));
-  }
+  if (live == live_.end()) return NotLive(ptr, "free");
   Place place{live->second.segment, live->second.offset};
   size_t bytes = live->second.bytes;
   live_.erase(live);
@@ -306,19 +301,25 @@ absl::Status SymmetricPool::Trim() {
 
 absl::StatusOr<size_t> SymmetricPool::LiveBlockSize(const void* ptr) const {
   MutexLock lock(&mu_);
-  const uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
-  auto live = live_.find(address);
+  auto live = live_.find(reinterpret_cast<uintptr_t>(ptr));
   if (live != live_.end()) return live->second.bytes;
+  return NotLive(ptr, "size query");
+}
+
+absl::Status SymmetricPool::NotLive(const void* ptr, const char* operation) const {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
   for (const auto& [number, segment] : held_) {
     if (address >= segment.base && address < segment.base + segment.bytes) {
       return absl::FailedPreconditionError(absl::StrFormat(
-          "tidepool: %p is in segment %u of a symmetric pool but is not a live block there (freed "
-          "already, or a pointer into a block)",
-          ptr, number));
+          "tidepool: %s of %p, which is in segment %u of a symmetric pool but is not a live "
+          "block there (a double free, or a pointer into a block); nothing was changed",
+          operation, ptr, number));
     }
   }
-  return absl::InvalidArgumentError(
-      absl::StrFormat("tidepool: %p is in no segment of this symmetric pool", ptr));
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "tidepool: %s of %p, which is in no segment of this symmetric pool (another pool's "
+      "pointer?); nothing was changed",
+      operation, ptr));
 }
 
 bool SymmetricPool::broken() const {

@@ -90,8 +90,9 @@ class SymmetricPool {
   // may not grow (always, in a pool of a group); the agreement's error when the ranks do not
   // agree.
   absl::StatusOr<void*> Allocate(size_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
-  // Returns a block (reusable at once: see STREAMS). INVALID_ARGUMENT for a pointer that is not
-  // a live block of this pool.
+  // Returns a block (reusable at once: see STREAMS). INVALID_ARGUMENT for a pointer outside the
+  // pool's segments, FAILED_PRECONDITION for one inside them that is not a live block (a double
+  // free, a pointer into a block): the allocator's convention (pool/external_pool.h).
   absl::Status Free(void* ptr) ABSL_LOCKS_EXCLUDED(mu_);
   // The window and offset of the live block at `ptr`, or of the block containing it.
   absl::StatusOr<Location> Lookup(const void* ptr) const ABSL_LOCKS_EXCLUDED(mu_);
@@ -176,6 +177,10 @@ class SymmetricPool {
   // alike (RESOURCE_EXHAUSTED) with nothing registered, and the pool stays usable.
   absl::Status AddSegment(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Broken() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The error for `operation` on a pointer that is not a live block: FAILED_PRECONDITION inside
+  // a segment, INVALID_ARGUMENT outside every segment.
+  absl::Status NotLive(const void* ptr, const char* operation) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The first free range (in placement order) that holds `bytes`, or end().
   std::map<Place, size_t>::iterator FirstFit(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

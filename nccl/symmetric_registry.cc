@@ -42,11 +42,7 @@ class SymmetricExternalPool : public ExternalPool {
     if (closed_.load(std::memory_order_acquire)) return Closed("allocation");
     return pool_->Allocate(bytes);
   }
-  absl::Status Free(void* ptr) override {
-    absl::StatusOr<size_t> size = pool_->LiveBlockSize(ptr);
-    if (!size.ok()) return size.status();
-    return pool_->Free(ptr);
-  }
+  absl::Status Free(void* ptr) override { return pool_->Free(ptr); }
   absl::StatusOr<size_t> BlockSize(const void* ptr) const override {
     return pool_->LiveBlockSize(ptr);
   }

@@ -160,6 +160,10 @@ absl::Status Runtime::FreeOnOtherDevices(void* ptr, absl::Status first) {
     absl::StatusOr<ExternalPool*> external = per_device.pools->ExternalOwnerOf(ptr);
     if (external.ok()) return (*external)->Free(ptr);
   }
+  return ForeignFree(ptr);
+}
+
+absl::Status Runtime::ForeignFree(const void* ptr) const {
   return absl::InvalidArgumentError(absl::StrFormat(
       "tidepool: free of %p, which was not allocated by tidepool (on %s), or whose memory has "
       "gone back to the device since it was freed (a double free after empty_cache, a pool's "
@@ -184,7 +188,7 @@ absl::Status Runtime::FreeOnStream(void* ptr, Stream stream) {
     }
     return (*external)->Free(ptr);
   }
-  return FreeOnOtherDevices(ptr, absl::InvalidArgumentError(""));
+  return ForeignFree(ptr);
 }
 
 absl::Status Runtime::RecordStream(void* ptr, Stream stream) {

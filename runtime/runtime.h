@@ -153,6 +153,8 @@ class Runtime {
                                          absl::StatusOr<void*> block);
   ABSL_ATTRIBUTE_NOINLINE absl::Status FreeRecorded(void* ptr);
   ABSL_ATTRIBUTE_NOINLINE absl::Status FreeOnOtherDevices(void* ptr, absl::Status first);
+  // The error for a free of a pointer no allocator and no external pool of the runtime owns.
+  absl::Status ForeignFree(const void* ptr) const;
   // The error for an ordinal the runtime does not have (see the file comment).
   absl::Status UnknownDevice(int device) const;
   // Builds an allocator and a pool manager for each device (checked as Create says).

@@ -422,6 +422,13 @@ CUresult cuMemFree_v2(CUdeviceptr dptr) { return SynchronousFree(dptr); }
 
 CUresult cuMemAllocPitch_v2(CUdeviceptr* dptr, size_t* pitch, size_t width, size_t height,
                             unsigned int element_size) {
+  Initialize();
+  if (Forked() || CurrentDevice() < 0) {  // not tidepool's context: the driver picks the pitch
+    const Driver& d = TheDriver();
+    return d.mem_alloc_pitch != nullptr
+               ? d.mem_alloc_pitch(dptr, pitch, width, height, element_size)
+               : CUDA_ERROR_NOT_INITIALIZED;
+  }
   if (pitch == nullptr || (element_size != 4 && element_size != 8 && element_size != 16)) {
     return CUDA_ERROR_INVALID_VALUE;
   }

@@ -45,7 +45,7 @@ int main() {
   std::printf("cudaMallocAsync + cudaFreeAsync (1 MiB, one stream): %.1f ns per pair%s\n",
               interposed, failed ? " (FAILED calls)" : "");
   // Where the time goes: the driver-level pair the runtime calls (the interposer's when
-  // preloaded), and one runtime call that does no allocation (cudart's own cost per call).
+  // preloaded), and one runtime call that does no allocation, for scale.
   using DriverAlloc = int (*)(unsigned long long*, size_t, cudaStream_t);
   using DriverFree = int (*)(unsigned long long, cudaStream_t);
   auto driver_alloc = reinterpret_cast<DriverAlloc>(dlsym(RTLD_DEFAULT, "cuMemAllocAsync"));
@@ -59,7 +59,8 @@ int main() {
                 driver);
   }
   const double query = MedianNanoseconds([&] { (void)cudaStreamQuery(stream); });
-  std::printf("cudaStreamQuery (cudart's cost per call, for scale): %.1f ns\n", query);
+  std::printf("cudaStreamQuery (a runtime call that does not allocate, for scale): %.1f ns\n",
+              query);
   void* library = dlopen("libtidepool.so.1", RTLD_NOW | RTLD_NOLOAD);
   if (library != nullptr) {
     using Malloc = int (*)(void**, size_t, int, void*);
