@@ -458,7 +458,10 @@ absl::StatusOr<void*> PoolManager::Allocate(size_t bytes, Stream stream) {
   if ((*pool)->external != nullptr) return (*pool)->external->Allocate(bytes, stream);
   absl::StatusOr<void*> block =
       allocator_->Allocate((*pool)->arena.load(std::memory_order_acquire), bytes, stream);
-  if (!block.ok() && !allocator_->IsActive((*pool)->arena.load(std::memory_order_acquire))) {
+  // Only the arena's own refusal (FAILED_PRECONDITION) is explained by the release: a request
+  // no device could hold stays RESOURCE_EXHAUSTED, whatever happened to the pool meanwhile.
+  if (absl::IsFailedPrecondition(block.status()) &&
+      !allocator_->IsActive((*pool)->arena.load(std::memory_order_acquire))) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "tidepool: allocation routed to pool %s, which was released while still routed: %s",
         (*pool)->id.ToString(), block.status().message()));

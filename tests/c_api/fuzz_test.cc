@@ -297,6 +297,51 @@ tidepool_status ReadJson(bool snapshot, int device, const tidepool_pool_id* pool
   return TIDEPOOL_INTERNAL;
 }
 
+// The allocated blocks of a snapshot text whose size differs from `recorded` (address to size and
+// the thread that holds it), and the recorded blocks the snapshot lacks: what a statistics
+// mismatch comes from, named block by block.
+std::string SnapshotDifferences(const std::string& snapshot,
+                                std::map<uintptr_t, std::pair<size_t, int>> recorded) {
+  std::string out;
+  std::string pool = "?";
+  size_t at = 0;
+  while (true) {
+    const size_t next_pool = snapshot.find("\"pool\":\"", at);
+    const size_t next_block = snapshot.find("{\"address\":", at);
+    if (next_block == std::string::npos) break;
+    if (next_pool != std::string::npos && next_pool < next_block) {
+      const size_t start = next_pool + 8;
+      pool = snapshot.substr(start, snapshot.find('"', start) - start);
+      at = start;
+      continue;
+    }
+    unsigned long long address = 0, size = 0, requested = 0;
+    char state[32] = {0};
+    if (std::sscanf(snapshot.c_str() + next_block,
+                    "{\"address\":%llu,\"size\":%llu,\"requested\":%llu,\"state\":\"%31[a-z_]",
+                    &address, &size, &requested, state) == 4 &&
+        std::string(state) == "allocated") {
+      auto it = recorded.find(address);
+      if (it == recorded.end()) {
+        absl::StrAppendFormat(&out, " [%#x in pool %s: %u bytes, held by no thread]", address,
+                              pool, size);
+      } else {
+        if (it->second.first != size) {
+          absl::StrAppendFormat(&out, " [%#x in pool %s: %u bytes, thread %d recorded %u]",
+                                address, pool, size, it->second.second, it->second.first);
+        }
+        recorded.erase(it);
+      }
+    }
+    at = next_block + 1;
+  }
+  for (const auto& [address, entry] : recorded) {
+    absl::StrAppendFormat(&out, " [%#x of thread %d (%u bytes) not in the snapshot]", address,
+                          entry.second, entry.first);
+  }
+  return out.empty() ? " none" : out;
+}
+
 // One number of a statistics text: `stat` is a field name; `field` the member of its object
 // ("current", "removed", ...) or nullptr for a plain counter. INT64_MIN when it is missing.
 int64_t JsonNumber(const std::string& json, const char* stat, const char* field) {
@@ -3600,8 +3645,18 @@ class Worker {
   void DoMalloc(int device, void* stream, size_t size) {
     const tidepool_pool_id target = Choose(device, stream);
     WPool& pool = *FindPool(device, target);
-    // Blocks of the shared callback pool are small: their size is then exactly the rounded one.
-    if (pool.shared && pool.callback != nullptr) size = std::min(size, kMiB);
+    // On the race device the allocation may go to a race pool another thread routes everyone to,
+    // or find that pool released under it, or fall through to this thread's other routes.
+    const bool race = device == s_.race_device;
+    // Blocks of the shared callback pool are small: their size is then exactly the rounded one
+    // (a larger one may take a whole segment, and other threads allocate there, so its size could
+    // not be read off the pool's statistics). On the race device the block may land in the pool
+    // this thread's other routes name, so that one counts too.
+    for (const tidepool_pool_id& id :
+         {target, race ? Choose(device, stream, /*everyone=*/false) : target}) {
+      const WPool& candidate = *FindPool(device, id);
+      if (candidate.shared && candidate.callback != nullptr) size = std::min(size, kMiB);
+    }
     const size_t rounded = Round512(size);
     const bool device_memory = pool.callback == nullptr;
     rep_.Begin(step_, absl::StrFormat("tidepool_malloc(&p, %u, %d, %s) into pool %s%s", size,
@@ -3609,9 +3664,6 @@ class Worker {
                                       pool.callback != nullptr ? " (callbacks)" : ""));
     // Whether it may run out: the own callback pool's budget is this thread's to judge; the
     // device's memory is judged from every thread's live blocks and allocations under way.
-    // On the race device the allocation may go to a race pool another thread routes everyone to,
-    // or find that pool released under it, or fall through to this thread's other routes.
-    const bool race = device == s_.race_device;
     bool budget_oom = false;
     for (const tidepool_pool_id& id :
          {target, race ? Choose(device, stream, /*everyone=*/false) : target}) {
@@ -4601,11 +4653,17 @@ void CheckQuiescent(Shared& shared, const std::vector<std::unique_ptr<Worker>>& 
     const Sums& sums = by_device[device];
     if (stats.requested != sums.requested || stats.allocated != sums.allocated ||
         stats.active != sums.active || stats.reserved < stats.allocated) {
+      std::string snapshot;
+      ReadJson(true, device, nullptr, &snapshot);
+      std::map<uintptr_t, std::pair<size_t, int>> recorded;
+      for (const auto& [address, entry] : all) {
+        if (entry.first.device == device) recorded[address] = {entry.first.size, entry.second};
+      }
       rep.Fail(absl::StrFormat(
           "device %d's statistics say requested %d, allocated %d, active %d, reserved %d; the "
-          "threads' blocks %d, %d, %d",
+          "threads' blocks %d, %d, %d; where the snapshot differs from the threads' record: %s",
           device, stats.requested, stats.allocated, stats.active, stats.reserved, sums.requested,
-          sums.allocated, sums.active));
+          sums.allocated, sums.active, SnapshotDifferences(snapshot, recorded)));
     }
     SimulatedDevice& sim = *w.sims[device];
     int64_t graphs = 0;
