@@ -52,7 +52,9 @@ absl::Status CachingAllocatorImpl::TrimArena(Arena* arena) {
   if (absl::Status s = CheckArena(arena); !s.ok()) return s;
   MutexLock growth(&growth_mu_);
   if (absl::Status s = RefuseDuringCapture("trim"); !s.ok()) return s;
-  absl::Status released = ReleaseArenaCache(*arena, AddressRanges::kRelease);
+  // An explicit call that must give back all it can: see Unfinished::kSynchronize.
+  absl::Status released =
+      ReleaseArenaCache(*arena, AddressRanges::kRelease, Unfinished::kSynchronize);
   ForgetIfEmpty(*arena);
   return released;
 }
@@ -69,7 +71,10 @@ absl::StatusOr<bool> CachingAllocatorImpl::RetireArena(Arena* arena) {
   }
   arena->state.store(Arena::kRetired, std::memory_order_release);
   if (captures_underway_.load() > 0) return false;  // NoteCaptureEnd finishes it
-  if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kKeep); !s.ok()) return s;
+  if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kKeep, Unfinished::kSynchronize);
+      !s.ok()) {
+    return s;
+  }
   if (absl::Status s = FinishIfDrained(*arena); !s.ok()) return s;
   return arena->state.load() == Arena::kGone;
 }
@@ -116,7 +121,10 @@ absl::Status CachingAllocatorImpl::FinishIfDrained(Arena& arena) {
       LiveBlocksLocked(arena) != 0) {
     return absl::OkStatus();
   }
-  if (absl::Status s = ReleaseArenaCache(arena, AddressRanges::kKeep); !s.ok()) return s;
+  if (absl::Status s = ReleaseArenaCache(arena, AddressRanges::kKeep, Unfinished::kSynchronize);
+      !s.ok()) {
+    return s;
+  }
   arena.state.store(Arena::kGone, std::memory_order_release);
   NoteGone(arena);
   return absl::OkStatus();

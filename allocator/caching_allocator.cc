@@ -128,6 +128,9 @@ absl::StatusOr<void*> CachingAllocatorImpl::Allocate(Arena* arena, size_t bytes,
     // count live blocks, so an allocation either sees the arena retired here or holds a block
     // that count sees. No block ever comes from an arena that is gone.
     if (arena->state.load(std::memory_order_acquire) != Arena::kActive) return Retired(*arena);
+    if (ABSL_PREDICT_FALSE(shard.fence_wanted.load(std::memory_order_relaxed))) {
+      RecordWantedFence(shard, stream);
+    }
     if (shard.HasPendingEvents()) {
       if (absl::Status s = shard.HarvestEvents(/*all=*/false); !s.ok()) return s;
     }
@@ -135,17 +138,28 @@ absl::StatusOr<void*> CachingAllocatorImpl::Allocate(Arena* arena, size_t bytes,
       return reinterpret_cast<void*>(block->address);
     }
   }
-  return AllocateSlow(*arena, shard, bytes, *rounded);
+  return AllocateSlow(*arena, shard, bytes, *rounded, stream);
+}
+
+ABSL_ATTRIBUTE_NOINLINE void CachingAllocatorImpl::RecordWantedFence(Shard& shard,
+                                                                      Stream stream) {
+  // During a capture the record would join the graph: the request waits for a later allocation.
+  if (captures_underway_.load(std::memory_order_acquire) != 0) return;
+  // A failed record leaves no fence: growth then leaves the shard's free memory alone, and only
+  // an out-of-memory allocation's last retry synchronizes for it.
+  if (shard.RecordFence(stream).ok()) shard.fence_wanted.store(false, std::memory_order_relaxed);
 }
 
 // Slow path, under the growth lock: look again (another thread may have freed or grown), grow,
 // and take. Growth locks shards itself, one at a time, so the shard is not held across it; a
 // thread on the same stream may take the new block first, and then this one grows again. If the
-// device is full, the whole cache goes back to it and growth is tried once more.
+// device is full, the cache goes back to it and growth is tried again: first what the shards'
+// fences show idle (waiting for them), then, if memory no fence covers was left behind,
+// everything, after a device synchronization (caching_allocator_impl.h, Unfinished).
 ABSL_ATTRIBUTE_NOINLINE absl::StatusOr<void*> CachingAllocatorImpl::AllocateSlow(
-    Arena& arena, Shard& shard, size_t bytes, size_t rounded) {
+    Arena& arena, Shard& shard, size_t bytes, size_t rounded, Stream stream) {
   MutexLock growth(&growth_mu_);
-  bool retried = false;
+  int retries = 0;
   for (int growths = 0;; ++growths) {
     // The state changes only under growth_mu_: a release that ran since the fast path looked
     // is seen here, before any growth.
@@ -162,14 +176,27 @@ ABSL_ATTRIBUTE_NOINLINE absl::StatusOr<void*> CachingAllocatorImpl::AllocateSlow
           "tidepool: grew %d times for %u bytes and found no block to serve them", growths,
           rounded));
     }
-    absl::Status grown = Grow(shard, rounded);
+    absl::Status grown = Grow(shard, rounded, stream);
     if (grown.ok()) continue;
     if (!absl::IsResourceExhausted(grown)) return grown;
-    if (!retried && captures_underway_.load() == 0) {
-      retried = true;
-      ++DeviceStats(arena).retries;
-      if (absl::Status released = ReleaseCached(); !released.ok()) return released;
-      continue;
+    if (retries < 2 && captures_underway_.load() == 0) {
+      Unfinished mode = Unfinished::kWaitFence;
+      if (retries == 0) {
+        // The allocating stream is alive: its free memory, in every arena, needs no more than
+        // its fences.
+        FenceStream(shard.stream_id, stream, /*renew=*/false);
+        left_unfinished_ = false;
+      } else if (left_unfinished_) {
+        mode = Unfinished::kSynchronize;
+      } else {
+        retries = 2;  // nothing was left behind: a last retry would find nothing more
+      }
+      if (retries < 2) {
+        ++retries;
+        ++DeviceStats(arena).retries;
+        if (absl::Status released = ReleaseCached(mode); !released.ok()) return released;
+        continue;
+      }
     }
     ++DeviceStats(arena).ooms;
     return absl::ResourceExhaustedError(OutOfMemoryMessage(bytes, rounded, shard, grown));

@@ -12,9 +12,13 @@
 //     freeing. Then, at `Free`, an event is recorded on each of those streams, and the block is
 //     reusable only once all those events have completed. Completed events are harvested without
 //     blocking.
-//   * Memory is returned to the device (`EmptyCache`, out-of-memory recovery, trimming) only after
-//     the work that may still use it is done: a device synchronization that began after its
-//     free (one serves every block freed before it; the freeing stream may be gone by then).
+//   * Memory is returned to the device, or moved to another address by growth (`EmptyCache`,
+//     out-of-memory recovery, trimming, reclaiming), only after the work that may still use it
+//     is done: its stream's fence, an event recorded on the stream after the free while an
+//     allocation on it proved the handle alive, has completed; or, where no fence covers it and
+//     everything must go back, a device synchronization that began after the free (the freeing
+//     stream may be gone by then). Growth never synchronizes the device
+//     (caching_allocator_impl.h).
 //   * `Free` takes no stream: a block is always freed on the stream it was allocated on.
 //
 // DURING CUDA GRAPH CAPTURE (between NoteCaptureBegin and NoteCaptureEnd; graph/ calls them):

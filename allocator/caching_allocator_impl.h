@@ -7,9 +7,20 @@
 // and size class, in which physical chunks of the device's granularity are mapped where a request
 // needs them, next to the free block they extend. Before it takes new chunks from the device,
 // growth first unmaps whole free chunks elsewhere (in any arena that shares its free memory) and
-// maps those again where they are needed, after synchronizing the device, since blocks freed in
-// stream order may still be in use by queued work: reserved memory then follows live memory
-// instead of the history of the heap.
+// maps those again where they are needed, once the work queued on their streams before they were
+// freed is done (blocks freed in stream order may still be in use by queued work): reserved
+// memory then follows live memory instead of the history of the heap.
+//
+// Waiting for freed work. The allocator never synchronizes the whole device to grow. Each shard
+// keeps a stream fence (shard.h): an event on its stream, recorded while an allocation on the
+// stream proves its handle alive. Growth takes back only chunks whose fence has completed, at no
+// cost; it waits for fences (one stream's event each) only when the device or the memory limit
+// cannot supply the rest; chunks no fence covers yet are left alone, and their shard is asked
+// for a fence. The whole device is synchronized only where nothing narrower is sound, each
+// documented at its Unfinished mode below: an out-of-memory allocation's last retry, EmptyCache
+// and trimming (explicit calls that must give everything back), a retired pool's last free, a
+// graph pool's release (graph replays free nothing the allocator sees), and the end of a capture
+// that deferred frees.
 //
 // The machinery is one class whose methods live in files by job: caching_allocator.cc (the hot
 // paths), arenas.cc (arenas and capture marks), growth.cc, release.cc and observation.cc.
@@ -127,8 +138,11 @@ class CachingAllocatorImpl {
   // calls.
   absl::StatusOr<Shard*> ShardFor(Arena* arena, Stream stream);
   // Allocate's slow path: the growth lock, growth, out-of-memory recovery. Out of line.
-  absl::StatusOr<void*> AllocateSlow(Arena& arena, Shard& shard, size_t bytes, size_t rounded)
-      ABSL_LOCKS_EXCLUDED(growth_mu_);
+  absl::StatusOr<void*> AllocateSlow(Arena& arena, Shard& shard, size_t bytes, size_t rounded,
+                                     Stream stream) ABSL_LOCKS_EXCLUDED(growth_mu_);
+  // Allocate's answer to fence_wanted: records the shard's fence on `stream`, the allocation's
+  // own (live) handle. Out of line.
+  void RecordWantedFence(Shard& shard, Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu);
   // Free's slow path: a retired arena whose last block may have gone. Out of line.
   absl::Status FinishRetiredAfterFree(Arena& arena) ABSL_LOCKS_EXCLUDED(growth_mu_);
   // An arena's reserved bytes, segments and device counters (its shards count its blocks).
@@ -165,11 +179,28 @@ class CachingAllocatorImpl {
   absl::Status TooLarge(size_t rounded) const;
   // RESOURCE_EXHAUSTED when taking `more` bytes from a source would pass the memory limit.
   absl::Status CheckMemoryLimit(size_t more) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  // Adds free memory for `rounded` bytes to the shard. Takes shard locks itself, one at a time.
-  absl::Status Grow(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  absl::Status GrowPlain(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  absl::Status GrowExpandable(Shard& shard, size_t rounded)
+  // Adds free memory for `rounded` bytes to the shard, whose stream `stream` (a live handle)
+  // names. Takes shard locks itself, one at a time.
+  absl::Status Grow(Shard& shard, size_t rounded, Stream stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status GrowPlain(Shard& shard, size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  absl::Status GrowExpandable(Shard& shard, size_t rounded, Stream stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // What growth and trimming do with free memory whose stream work may still be running.
+  enum class Unfinished {
+    // Take only memory known idle (a completed fence, a synchronization since): growth first
+    // looks for chunks this way, so that it never waits while the device has memory to give.
+    kSkip,
+    // Wait for the fence that covers it (one stream's event); leave memory no fence covers
+    // and ask its shard for a fence. Growth when the device cannot supply the rest, and an
+    // out-of-memory allocation's first retry.
+    kWaitFence,
+    // As kWaitFence, then synchronize the device once for what no fence covers. Only where
+    // everything must go back now: an out-of-memory allocation's last retry (failing would be
+    // worse than a stall), EmptyCache and trimming (explicit calls, outside the allocation
+    // path), and a retired pool draining (a gone arena holds nothing).
+    kSynchronize,
+  };
   // Where an expandable growth maps its chunks.
   struct ExpandablePlacement {
     Block* target = nullptr;         // the unmapped block the chunks go into
@@ -183,8 +214,15 @@ class CachingAllocatorImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status ReserveExpandable(Shard& shard, size_t rounded, ExpandablePlacement* placement)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  absl::Status MapExpandable(Shard& shard, const ExpandablePlacement& placement)
+  absl::Status MapExpandable(Shard& shard, const ExpandablePlacement& placement, Stream stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // Records the fence of every shard of `stream` (one per arena that has served it): the handle
+  // of an allocation under way is alive. `renew`: Shard::RenewFence, else RecordFence. A record
+  // that fails leaves that shard without a fence (its memory is then only left alone).
+  void FenceStream(StreamId id, Stream stream, bool renew) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // Whether the device (and the memory limit) can supply `bytes` more without taking cached
+  // memory back.
+  bool DeviceHasRoom(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status AbandonExpandable(Shard& shard, const ExpandablePlacement& placement,
                                  size_t mapped, const std::vector<PhysicalHandle>& handles,
                                  absl::Status cause) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
@@ -197,37 +235,39 @@ class CachingAllocatorImpl {
   // to `keep`, the unmapped block about to be mapped, which growth extends) until `handles`
   // holds `wanted` physical chunks, appending theirs. Physical chunks are all alike, so a chunk
   // freed by one stream, size class or arena can be mapped again for any other.
+  // Free memory whose stream work is not known done is handled by `mode` (never kSynchronize).
   absl::Status ReclaimFreeGranules(Shard& shard, size_t wanted, const Block* keep,
-                                   std::vector<PhysicalHandle>* handles)
+                                   std::vector<PhysicalHandle>* handles, Unfinished mode)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // The same over the growing shard, then every other shard of every expandable arena that
   // shares its free memory, each locked alone.
   absl::Status ReclaimAcrossShards(Shard& shard, size_t wanted, const Block* keep,
-                                   std::vector<PhysicalHandle>* handles)
+                                   std::vector<PhysicalHandle>* handles, Unfinished mode)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Returns every whole free segment and free mapped granule of every arena that shares its
-  // free memory.
-  absl::Status ReleaseCached() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // free memory (what `mode` lets go).
+  absl::Status ReleaseCached(Unfinished mode) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Whether an expandable segment whose chunks are all unmapped also gives back its address
   // range. A retired arena keeps its ranges (they hold no memory), so that a pool begun again and
   // again reuses the same segments instead of making new ones each time; EmptyCache, Trim and
   // out-of-memory recovery release them.
   enum class AddressRanges { kKeep, kRelease };
-  absl::Status ReleaseArenaCache(Arena& arena, AddressRanges ranges)
+  absl::Status ReleaseArenaCache(Arena& arena, AddressRanges ranges, Unfinished mode)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  absl::Status ReleaseShardCache(Shard& shard, AddressRanges ranges)
+  absl::Status ReleaseShardCache(Shard& shard, AddressRanges ranges, Unfinished mode)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // A retired arena whose last live block has gone returns everything and is gone.
   absl::Status FinishIfDrained(Arena& arena) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   int64_t LiveBlocksLocked(const Arena& arena) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  // Returns once no work queued before `block` was freed can still use its memory: at once if
-  // a device synchronization has started since, else after one. Memory freed in stream order may
-  // still be used by queued work, so this comes before it is unmapped or given back. The whole
-  // device, not the freeing stream: the caller may have destroyed that stream, and a destroyed
-  // stream's handle can be neither touched (the driver reads freed memory: seen crashing on the
-  // H200) nor trusted (it may name a newer stream). Only growth and trimming come here, never a
-  // cached allocation.
-  absl::Status WaitForFreedWork(const Block& block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // Whether no work queued before free block `block` (of `shard`) was freed can still use its
+  // memory, which must hold before the memory is unmapped or given back: true at once if a
+  // device synchronization or the shard's completed fence came after the free; otherwise as
+  // `mode` says (see Unfinished). Never the freeing stream itself: the caller may have destroyed
+  // it, and a destroyed stream's handle can be neither touched (the driver reads freed memory:
+  // seen crashing on the H200) nor trusted (it may name a newer stream). Only growth and
+  // trimming come here, never a cached allocation.
+  absl::StatusOr<bool> FreedWorkDone(Shard& shard, const Block& block, Unfinished mode)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // Synchronizes the device, after which every block freed so far is idle.
   absl::Status SynchronizeFreedWork() ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   Segment* NewSegment(Shard& shard, uintptr_t base, size_t size, bool expandable, bool small)
@@ -247,8 +287,8 @@ class CachingAllocatorImpl {
 
   PageMap<Segment> page_map_;  // written under growth_mu_, read without a lock
 
-  // Each Free stamps its block with this epoch (a read on the hot path; written only when
-  // growth or trimming synchronizes the device). See WaitForFreedWork.
+  // Each Free stamps its block with this epoch (a read on the hot path; advanced only when a
+  // shard records its fence or the device is synchronized). See FreedWorkDone.
   std::atomic<uint64_t> free_epoch_{1};
 
   // CUDA graph captures underway on the device. Changed only under growth_mu_ (so it is stable
@@ -275,6 +315,8 @@ class CachingAllocatorImpl {
   // Blocks freed with an epoch below this are idle: a device synchronization started after
   // their free has completed.
   uint64_t quiet_before_ ABSL_GUARDED_BY(growth_mu_) = 1;
+  // Set by FreedWorkDone when it left free memory behind (Unfinished::kSkip, kWaitFence).
+  bool left_unfinished_ ABSL_GUARDED_BY(growth_mu_) = false;
 };
 
 }  // namespace tidepool

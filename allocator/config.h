@@ -23,8 +23,8 @@ struct Config {
   // most kMaxExpandableReserve).
   size_t expandable_reserve = 0;
   // When growing an expandable segment, first unmap whole free chunks anywhere in the allocator
-  // (after a device synchronization, unless one has started since they were freed) and map them
-  // where they are needed, so that reserved memory tracks live memory.
+  // (those whose stream's fence shows the work queued before their free done) and map them where
+  // they are needed, so that reserved memory tracks live memory.
   bool release_free_chunks_on_growth = true;
 
   // Parses "key:value,..." ("" gives the defaults).

@@ -1,6 +1,7 @@
 // Growth: new plain segments from the arena's source, and expandable segments mapped chunk by
 // chunk, taking free chunks back from anywhere in the allocator first (caching_allocator_impl.h
-// says why). Everything here runs under the growth lock, taking shard locks one at a time.
+// says why, and how growth waits for freed work without synchronizing the device). Everything
+// here runs under the growth lock, taking shard locks one at a time.
 #include <algorithm>
 #include <vector>
 
@@ -28,8 +29,9 @@ absl::Status CachingAllocatorImpl::CheckMemoryLimit(size_t more) const {
       memory_limit_, reserved, more));
 }
 
-absl::Status CachingAllocatorImpl::Grow(Shard& shard, size_t rounded) {
-  return shard.arena->expandable ? GrowExpandable(shard, rounded) : GrowPlain(shard, rounded);
+absl::Status CachingAllocatorImpl::Grow(Shard& shard, size_t rounded, Stream stream) {
+  return shard.arena->expandable ? GrowExpandable(shard, rounded, stream)
+                                 : GrowPlain(shard, rounded);
 }
 
 Segment* CachingAllocatorImpl::NewSegment(Shard& shard, uintptr_t base, size_t size,
@@ -80,13 +82,13 @@ absl::Status CachingAllocatorImpl::GrowPlain(Shard& shard, size_t rounded) {
 // memory), reserve a new address range when there is no such place, then map chunks there
 // (reclaimed free chunks first, new ones for the rest). A growth that fails leaves nothing
 // behind, not even the address range it reserved.
-absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded) {
+absl::Status CachingAllocatorImpl::GrowExpandable(Shard& shard, size_t rounded, Stream stream) {
   if (RoundUp(rounded, granularity_) > total_memory_) return TooLarge(rounded);
   ExpandablePlacement placement = ChoosePlacement(shard, rounded);
   if (placement.target == nullptr) {
     if (absl::Status s = ReserveExpandable(shard, rounded, &placement); !s.ok()) return s;
   }
-  return MapExpandable(shard, placement);
+  return MapExpandable(shard, placement, stream);
 }
 
 namespace {
@@ -155,16 +157,46 @@ absl::Status CachingAllocatorImpl::ReserveExpandable(Shard& shard, size_t rounde
   return absl::OkStatus();
 }
 
+void CachingAllocatorImpl::FenceStream(StreamId id, Stream stream, bool renew) {
+  for (Arena* arena : live_arenas_) {
+    Shard* shard = nullptr;
+    {
+      MutexLock lock(&arena->shards_mu);
+      auto it = arena->shards.find(id);
+      if (it != arena->shards.end()) shard = it->second.get();
+    }
+    if (shard == nullptr) continue;
+    MutexLock lock(&shard->mu);
+    (renew ? shard->RenewFence(stream) : shard->RecordFence(stream)).IgnoreError();
+  }
+}
+
+bool CachingAllocatorImpl::DeviceHasRoom(size_t bytes) {
+  if (!CheckMemoryLimit(bytes).ok()) return false;
+  absl::StatusOr<MemoryInfo> info = device_->GetMemoryInfo();
+  return !info.ok() || bytes <= info->free_bytes;
+}
+
 absl::Status CachingAllocatorImpl::MapExpandable(Shard& shard,
-                                                 const ExpandablePlacement& placement) {
+                                                 const ExpandablePlacement& placement,
+                                                 Stream stream) {
   Arena& arena = *shard.arena;
   const size_t g = granularity_;
   const size_t granules = placement.to_map / g;
   std::vector<PhysicalHandle> handles;
   handles.reserve(granules);
-  // Reclaiming waits for freed work (a device synchronization), which a capture forbids.
+  // Reclaiming queries and waits for events, which a capture forbids. First the chunks known
+  // idle; then, only if the device cannot supply the rest, those a fence covers, waiting for it
+  // (this shard's fence recorded anew, so that it covers all the shard's free memory).
   if (config_.release_free_chunks_on_growth && captures_underway_.load() == 0) {
-    absl::Status s = ReclaimAcrossShards(shard, granules, placement.target, &handles);
+    FenceStream(shard.stream_id, stream, /*renew=*/true);
+    absl::Status s = ReclaimAcrossShards(shard, granules, placement.target, &handles,
+                                         Unfinished::kSkip);
+    if (s.ok() && handles.size() < granules && !DeviceHasRoom((granules - handles.size()) * g)) {
+      FenceStream(shard.stream_id, stream, /*renew=*/false);
+      s = ReclaimAcrossShards(shard, granules, placement.target, &handles,
+                              Unfinished::kWaitFence);
+    }
     DeviceStats(arena).reserved_bytes.Increase(static_cast<int64_t>(handles.size() * g));
     if (!s.ok()) return AbandonExpandable(shard, placement, /*mapped=*/0, handles, s);
   }
@@ -248,13 +280,14 @@ absl::Status CachingAllocatorImpl::RejectGrowth(Arena& arena, const Block* targe
 
 absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t wanted,
                                                        const Block* keep,
-                                                       std::vector<PhysicalHandle>* handles) {
+                                                       std::vector<PhysicalHandle>* handles,
+                                                       Unfinished mode) {
   // The growing shard first, then the others, each locked alone. An arena that keeps its memory
   // (a graph's pool) gives none of it up, not even to itself: a graph replays into the addresses
   // it captured, so a chunk must never move from one address of its pool to another.
   if (shard.arena->shares_free_memory) {
     MutexLock lock(&shard.mu);
-    absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles);
+    absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles, mode);
     if (!s.ok()) return s;
   }
   for (Arena* arena : live_arenas_) {  // a gone arena has no free chunks, only ranges
@@ -263,7 +296,7 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t want
       if (handles->size() == wanted) return absl::OkStatus();
       if (other == &shard) continue;
       MutexLock lock(&other->mu);
-      absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, handles);
+      absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, handles, mode);
       if (!s.ok()) return s;
     }
   }
@@ -272,7 +305,8 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t want
 
 absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t wanted,
                                                        const Block* keep,
-                                                       std::vector<PhysicalHandle>* handles) {
+                                                       std::vector<PhysicalHandle>* handles,
+                                                       Unfinished mode) {
   const size_t g = granularity_;
   shard.FlushQuick();
   struct Candidate {
@@ -299,7 +333,9 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
     size_t take = std::min((candidate.end - candidate.begin) / g, wanted - handles->size());
     Segment* segment = candidate.block->segment;
     // Blocks freed in stream order may still be read or written by work queued on the stream.
-    if (absl::Status s = WaitForFreedWork(*candidate.block); !s.ok()) return s;
+    absl::StatusOr<bool> idle = FreedWorkDone(shard, *candidate.block, mode);
+    if (!idle.ok()) return idle.status();
+    if (!*idle) continue;
     for (size_t i = 0; i < take; ++i) {
       uintptr_t address = candidate.begin + i * g;
       if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;

@@ -1,6 +1,7 @@
 // Giving memory back: EmptyCache, trimming and out-of-memory recovery return whole free
-// segments and free mapped chunks, each only once the work that may still use it is done (the
-// free epochs of caching_allocator_impl.h). Runs under the growth lock.
+// segments and free mapped chunks, each only once the work that may still use it is done: the
+// shard's stream fence, or a device synchronization where nothing narrower is sound
+// (caching_allocator_impl.h, Unfinished). Runs under the growth lock.
 #include <vector>
 
 #include "allocator/caching_allocator_impl.h"
@@ -11,38 +12,45 @@ namespace tidepool {
 absl::Status CachingAllocatorImpl::EmptyCache() {
   MutexLock growth(&growth_mu_);
   if (absl::Status s = RefuseDuringCapture("empty_cache"); !s.ok()) return s;
-  return ReleaseCached();
+  return ReleaseCached(Unfinished::kSynchronize);
 }
 
-absl::Status CachingAllocatorImpl::ReleaseCached() {
+absl::Status CachingAllocatorImpl::ReleaseCached(Unfinished mode) {
   for (Arena* arena : live_arenas_) {
     if (!arena->shares_free_memory) continue;
-    if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kRelease); !s.ok()) return s;
+    if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kRelease, mode); !s.ok()) {
+      return s;
+    }
   }
   // A gone arena holds nothing anyone may use, whether or not it shares its free memory: its
   // address ranges go too (a graph's pool, once its last graph is gone, is never begun again).
   // Once they have, no walk visits it again.
   for (Arena* arena : std::vector<Arena*>(gone_holding_)) {
-    if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kRelease); !s.ok()) return s;
+    if (absl::Status s = ReleaseArenaCache(*arena, AddressRanges::kRelease, mode); !s.ok()) {
+      return s;
+    }
     ForgetIfEmpty(*arena);
   }
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::ReleaseArenaCache(Arena& arena, AddressRanges ranges) {
+absl::Status CachingAllocatorImpl::ReleaseArenaCache(Arena& arena, AddressRanges ranges,
+                                                     Unfinished mode) {
   // An arena that keeps its memory (a graph's pool) is used by work the allocator never sees
-  // free anything (graph replays), so free epochs say nothing about it: synchronize first.
+  // free anything (graph replays, on any stream), so neither free epochs nor fences say anything
+  // about it: synchronize first. A graph pool's memory goes back once, when its graphs are gone.
   if (!arena.shares_free_memory) {
     if (absl::Status s = SynchronizeFreedWork(); !s.ok()) return s;
   }
   for (Shard* shard : arena.Shards()) {
     MutexLock lock(&shard->mu);
-    if (absl::Status s = ReleaseShardCache(*shard, ranges); !s.ok()) return s;
+    if (absl::Status s = ReleaseShardCache(*shard, ranges, mode); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, AddressRanges ranges) {
+absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, AddressRanges ranges,
+                                                     Unfinished mode) {
   if (absl::Status s = shard.WaitForEvents(); !s.ok()) return s;
   Arena& arena = *shard.arena;
   const size_t g = granularity_;
@@ -51,7 +59,9 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, AddressRanges
     if (!segment->expandable) {
       Block* only = segment->first;
       if (only->next != nullptr || only->state != BlockState::kFree) continue;
-      if (absl::Status s = WaitForFreedWork(*only); !s.ok()) return s;
+      absl::StatusOr<bool> idle = FreedWorkDone(shard, *only, mode);
+      if (!idle.ok()) return idle.status();
+      if (!*idle) continue;
       if (absl::Status s = arena.source->FreeSegment(segment->base, segment->size); !s.ok()) {
         return s;
       }
@@ -70,7 +80,9 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, AddressRanges
       uintptr_t begin = RoundUp(block->address, g);
       uintptr_t end = RoundDown(block->address + block->size, g);
       if (end <= begin) continue;
-      if (absl::Status s = WaitForFreedWork(*block); !s.ok()) return s;
+      absl::StatusOr<bool> idle = FreedWorkDone(shard, *block, mode);
+      if (!idle.ok()) return idle.status();
+      if (!*idle) continue;
       for (uintptr_t address = begin; address < end; address += g) {
         size_t index = (address - segment->base) / g;
         if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;
@@ -94,9 +106,23 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, AddressRanges
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::WaitForFreedWork(const Block& block) {
-  if (block.freed_epoch < quiet_before_) return absl::OkStatus();
-  return SynchronizeFreedWork();
+absl::StatusOr<bool> CachingAllocatorImpl::FreedWorkDone(Shard& shard, const Block& block,
+                                                         Unfinished mode) {
+  if (block.freed_epoch < quiet_before_) return true;
+  if (shard.FenceCovers(block)) {
+    absl::StatusOr<bool> done = shard.FenceDone(/*wait=*/mode != Unfinished::kSkip);
+    if (!done.ok() || *done) return done;
+    left_unfinished_ = true;  // kSkip: the fence is still running
+    return false;
+  }
+  if (mode == Unfinished::kSynchronize) {
+    if (absl::Status s = SynchronizeFreedWork(); !s.ok()) return s;
+    return true;
+  }
+  // Only an allocation on the stream may record its fence (shard.h says why).
+  shard.fence_wanted.store(true, std::memory_order_relaxed);
+  left_unfinished_ = true;
+  return false;
 }
 
 absl::Status CachingAllocatorImpl::SynchronizeFreedWork() {

@@ -10,7 +10,7 @@
 namespace tidepool {
 
 Shard::Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size,
-             const std::atomic<uint64_t>* free_epoch,
+             std::atomic<uint64_t>* free_epoch,
              const std::atomic<int>* captures_underway)
     : arena(arena),
       stream_id(stream_id),
@@ -34,6 +34,7 @@ Shard::~Shard() {
     for (Event event : pending.events) device_->DestroyEvent(event).IgnoreError();
   }
   for (Event event : spare_events_) device_->DestroyEvent(event).IgnoreError();
+  if (fence_ != nullptr) device_->DestroyEvent(fence_).IgnoreError();
 }
 
 Block* Shard::NewBlock() {
@@ -341,6 +342,50 @@ absl::Status Shard::HarvestEvents(bool all) {
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status Shard::RecordFence(Stream stream) {
+  if (Capturing()) {
+    return absl::FailedPreconditionError("tidepool: a fence recorded while a capture is underway");
+  }
+  if (fence_ == nullptr) {
+    absl::StatusOr<Event> event = TakeEvent();
+    if (!event.ok()) return event.status();
+    fence_ = *event;
+  }
+  // Under mu, so no free of this shard runs meanwhile: every block freed here so far read an
+  // epoch below `epoch`, every later one reads `epoch` or more. The work queued before each of
+  // those frees was queued on the stream before this record.
+  const uint64_t epoch = free_epoch_->fetch_add(1) + 1;
+  fence_epoch_ = 0;  // until the record succeeds, the fence covers nothing
+  fence_complete_ = false;
+  if (absl::Status s = device_->RecordEvent(fence_, stream); !s.ok()) return s;
+  fence_epoch_ = epoch;
+  return absl::OkStatus();
+}
+
+absl::Status Shard::RenewFence(Stream stream) {
+  if (fence_epoch_ != 0 && !fence_complete_) {
+    absl::StatusOr<bool> done = FenceDone(/*wait=*/false);
+    if (!done.ok()) return done.status();
+    if (!*done) return absl::OkStatus();
+  }
+  return RecordFence(stream);
+}
+
+absl::StatusOr<bool> Shard::FenceDone(bool wait) {
+  if (fence_epoch_ == 0) return false;
+  if (fence_complete_) return true;
+  if (Capturing()) return false;
+  if (wait) {
+    if (absl::Status s = device_->SynchronizeEvent(fence_); !s.ok()) return s;
+    fence_complete_ = true;
+    return true;
+  }
+  absl::StatusOr<bool> done = device_->QueryEvent(fence_);
+  if (!done.ok()) return done.status();
+  fence_complete_ = *done;
+  return *done;
 }
 
 absl::Status Shard::WaitForEvents() {

@@ -26,6 +26,16 @@
 // (HasDeferredFrees).
 // A block used on its own stream only is reusable at once, during capture as outside it: inside
 // a graph, stream order is the graph's dependency order.
+//
+// The stream fence. Before memory freed in stream order goes back to the device (or moves to
+// another address), the work queued on its stream before the free must be done. A shard cannot
+// simply record an event on its stream then: the caller may have destroyed the stream since
+// (a destroyed stream's handle must never be touched). So the shard records a fence, an event on
+// its stream, only while an allocation on that stream is under way, when the caller's handle is
+// known to be alive, and only when growth or trimming asked for one (fence_wanted), or when the
+// allocator grows this very shard. Every free block freed before the fence was recorded (its
+// freed_epoch below fence_epoch_) is idle once the fence has completed: growth and trimming wait
+// for that one stream's event, not for the whole device.
 #ifndef TIDEPOOL_ALLOCATOR_SHARD_H_
 #define TIDEPOOL_ALLOCATOR_SHARD_H_
 
@@ -51,7 +61,7 @@ class alignas(64) Shard {
   // `free_epoch` is the allocator's epoch counter (see CachingAllocatorImpl::free_epoch_), and
   // `captures_underway` its count of captures running on the device (read under `mu`).
   Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size,
-        const std::atomic<uint64_t>* free_epoch, const std::atomic<int>* captures_underway);
+        std::atomic<uint64_t>* free_epoch, const std::atomic<int>* captures_underway);
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
@@ -95,6 +105,26 @@ class alignas(64) Shard {
   // device. Returns the free block.
   Block* MarkMapped(Block* unmapped, uintptr_t begin, size_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+
+  // Asks the next allocation on this stream to record a fence (see the file comment). Set by
+  // growth and trimming when they meet free memory that no fence covers; read, relaxed, by every
+  // allocation on the shard.
+  std::atomic<bool> fence_wanted{false};
+  // Records a fence on `stream`, which must be a live handle of this shard's stream (the one an
+  // allocation under way came with), never during a capture. A fence already recorded is
+  // recorded again: it then covers everything freed so far, and completes later.
+  absl::Status RecordFence(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // RecordFence unless the fence is still running (it keeps covering what it covers, and will be
+  // done sooner than a new one): what growth does on the shard it grows.
+  absl::Status RenewFence(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Whether the fence was recorded after free block `block` (of this shard) was freed.
+  bool FenceCovers(const Block& block) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return fence_epoch_ != 0 && block.freed_epoch < fence_epoch_;
+  }
+  // Whether the fence has completed, waiting for it if `wait` (one stream's work, never the
+  // device's). False while a capture is underway, when an event may be neither queried nor
+  // waited for.
+  absl::StatusOr<bool> FenceDone(bool wait) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
 
   // Harvests completed events without blocking. `all` scans every pending block; otherwise it
   // stops at the first one still waiting (cheap enough for every allocation). Does nothing while
@@ -156,7 +186,9 @@ class alignas(64) Shard {
 
   Device* const device_;
   const size_t max_split_size_;
-  const std::atomic<uint64_t>* const free_epoch_;
+  // The allocator's free epoch: read by every free, advanced by a fence (and by a device
+  // synchronization, in the allocator).
+  std::atomic<uint64_t>* const free_epoch_;
   const std::atomic<int>* const captures_underway_;
   BlockIndex free_[2] ABSL_GUARDED_BY(mu);      // [small]
   BlockIndex unmapped_[2] ABSL_GUARDED_BY(mu);  // [small], expandable segments only
@@ -173,6 +205,11 @@ class alignas(64) Shard {
   int quick_count_ ABSL_GUARDED_BY(mu) = 0;  // blocks parked over all slots
   int quick_next_victim_ ABSL_GUARDED_BY(mu) = 0;
   AllocatorStats stats_ ABSL_GUARDED_BY(mu);
+  // The fence: its event (nullptr before the first), the epoch it was recorded at (blocks freed
+  // with a lower epoch are covered), and whether it is known to have completed.
+  Event fence_ ABSL_GUARDED_BY(mu) = nullptr;
+  uint64_t fence_epoch_ ABSL_GUARDED_BY(mu) = 0;
+  bool fence_complete_ ABSL_GUARDED_BY(mu) = false;
 };
 
 }  // namespace tidepool

@@ -11,11 +11,15 @@
 //   * memory goes back to the device only after the streams that may use it were synchronized,
 //     including physical chunks that growth on one stream reclaims from another stream's cache
 //     (checked at the moment of each Unmap through a device wrapper, also when another thread
-//     frees a block in the middle of that growth).
+//     frees a block in the middle of that growth);
+//   * growth never synchronizes the device: it takes back what the streams' fences show idle,
+//     waits for one stream's fence when the device is full, and only an out-of-memory
+//     allocation's last retry synchronizes, for memory no fence covers.
 // Every case runs with expandable segments on and off, except those about reclaiming chunks,
 // which only expandable segments do.
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -379,15 +383,29 @@ TEST_CASE("memory goes back to the device only after its streams were synchroniz
   CHECK(h.device->IsComplete(b, b_at_free));
 }
 
-// A Device that forwards to a SimulatedDevice and lets a test act at two moments: right after
-// the allocator synchronized the device (the only synchronization besides events that the core's
-// Device seam has), and right before it unmaps or gives back a range.
+// A Device that forwards to a SimulatedDevice, counts device synchronizations, and lets a test
+// act at three moments: right after the allocator synchronized the device, right after it asked
+// about or waited for an event (how growth learns that a stream's fence has passed), and right
+// before it unmaps or gives back a range.
 class InterceptingDevice : public ForwardingDevice {
  public:
   explicit InterceptingDevice(SimulatedDevice* inner) : ForwardingDevice(inner) {}
 
   std::function<void()> after_synchronize_device;
+  std::function<void()> after_event_check;
   std::function<void(uintptr_t address, size_t bytes)> before_give_back;
+  std::atomic<int64_t> device_synchronizations{0};
+
+  absl::StatusOr<bool> QueryEvent(Event event) override {
+    absl::StatusOr<bool> done = ForwardingDevice::QueryEvent(event);
+    if (after_event_check) after_event_check();
+    return done;
+  }
+  absl::Status SynchronizeEvent(Event event) override {
+    absl::Status status = ForwardingDevice::SynchronizeEvent(event);
+    if (after_event_check) after_event_check();
+    return status;
+  }
 
   absl::Status FreeSegment(uintptr_t address, size_t bytes) override {
     if (before_give_back) before_give_back(address, bytes);
@@ -398,6 +416,7 @@ class InterceptingDevice : public ForwardingDevice {
     return ForwardingDevice::Unmap(address, bytes);
   }
   absl::Status SynchronizeDevice() override {
+    ++device_synchronizations;
     absl::Status status = ForwardingDevice::SynchronizeDevice();
     if (after_synchronize_device) after_synchronize_device();
     return status;
@@ -405,16 +424,17 @@ class InterceptingDevice : public ForwardingDevice {
 };
 
 struct ReclaimHarness {
-  explicit ReclaimHarness(bool expandable = true) : device(Options()), intercepting(&device) {
+  explicit ReclaimHarness(bool expandable = true, size_t capacity = size_t{1} << 30)
+      : device(Options(capacity)), intercepting(&device) {
     Config config;
     config.expandable_segments = expandable;
     config.release_free_chunks_on_growth = true;
     allocator = testing::MakeAllocator(&intercepting, config);
     for (Stream* stream : {&t, &s, &u}) *stream = testing::NewStream(&device);
   }
-  static SimulatedDevice::Options Options() {
+  static SimulatedDevice::Options Options(size_t capacity) {
     SimulatedDevice::Options options;
-    options.capacity = size_t{1} << 30;
+    options.capacity = capacity;
     return options;
   }
 
@@ -487,13 +507,13 @@ TEST_CASE("growth does not reclaim a block still waiting for a RecordStream stre
   CHECK(h.violations.empty());
 }
 
-TEST_CASE("a block freed on another stream during a reclaiming growth is not taken unsynchronized") {
-  // The growth on T synchronizes the device once, then visits the other streams' caches one by
-  // one. If another thread frees a block on S after that synchronization (with S's work that
-  // used it still queued), the growth must not unmap that block's chunks without waiting again.
+TEST_CASE("a block freed on another stream during a reclaiming growth is not taken unwaited") {
+  // The growth on T looks at T's fence first, then visits the other streams' caches one by one.
+  // If another thread frees a block on S after that look (with S's work that used it still
+  // queued), the growth must not unmap that block's chunks without waiting for S.
   ReclaimHarness h;
   // T's own cache: a free 2 MiB chunk away from where T will grow, so T's growth has something
-  // to reclaim at home (and synchronizes for it) before it looks at S.
+  // to reclaim at home (and checks T's fence for it) before it looks at S.
   void* t_first = h.Allocate(2 * kMiB, h.t);
   void* t_second = h.Allocate(2 * kMiB, h.t);
   // S holds a live 4 MiB block, which "another thread" frees in the middle of T's growth.
@@ -502,7 +522,7 @@ TEST_CASE("a block freed on another stream during a reclaiming growth is not tak
   uint64_t s_work = 0;
   h.WatchGiveBacks(reinterpret_cast<uintptr_t>(on_s), 4 * kMiB, h.s, &s_work);
   bool freed_during_growth = false;
-  h.intercepting.after_synchronize_device = [&] {
+  h.intercepting.after_event_check = [&] {
     if (freed_during_growth) return;
     freed_during_growth = true;
     std::future<absl::Status> other_thread = std::async(std::launch::async, [&] {
@@ -517,14 +537,16 @@ TEST_CASE("a block freed on another stream during a reclaiming growth is not tak
   };
 
   void* on_t = h.Allocate(8 * kMiB, h.t);
-  h.intercepting.after_synchronize_device = nullptr;
+  h.intercepting.after_event_check = nullptr;
   INFO(absl::StrJoin(h.violations, "\n"));
   CHECK(h.violations.empty());
-  // T's growth had T's free chunk to reclaim, so it did synchronize (and the race was staged).
+  // T's growth had T's free chunk to reclaim, so it checked T's fence (and the race was staged);
+  // it never synchronized the device.
   CHECK(freed_during_growth);
+  CHECK(h.intercepting.device_synchronizations == 0);
   const size_t violations_during_growth = h.violations.size();
   if (!freed_during_growth) {
-    // The growth never synchronized the device: free the block now (nothing to race with).
+    // The growth never checked an event: free the block now (nothing to race with).
     s_work = h.device.Enqueue(h.s);
     REQUIRE(h.allocator->Free(on_s).ok());
   }
@@ -534,6 +556,84 @@ TEST_CASE("a block freed on another stream during a reclaiming growth is not tak
   CHECK(h.device.used_bytes() == 0);
   CHECK(h.device.live_segments() == 0);
   CHECK(h.violations.size() == violations_during_growth);  // none during the clean-up
+}
+
+TEST_CASE("growth leaves another stream's unfenced free chunks alone, and takes them once fenced") {
+  ReclaimHarness h;
+  void* on_s = h.Allocate(4 * kMiB, h.s);
+  uint64_t s_work = h.device.Enqueue(h.s);
+  h.WatchGiveBacks(reinterpret_cast<uintptr_t>(on_s), 4 * kMiB, h.s, &s_work);
+  REQUIRE(h.allocator->Free(on_s).ok());
+
+  // T grows while S's work is queued: the device has room, so T takes new chunks and leaves S's
+  // free chunks (no fence covers them) alone, without synchronizing anything.
+  const int64_t allocations_before = h.allocator->GetStats().device_allocations;
+  void* first_t = h.Allocate(8 * kMiB, h.t);
+  CHECK(h.allocator->GetStats().device_allocations == allocations_before + 4);
+  CHECK(h.give_backs == 0);
+  CHECK_FALSE(h.device.IsComplete(h.s, s_work));
+
+  // The next allocation on S records S's fence; once S's work is done, T's next growth takes
+  // S's free chunks back instead of new ones.
+  void* small_s = h.Allocate(512, h.s);
+  h.device.Complete(h.s);
+  const int64_t allocations_then = h.allocator->GetStats().device_allocations;
+  void* second_t = h.Allocate(4 * kMiB, h.t);
+  CHECK(h.allocator->GetStats().device_allocations == allocations_then);
+  CHECK(h.give_backs == 2);  // S's two chunks, unmapped there to be mapped on T
+
+  INFO(absl::StrJoin(h.violations, "\n"));
+  CHECK(h.violations.empty());
+  CHECK(h.intercepting.device_synchronizations == 0);
+  for (void* ptr : {first_t, second_t, small_s}) REQUIRE(h.allocator->Free(ptr).ok());
+  REQUIRE(h.allocator->EmptyCache().ok());
+  CHECK(h.device.used_bytes() == 0);
+}
+
+TEST_CASE("a growth on a full device waits for the freed memory's stream, not the device") {
+  ReclaimHarness h(/*expandable=*/true, 32 * kMiB);
+  // U has work queued that touches none of tidepool's memory: a device synchronization would
+  // wait for it, a wait for S's fence does not.
+  const uint64_t u_work = h.device.Enqueue(h.u);
+  void* on_s = h.Allocate(16 * kMiB, h.s);
+  uint64_t s_work = h.device.Enqueue(h.s);
+  h.WatchGiveBacks(reinterpret_cast<uintptr_t>(on_s), 16 * kMiB, h.s, &s_work);
+  REQUIRE(h.allocator->Free(on_s).ok());
+  // T grows while the device still has room: S's chunks are left alone, and S is asked for a
+  // fence, which its next allocation records (after the free: the fence covers the block).
+  void* first_t = h.Allocate(8 * kMiB, h.t);
+  void* small_s = h.Allocate(512, h.s);
+  CHECK_FALSE(h.device.IsComplete(h.s, s_work));
+
+  // Now the device cannot supply T's growth: T waits for S's fence and maps S's chunks.
+  void* second_t = h.Allocate(16 * kMiB, h.t);
+  INFO(absl::StrJoin(h.violations, "\n"));
+  CHECK(h.violations.empty());
+  CHECK(h.device.IsComplete(h.s, s_work));
+  CHECK_FALSE(h.device.IsComplete(h.u, u_work));
+  CHECK(h.intercepting.device_synchronizations == 0);
+  CHECK(h.allocator->GetStats().retries == 0);
+  CHECK(h.allocator->GetStats().ooms == 0);
+  for (void* ptr : {first_t, second_t, small_s}) REQUIRE(h.allocator->Free(ptr).ok());
+}
+
+TEST_CASE("an out-of-memory allocation's last retry synchronizes for memory no fence covers") {
+  const bool expandable = GENERATE(true, false);
+  INFO("expandable_segments=" << expandable);
+  ReclaimHarness h(expandable, 48 * kMiB);
+  // S frees most of the device with its work still queued, and allocates nothing afterwards: no
+  // fence covers the free memory, and S's handle may not be touched.
+  void* on_s = h.Allocate(40 * kMiB, h.s);
+  uint64_t s_work = h.device.Enqueue(h.s);
+  h.WatchGiveBacks(reinterpret_cast<uintptr_t>(on_s), 40 * kMiB, h.s, &s_work);
+  REQUIRE(h.allocator->Free(on_s).ok());
+  void* on_t = h.Allocate(40 * kMiB, h.t);
+  INFO(absl::StrJoin(h.violations, "\n"));
+  CHECK(h.violations.empty());
+  CHECK(h.device.IsComplete(h.s, s_work));
+  CHECK(h.intercepting.device_synchronizations == 1);
+  CHECK(h.allocator->GetStats().ooms == 0);
+  REQUIRE(h.allocator->Free(on_t).ok());
 }
 
 TEST_CASE("EmptyCache does not give back a block freed on another stream after it synchronized") {
