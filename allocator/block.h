@@ -68,10 +68,37 @@ struct Segment {
   // lock-free page map may still hand one to a racing reader (see page_map.h).
   bool live = true;
   Block* first = nullptr;
-  // Expandable segments: the physical chunk mapped at each granule, 0 where unmapped.
+  // Expandable segments: the physical allocation mapped at each granule, 0 where unmapped. One
+  // device allocation (a run) may span several granules, mapped at once, and its handle then
+  // fills each of them (handles are unique, so a run is a maximal stretch of one handle). A run
+  // is unmapped whole, never in part (cuMemUnmap cannot split a mapping), so only a run lying
+  // wholly in free memory can go back to the device or move.
   std::vector<PhysicalHandle> chunks;
 
   bool Contains(uintptr_t address) const { return address - base < size; }
+
+  // One run: `count` granules from granule index `first`.
+  struct Run {
+    size_t first;
+    size_t count;
+  };
+  // The runs lying wholly inside the mapped range [begin, end) (granule-aligned addresses of this
+  // segment), in address order; runs that reach outside it are left out. Those inside are
+  // adjacent: runs tile the mapped granules.
+  std::vector<Run> RunsInside(uintptr_t begin, uintptr_t end, size_t granularity) const {
+    std::vector<Run> runs;
+    const size_t last = (end - base) / granularity;
+    size_t i = (begin - base) / granularity;
+    // A run that began before `begin` is not wholly inside: skip to its end.
+    while (i < last && i > 0 && chunks[i] != 0 && chunks[i - 1] == chunks[i]) ++i;
+    while (i < last) {
+      size_t next = i + 1;
+      while (next < chunks.size() && chunks[next] == chunks[i]) ++next;
+      if (chunks[i] != 0 && next <= last) runs.push_back(Run{i, next - i});
+      i = next;
+    }
+    return runs;
+  }
 };
 
 }  // namespace tidepool

@@ -67,10 +67,17 @@ CachingAllocatorImpl::~CachingAllocatorImpl() {
   for (const auto& segment : segments_) {
     if (!segment->live) continue;
     if (segment->expandable) {
-      for (size_t i = 0; i < segment->chunks.size(); ++i) {
-        if (segment->chunks[i] == 0) continue;
-        device_->Unmap(segment->base + i * granularity_, granularity_).IgnoreError();
-        device_->ReleasePhysical(segment->chunks[i]).IgnoreError();
+      // Run by run (block.h): each is unmapped and released whole, once.
+      for (size_t i = 0; i < segment->chunks.size();) {
+        const PhysicalHandle handle = segment->chunks[i];
+        size_t end = i + 1;
+        while (end < segment->chunks.size() && segment->chunks[end] == handle) ++end;
+        if (handle != 0) {
+          device_->Unmap(segment->base + i * granularity_, (end - i) * granularity_)
+              .IgnoreError();
+          device_->ReleasePhysical(handle).IgnoreError();
+        }
+        i = end;
       }
       device_->ReleaseAddressRange(segment->base, segment->size).IgnoreError();
     } else {

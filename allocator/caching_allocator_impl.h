@@ -223,27 +223,50 @@ class CachingAllocatorImpl {
   // Whether the device (and the memory limit) can supply `bytes` more without taking cached
   // memory back.
   bool DeviceHasRoom(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // One device allocation on its way into a growth: a run (block.h) taken back from free memory,
+  // or made for the growth, of `granules` granules.
+  struct PhysicalRun {
+    PhysicalHandle handle;
+    size_t granules;
+  };
+  // What a growth gathers before it maps: runs taken back whole (`runs`, `taken` granules in
+  // all), and granules of free runs too large to fit given back to the device (`released`), so
+  // that the device has room for a run of exactly what is still missing.
+  struct Reclaim {
+    size_t wanted = 0;
+    std::vector<PhysicalRun> runs;
+    size_t taken = 0;
+    size_t released = 0;
+    size_t missing() const { return wanted - taken - released; }
+  };
   absl::Status AbandonExpandable(Shard& shard, const ExpandablePlacement& placement,
-                                 size_t mapped, const std::vector<PhysicalHandle>& handles,
+                                 size_t mapped, const std::vector<PhysicalRun>& runs,
                                  absl::Status cause) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  // Undoes a growth that failed after `mapped` of its chunks were mapped at `map_at` inside
-  // unmapped block `target`: unmaps them and releases every handle. Returns `cause`.
+  // Undoes a growth that failed after the first `mapped` of its runs were mapped one after the
+  // other from `map_at` inside unmapped block `target`: unmaps them and releases every run.
+  // Returns `cause`.
   absl::Status RejectGrowth(Arena& arena, const Block* target, uintptr_t map_at, size_t mapped,
-                            const std::vector<PhysicalHandle>& handles, absl::Status cause)
+                            const std::vector<PhysicalRun>& runs, absl::Status cause)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  // Unmaps whole free granules of the shard's expandable segments (never in the free blocks next
-  // to `keep`, the unmapped block about to be mapped, which growth extends) until `handles`
-  // holds `wanted` physical chunks, appending theirs. Physical chunks are all alike, so a chunk
-  // freed by one stream, size class or arena can be mapped again for any other.
-  // Free memory whose stream work is not known done is handled by `mode` (never kSynchronize).
-  absl::Status ReclaimFreeGranules(Shard& shard, size_t wanted, const Block* keep,
-                                   std::vector<PhysicalHandle>* handles, Unfinished mode)
+  // Unmaps whole free runs of the shard's expandable segments (never in the free blocks next to
+  // `keep`, the unmapped block about to be mapped, which growth extends) until the reclaim
+  // misses nothing: adjacent runs that fit what is missing go into `reclaim->runs` (physical
+  // memory is all alike, so a run freed by one stream, size class or arena can be mapped again
+  // for any other); with `release_oversized`, free runs larger than that go back to the device
+  // instead. Free memory whose stream work is not known done is handled by `mode` (never
+  // kSynchronize).
+  absl::Status ReclaimFreeRuns(Shard& shard, const Block* keep, Reclaim* reclaim,
+                               bool release_oversized, Unfinished mode)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // The same over the growing shard, then every other shard of every expandable arena that
-  // shares its free memory, each locked alone.
-  absl::Status ReclaimAcrossShards(Shard& shard, size_t wanted, const Block* keep,
-                                   std::vector<PhysicalHandle>* handles, Unfinished mode)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // shares its free memory, each locked alone: first runs that fit, then oversized ones.
+  absl::Status ReclaimAcrossShards(Shard& shard, const Block* keep, Reclaim* reclaim,
+                                   Unfinished mode) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // Unmaps the runs of granules [first, first + count) of `segment` (whole runs) and gives them
+  // back to the device, counting them off `arena`'s reserved bytes. Stops at the first failure;
+  // `released` says how many granules, from `first`, are unmapped.
+  absl::Status ReleaseRuns(Arena& arena, Segment& segment, size_t first, size_t count,
+                           size_t* released) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Returns every whole free segment and free mapped granule of every arena that shares its
   // free memory (what `mode` lets go).
   absl::Status ReleaseCached(Unfinished mode) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);

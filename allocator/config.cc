@@ -60,11 +60,15 @@ absl::StatusOr<Config> Config::Parse(absl::string_view text) {
       auto v = ParseMegabytes(key, value, kMaxExpandableReserve >> 20);
       if (!v.ok()) return v.status();
       config.expandable_reserve = *v;
+    } else if (key == "expandable_run_mb") {
+      auto v = ParseMegabytes(key, value, kMaxExpandableReserve >> 20);
+      if (!v.ok()) return v.status();
+      config.expandable_run = *v;
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           "TIDEPOOL_CONF: unknown key '", key,
           "' (known: expandable_segments, max_split_size_mb, expandable_reserve_mb, "
-          "release_free_chunks_on_growth; see docs/configuration.md)"));
+          "expandable_run_mb, release_free_chunks_on_growth; see docs/configuration.md)"));
     }
   }
   return config;

@@ -22,6 +22,10 @@ struct Config {
   // Address space reserved for each expandable segment (bytes; 0 = the device's total memory, at
   // most kMaxExpandableReserve).
   size_t expandable_reserve = 0;
+  // The largest physical allocation (run) an expandable growth takes from the device, in bytes,
+  // rounded down to whole granules (at least one). Larger runs mean fewer driver calls; smaller
+  // ones keep reserved memory closer to live memory (a run moves or goes back only whole).
+  size_t expandable_run = size_t{16} << 20;
   // When growing an expandable segment, first unmap whole free chunks anywhere in the allocator
   // (those whose stream's fence shows the work queued before their free done) and map them where
   // they are needed, so that reserved memory tracks live memory.

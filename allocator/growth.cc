@@ -182,54 +182,64 @@ absl::Status CachingAllocatorImpl::MapExpandable(Shard& shard,
                                                  Stream stream) {
   Arena& arena = *shard.arena;
   const size_t g = granularity_;
-  const size_t granules = placement.to_map / g;
-  std::vector<PhysicalHandle> handles;
-  handles.reserve(granules);
-  // Reclaiming queries and waits for events, which a capture forbids. First the chunks known
+  Reclaim reclaim;
+  reclaim.wanted = placement.to_map / g;
+  // Reclaiming queries and waits for events, which a capture forbids. First the runs known
   // idle; then, only if the device cannot supply the rest, those a fence covers, waiting for it
-  // (this shard's fence recorded anew, so that it covers all the shard's free memory).
+  // (this stream's fences recorded anew, so that they cover all its free memory).
   if (config_.release_free_chunks_on_growth && captures_underway_.load() == 0) {
     FenceStream(shard.stream_id, stream, /*renew=*/true);
-    absl::Status s = ReclaimAcrossShards(shard, granules, placement.target, &handles,
-                                         Unfinished::kSkip);
-    if (s.ok() && handles.size() < granules && !DeviceHasRoom((granules - handles.size()) * g)) {
+    absl::Status s = ReclaimAcrossShards(shard, placement.target, &reclaim, Unfinished::kSkip);
+    if (s.ok() && reclaim.missing() > 0 && !DeviceHasRoom(reclaim.missing() * g)) {
       FenceStream(shard.stream_id, stream, /*renew=*/false);
-      s = ReclaimAcrossShards(shard, granules, placement.target, &handles,
-                              Unfinished::kWaitFence);
+      s = ReclaimAcrossShards(shard, placement.target, &reclaim, Unfinished::kWaitFence);
     }
-    DeviceStats(arena).reserved_bytes.Increase(static_cast<int64_t>(handles.size() * g));
-    if (!s.ok()) return AbandonExpandable(shard, placement, /*mapped=*/0, handles, s);
+    DeviceStats(arena).reserved_bytes.Increase(static_cast<int64_t>(reclaim.taken * g));
+    if (!s.ok()) return AbandonExpandable(shard, placement, /*mapped=*/0, reclaim.runs, s);
   }
-  if (absl::Status s = CheckMemoryLimit((granules - handles.size()) * g); !s.ok()) {
-    return AbandonExpandable(shard, placement, /*mapped=*/0, handles, s);
-  }
-  // Fail fast when the device plainly lacks the memory, rather than map thousands of chunks
-  // only to give them back.
-  if (absl::StatusOr<MemoryInfo> info = device_->GetMemoryInfo();
-      info.ok() && (granules - handles.size()) * g > info->free_bytes) {
-    return AbandonExpandable(shard, placement, /*mapped=*/0, handles,
-                             absl::ResourceExhaustedError(absl::StrFormat(
-                                 "the device has %u bytes free", info->free_bytes)));
-  }
-  absl::Status status;
-  while (status.ok() && handles.size() < granules) {
-    absl::StatusOr<PhysicalHandle> handle = device_->CreatePhysical(g);
-    status = handle.status();
-    if (!status.ok()) break;
-    ++DeviceStats(arena).device_allocations;
-    DeviceStats(arena).reserved_bytes.Increase(static_cast<int64_t>(g));
-    handles.push_back(*handle);
+  const size_t missing = reclaim.wanted - reclaim.taken;
+  if (missing > 0) {
+    if (absl::Status s = CheckMemoryLimit(missing * g); !s.ok()) {
+      return AbandonExpandable(shard, placement, /*mapped=*/0, reclaim.runs, s);
+    }
+    // Fail fast when the device plainly lacks the memory.
+    if (absl::StatusOr<MemoryInfo> info = device_->GetMemoryInfo();
+        info.ok() && missing * g > info->free_bytes) {
+      return AbandonExpandable(shard, placement, /*mapped=*/0, reclaim.runs,
+                               absl::ResourceExhaustedError(absl::StrFormat(
+                                   "the device has %u bytes free", info->free_bytes)));
+    }
+    // What is missing is taken from the device in runs of at most expandable_run_mb: fewer,
+    // larger physical allocations cost the driver fewer calls (a run is created, mapped and
+    // given access once), but a run moves or goes back only whole, so a long-lived block pins
+    // all of its run. docs/benchmarks.md has the trade, measured on the bundled traces.
+    const size_t most = std::max<size_t>(1, config_.expandable_run / g);
+    for (size_t left = missing; left > 0;) {
+      const size_t granules = std::min(left, most);
+      absl::StatusOr<PhysicalHandle> handle = device_->CreatePhysical(granules * g);
+      if (!handle.ok()) {
+        return AbandonExpandable(shard, placement, /*mapped=*/0, reclaim.runs, handle.status());
+      }
+      ++DeviceStats(arena).device_allocations;
+      DeviceStats(arena).reserved_bytes.Increase(static_cast<int64_t>(granules * g));
+      reclaim.runs.push_back(PhysicalRun{*handle, granules});
+      left -= granules;
+    }
   }
   Segment* segment = placement.target->segment;
   size_t mapped = 0;
-  while (status.ok() && mapped < granules) {
-    uintptr_t address = placement.map_at + mapped * g;
-    status = device_->Map(address, g, handles[mapped]);
+  uintptr_t address = placement.map_at;
+  absl::Status status;
+  for (const PhysicalRun& run : reclaim.runs) {
+    status = device_->Map(address, run.granules * g, run.handle);
     if (!status.ok()) break;
-    segment->chunks[(address - segment->base) / g] = handles[mapped];
+    const size_t first = (address - segment->base) / g;
+    std::fill(segment->chunks.begin() + first, segment->chunks.begin() + first + run.granules,
+              run.handle);
+    address += run.granules * g;
     ++mapped;
   }
-  if (!status.ok()) return AbandonExpandable(shard, placement, mapped, handles, status);
+  if (!status.ok()) return AbandonExpandable(shard, placement, mapped, reclaim.runs, status);
   MutexLock lock(&shard.mu);
   shard.MarkMapped(placement.target, placement.map_at, placement.to_map);
   return absl::OkStatus();
@@ -238,10 +248,10 @@ absl::Status CachingAllocatorImpl::MapExpandable(Shard& shard,
 absl::Status CachingAllocatorImpl::AbandonExpandable(Shard& shard,
                                                      const ExpandablePlacement& placement,
                                                      size_t mapped,
-                                                     const std::vector<PhysicalHandle>& handles,
+                                                     const std::vector<PhysicalRun>& runs,
                                                      absl::Status cause) {
   absl::Status status = RejectGrowth(*shard.arena, placement.target, placement.map_at, mapped,
-                                     handles, std::move(cause));
+                                     runs, std::move(cause));
   Segment* reserved = placement.new_segment;
   if (reserved != nullptr) {
     bool idle;
@@ -257,57 +267,83 @@ absl::Status CachingAllocatorImpl::AbandonExpandable(Shard& shard,
 }
 
 absl::Status CachingAllocatorImpl::RejectGrowth(Arena& arena, const Block* target,
-                                                uintptr_t map_at,
-                                                size_t mapped,
-                                                const std::vector<PhysicalHandle>& handles,
+                                                uintptr_t map_at, size_t mapped,
+                                                const std::vector<PhysicalRun>& runs,
                                                 absl::Status cause) {
-  // Nothing of a failed growth stays mapped, and every chunk it holds goes back to the device
+  // Nothing of a failed growth stays mapped, and every run it holds goes back to the device
   // (the reclaimed ones were free memory anyway).
   Segment* segment = target->segment;
-  for (size_t i = 0; i < handles.size(); ++i) {
+  uintptr_t address = map_at;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const size_t bytes = runs[i].granules * granularity_;
     if (i < mapped) {
-      uintptr_t address = map_at + i * granularity_;
-      device_->Unmap(address, granularity_).IgnoreError();
-      segment->chunks[(address - segment->base) / granularity_] = 0;
+      device_->Unmap(address, bytes).IgnoreError();
+      const size_t first = (address - segment->base) / granularity_;
+      std::fill(segment->chunks.begin() + first,
+                segment->chunks.begin() + first + runs[i].granules, 0);
     }
-    if (device_->ReleasePhysical(handles[i]).ok()) {
+    address += bytes;
+    if (device_->ReleasePhysical(runs[i].handle).ok()) {
       ++DeviceStats(arena).device_frees;
-      DeviceStats(arena).reserved_bytes.Decrease(static_cast<int64_t>(granularity_));
+      DeviceStats(arena).reserved_bytes.Decrease(static_cast<int64_t>(bytes));
     }
   }
   return cause;
 }
 
-absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, size_t wanted,
-                                                       const Block* keep,
-                                                       std::vector<PhysicalHandle>* handles,
-                                                       Unfinished mode) {
-  // The growing shard first, then the others, each locked alone. An arena that keeps its memory
-  // (a graph's pool) gives none of it up, not even to itself: a graph replays into the addresses
-  // it captured, so a chunk must never move from one address of its pool to another.
-  if (shard.arena->shares_free_memory) {
-    MutexLock lock(&shard.mu);
-    absl::Status s = ReclaimFreeGranules(shard, wanted, keep, handles, mode);
+absl::Status CachingAllocatorImpl::ReleaseRuns(Arena& arena, Segment& segment, size_t first,
+                                               size_t count, size_t* released) {
+  const size_t g = granularity_;
+  *released = 0;
+  for (size_t i = first; i < first + count;) {
+    const PhysicalHandle handle = segment.chunks[i];
+    size_t end = i + 1;
+    while (end < first + count && segment.chunks[end] == handle) ++end;
+    if (absl::Status s = device_->Unmap(segment.base + i * g, (end - i) * g); !s.ok()) return s;
+    std::fill(segment.chunks.begin() + i, segment.chunks.begin() + end, 0);
+    *released += end - i;
+    // Unmapped either way: a run the device would not take back is lost, not left mapped.
+    absl::Status s = device_->ReleasePhysical(handle);
     if (!s.ok()) return s;
-  }
-  for (Arena* arena : live_arenas_) {  // a gone arena has no free chunks, only ranges
-    if (!arena->expandable || !arena->shares_free_memory) continue;
-    for (Shard* other : arena->Shards()) {
-      if (handles->size() == wanted) return absl::OkStatus();
-      if (other == &shard) continue;
-      MutexLock lock(&other->mu);
-      absl::Status s = ReclaimFreeGranules(*other, wanted, nullptr, handles, mode);
-      if (!s.ok()) return s;
-    }
+    ++DeviceStats(arena).device_frees;
+    DeviceStats(arena).reserved_bytes.Decrease(static_cast<int64_t>((end - i) * g));
+    i = end;
   }
   return absl::OkStatus();
 }
 
-absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t wanted,
-                                                       const Block* keep,
-                                                       std::vector<PhysicalHandle>* handles,
-                                                       Unfinished mode) {
+absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, const Block* keep,
+                                                       Reclaim* reclaim, Unfinished mode) {
+  // The growing shard first, then the others, each locked alone; runs that fit before oversized
+  // ones go back. An arena that keeps its memory (a graph's pool) gives none of it up, not even
+  // to itself: a graph replays into the addresses it captured, so a run must never move from
+  // one address of its pool to another.
+  for (bool release_oversized : {false, true}) {
+    if (shard.arena->shares_free_memory) {
+      MutexLock lock(&shard.mu);
+      absl::Status s = ReclaimFreeRuns(shard, keep, reclaim, release_oversized, mode);
+      if (!s.ok()) return s;
+    }
+    for (Arena* arena : live_arenas_) {  // a gone arena has no free runs, only ranges
+      if (!arena->expandable || !arena->shares_free_memory) continue;
+      for (Shard* other : arena->Shards()) {
+        if (reclaim->missing() == 0) return absl::OkStatus();
+        if (other == &shard) continue;
+        MutexLock lock(&other->mu);
+        absl::Status s = ReclaimFreeRuns(*other, nullptr, reclaim, release_oversized, mode);
+        if (!s.ok()) return s;
+      }
+    }
+    if (reclaim->missing() == 0) break;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::ReclaimFreeRuns(Shard& shard, const Block* keep,
+                                                   Reclaim* reclaim, bool release_oversized,
+                                                   Unfinished mode) {
   const size_t g = granularity_;
+  if (reclaim->missing() == 0) return absl::OkStatus();
   shard.FlushQuick();
   struct Candidate {
     Block* block;
@@ -325,27 +361,58 @@ absl::Status CachingAllocatorImpl::ReclaimFreeGranules(Shard& shard, size_t want
       if (end > begin) candidates.push_back(Candidate{block, begin, end});
     }
   }
-  if (candidates.empty() || handles->size() >= wanted) return absl::OkStatus();
   // Unmapping never merges free blocks, and the only blocks it merges (unmapped neighbours) are
   // not candidates, so the candidate pointers stay valid throughout.
   for (const Candidate& candidate : candidates) {
-    if (handles->size() == wanted) break;
-    size_t take = std::min((candidate.end - candidate.begin) / g, wanted - handles->size());
-    Segment* segment = candidate.block->segment;
+    if (reclaim->missing() == 0) break;
+    Segment& segment = *candidate.block->segment;
+    const std::vector<Segment::Run> inside = segment.RunsInside(candidate.begin, candidate.end, g);
+    if (inside.empty()) continue;
     // Blocks freed in stream order may still be read or written by work queued on the stream.
     absl::StatusOr<bool> idle = FreedWorkDone(shard, *candidate.block, mode);
     if (!idle.ok()) return idle.status();
     if (!*idle) continue;
-    for (size_t i = 0; i < take; ++i) {
-      uintptr_t address = candidate.begin + i * g;
-      if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;
-      size_t index = (address - segment->base) / g;
-      handles->push_back(segment->chunks[index]);
-      segment->chunks[index] = 0;
+    // Adjacent runs: those that fit what is missing, or (release_oversized) any, until nothing
+    // is missing.
+    size_t first = 0;
+    size_t count = 0;
+    for (const Segment::Run& run : inside) {
+      const size_t room = reclaim->missing() - (release_oversized ? 0 : count);
+      if (release_oversized ? count >= reclaim->missing() : run.count > room) {
+        if (count == 0) continue;
+        break;
+      }
+      if (count == 0) first = run.first;
+      count += run.count;
     }
-    // The chunks now belong to the growing arena, which counts them when it maps them.
-    DeviceStats(*shard.arena).reserved_bytes.Decrease(static_cast<int64_t>(take * g));
-    shard.MarkUnmapped(candidate.block, candidate.begin, candidate.begin + take * g);
+    if (count == 0) continue;
+    // What was unmapped is marked so, even when the device refused part of it.
+    size_t unmapped = 0;
+    absl::Status status;
+    if (release_oversized) {
+      status = ReleaseRuns(*shard.arena, segment, first, count, &unmapped);
+      reclaim->released += std::min(unmapped, reclaim->missing());
+    } else {
+      for (size_t i = first; i < first + count;) {
+        const PhysicalHandle handle = segment.chunks[i];
+        size_t end = i + 1;
+        while (end < first + count && segment.chunks[end] == handle) ++end;
+        status = device_->Unmap(segment.base + i * g, (end - i) * g);
+        if (!status.ok()) break;
+        std::fill(segment.chunks.begin() + i, segment.chunks.begin() + end, 0);
+        reclaim->runs.push_back(PhysicalRun{handle, end - i});
+        reclaim->taken += end - i;
+        unmapped += end - i;
+        i = end;
+      }
+      // The runs now belong to the growing arena, which counts them when it maps them.
+      DeviceStats(*shard.arena).reserved_bytes.Decrease(static_cast<int64_t>(unmapped * g));
+    }
+    if (unmapped > 0) {
+      shard.MarkUnmapped(candidate.block, segment.base + first * g,
+                         segment.base + (first + unmapped) * g);
+    }
+    if (!status.ok()) return status;
   }
   return absl::OkStatus();
 }

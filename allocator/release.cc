@@ -71,7 +71,7 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, AddressRanges
       RetireSegment(segment);
       continue;
     }
-    // Expandable: unmap and release every whole free granule.
+    // Expandable: unmap and release every run lying wholly in free memory.
     std::vector<Block*> free_blocks;
     for (Block* block = segment->first; block != nullptr; block = block->next) {
       if (block->state == BlockState::kFree) free_blocks.push_back(block);
@@ -80,18 +80,21 @@ absl::Status CachingAllocatorImpl::ReleaseShardCache(Shard& shard, AddressRanges
       uintptr_t begin = RoundUp(block->address, g);
       uintptr_t end = RoundDown(block->address + block->size, g);
       if (end <= begin) continue;
+      const std::vector<Segment::Run> inside = segment->RunsInside(begin, end, g);
+      if (inside.empty()) continue;
       absl::StatusOr<bool> idle = FreedWorkDone(shard, *block, mode);
       if (!idle.ok()) return idle.status();
       if (!*idle) continue;
-      for (uintptr_t address = begin; address < end; address += g) {
-        size_t index = (address - segment->base) / g;
-        if (absl::Status s = device_->Unmap(address, g); !s.ok()) return s;
-        if (absl::Status s = device_->ReleasePhysical(segment->chunks[index]); !s.ok()) return s;
-        segment->chunks[index] = 0;
-        ++DeviceStats(arena).device_frees;
-        DeviceStats(arena).reserved_bytes.Decrease(static_cast<int64_t>(g));
+      // The runs inside are adjacent: one stretch, marked unmapped as far as it went.
+      const size_t first_run = inside.front().first;
+      const size_t count = inside.back().first + inside.back().count - first_run;
+      size_t released = 0;
+      absl::Status s = ReleaseRuns(arena, *segment, first_run, count, &released);
+      if (released > 0) {
+        shard.MarkUnmapped(block, segment->base + first_run * g,
+                           segment->base + (first_run + released) * g);
       }
-      shard.MarkUnmapped(block, begin, end);
+      if (!s.ok()) return s;
     }
     Block* first = segment->first;
     if (ranges == AddressRanges::kRelease && first->next == nullptr &&

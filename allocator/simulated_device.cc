@@ -201,6 +201,15 @@ absl::Status SimulatedDevice::Unmap(uintptr_t address, size_t bytes) {
   return absl::OkStatus();
 }
 
+std::pair<uintptr_t, size_t> SimulatedDevice::MappingAt(uintptr_t address) const {
+  MutexLock lock(&mu_);
+  auto it = mappings_.upper_bound(address);
+  if (it == mappings_.begin()) return {0, 0};
+  --it;
+  if (address - it->first >= it->second.first) return {0, 0};
+  return {it->first, it->second.first};
+}
+
 absl::StatusOr<Event> SimulatedDevice::CreateEvent() {
   MutexLock lock(&mu_);
   Event event = reinterpret_cast<Event>(next_event_handle_);

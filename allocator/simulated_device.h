@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
@@ -116,6 +117,9 @@ class SimulatedDevice : public GraphDevice {
 
   // --- Accounting, for tests ---
   size_t used_bytes() const;            // segments + physical chunks held
+  // The mapping that covers `address`, as {start, bytes} (one physical allocation mapped at
+  // once), or {0, 0} where nothing is mapped.
+  std::pair<uintptr_t, size_t> MappingAt(uintptr_t address) const;
   int64_t live_segments() const;        // segments + physical chunks + address ranges held
   int64_t live_events() const;
   int64_t synchronizations() const;     // stream and event synchronizations so far

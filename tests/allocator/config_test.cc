@@ -45,6 +45,7 @@ TEST_CASE("the empty configuration gives the documented defaults") {
     CHECK(config.expandable_segments);
     CHECK(config.max_split_size == SIZE_MAX);
     CHECK(config.expandable_reserve == 0);
+    CHECK(config.expandable_run == 16 * kMiB);
     CHECK(config.release_free_chunks_on_growth);
   }
   // A default-constructed Config agrees with the parsed one.
@@ -53,6 +54,7 @@ TEST_CASE("the empty configuration gives the documented defaults") {
   CHECK(constructed.expandable_segments == parsed.expandable_segments);
   CHECK(constructed.max_split_size == parsed.max_split_size);
   CHECK(constructed.expandable_reserve == parsed.expandable_reserve);
+  CHECK(constructed.expandable_run == parsed.expandable_run);
   CHECK(constructed.release_free_chunks_on_growth == parsed.release_free_chunks_on_growth);
 }
 
@@ -90,6 +92,15 @@ TEST_CASE("expandable_reserve_mb is read in MiB") {
   Config config = ParseOk("expandable_reserve_mb:3");
   CHECK(config.expandable_reserve == 3 * kMiB);
   CHECK(config.max_split_size == SIZE_MAX);
+}
+
+TEST_CASE("expandable_run_mb is read in MiB, 16 by default") {
+  CHECK(ParseOk("").expandable_run == 16 * kMiB);
+  CHECK(ParseOk("expandable_run_mb:2").expandable_run == 2 * kMiB);
+  CHECK(ParseOk("expandable_run_mb:1024").expandable_run == 1024 * kMiB);
+  for (const char* value : {"0", "-1", "x", "1048577"}) {
+    RequireErrorNaming(std::string("expandable_run_mb:") + value, "expandable_run_mb");
+  }
 }
 
 TEST_CASE("trace is not a configuration key") {

@@ -698,6 +698,29 @@ struct World {
   }
 };
 
+// Bytes of the physical allocations that the given live blocks (device, block) touch, as the
+// simulated devices have them mapped: what those blocks keep from going back to the device (a
+// run of physical memory goes back only whole). Each run counts once.
+template <typename BlockType>
+size_t PinnedRunBytes(const World& w, const std::vector<std::pair<int, const BlockType*>>& blocks) {
+  std::set<std::pair<int, uintptr_t>> runs;
+  size_t bytes = 0;
+  for (const auto& [device, block] : blocks) {
+    const uintptr_t end = block->address + block->size;
+    for (uintptr_t at = block->address / w.granularity * w.granularity; at < end;) {
+      const auto [start, size] = w.sims[device]->MappingAt(at);
+      if (size == 0) {  // not mapped: counted as the granule it is, so a mismatch shows
+        if (runs.insert({device, at}).second) bytes += w.granularity;
+        at += w.granularity;
+        continue;
+      }
+      if (runs.insert({device, start}).second) bytes += size;
+      at = start + size;
+    }
+  }
+  return bytes;
+}
+
 // What tidepool says before any runtime exists: versions, names, empty messages, and the
 // refusals of tidepool_init_simulated that must not make one.
 void CheckBeforeInit(const FuzzOptions& options) {
@@ -1200,25 +1223,15 @@ class SerialFuzzer {
 
   // --- Memory bounds ---------------------------------------------------------------------------
 
-  // Bytes of whole granules that the live blocks matching `which` touch.
+  // Bytes of the physical allocations (runs: docs/design.md) that the live blocks matching
+  // `which` touch, as the simulated device maps them: a run goes back to the device only whole.
   template <typename Which>
   size_t GranuleBytes(Which which) const {
-    const size_t g = w_.granularity;
-    size_t bytes = 0;
-    bool any = false;
-    uintptr_t last = 0;
+    std::vector<std::pair<int, const MBlock*>> blocks;
     for (const auto& [address, block] : live_) {
-      if (!which(block)) continue;
-      uintptr_t first = address / g;
-      const uintptr_t end = (address + block.size - 1) / g;
-      if (any && first <= last) first = last + 1;
-      if (first <= end) {
-        bytes += (end - first + 1) * g;
-        last = end;
-        any = true;
-      }
+      if (which(block)) blocks.push_back({block.device, &block});
     }
-    return bytes;
+    return PinnedRunBytes(w_, blocks);
   }
 
   // Bytes of a callback pool's segments that hold live blocks (all of them for a pool that does
@@ -3070,11 +3083,16 @@ class SerialFuzzer {
 // --- The concurrent fuzzer ------------------------------------------------------------------
 
 // Every thread's live blocks, for overlaps across threads, and a bound on the device memory they
-// and the allocations under way hold (for whether an out-of-memory error is allowed).
+// and the allocations under way hold (for whether an out-of-memory error is allowed): the
+// physical allocations (runs) the live blocks touch, as the simulated devices map them, since a
+// run goes back to the device only whole.
 class GlobalBlocks {
  public:
-  GlobalBlocks(int devices, size_t granularity)
-      : granularity_(granularity), pinned_(devices), inflight_(devices, 0) {}
+  explicit GlobalBlocks(const World& world)
+      : world_(world),
+        pinned_(world.devices),
+        pinned_bytes_(world.devices, 0),
+        inflight_(world.devices, 0) {}
 
   // An allocation of up to `need` bytes of device memory is under way; returns its ticket.
   int64_t Begin(int device, size_t need) {
@@ -3105,8 +3123,20 @@ class GlobalBlocks {
     }
     live_[address] = Listed{size, device, thread};
     if (device_memory) {
-      for (uintptr_t g = address / granularity_; g <= (address + size - 1) / granularity_; ++g) {
-        ++pinned_[device][g];
+      // The block was just allocated: the runs it lies in are mapped, and cannot move while it
+      // lives. They are remembered, since after its free they may move at once.
+      std::vector<uintptr_t>& runs = block_runs_[{device, address}];
+      const size_t g = world_.granularity;
+      for (uintptr_t at = address / g * g; at < address + size;) {
+        auto [start, bytes] = world_.sims[device]->MappingAt(at);
+        if (bytes == 0) start = at, bytes = g;  // unmapped: counted as a granule
+        Run& run = pinned_[device][start];
+        if (run.blocks++ == 0) {
+          run.bytes = bytes;
+          pinned_bytes_[device] += bytes;
+        }
+        runs.push_back(start);
+        at = start + bytes;
       }
       Touch(device);
     }
@@ -3117,13 +3147,19 @@ class GlobalBlocks {
     std::lock_guard<std::mutex> lock(mu_);
     live_.erase(address);
   }
-  // After its free: its granules no longer count.
-  void Unpin(uintptr_t address, size_t size, int device) {
+  // After its free: its runs no longer count.
+  void Unpin(uintptr_t address, int device) {
     std::lock_guard<std::mutex> lock(mu_);
-    for (uintptr_t g = address / granularity_; g <= (address + size - 1) / granularity_; ++g) {
-      auto it = pinned_[device].find(g);
-      if (it != pinned_[device].end() && --it->second == 0) pinned_[device].erase(it);
+    auto found = block_runs_.find({device, address});
+    if (found == block_runs_.end()) return;
+    for (uintptr_t start : found->second) {
+      auto it = pinned_[device].find(start);
+      if (it != pinned_[device].end() && --it->second.blocks == 0) {
+        pinned_bytes_[device] -= it->second.bytes;
+        pinned_[device].erase(it);
+      }
     }
+    block_runs_.erase(found);
   }
   size_t ListedCount() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -3145,17 +3181,23 @@ class GlobalBlocks {
     return absl::StrFormat("%#x (%u bytes, device %d, thread %d)", listed.first, listed.second.size,
                            listed.second.device, listed.second.thread);
   }
+  struct Run {
+    int64_t blocks = 0;
+    size_t bytes = 0;
+  };
   void Touch(int device) {
-    const size_t load = pinned_[device].size() * granularity_ + inflight_[device];
+    const size_t load = pinned_bytes_[device] + inflight_[device];
     for (auto& [id, ticket] : tickets_) {
       if (ticket.device == device) ticket.peak = std::max(ticket.peak, load);
     }
   }
 
-  const size_t granularity_;
+  const World& world_;
   std::mutex mu_;
   std::map<uintptr_t, Listed> live_;
-  std::vector<std::map<uintptr_t, int64_t>> pinned_;  // per device: granule -> live blocks on it
+  std::vector<std::map<uintptr_t, Run>> pinned_;  // per device: run start -> live blocks on it
+  std::vector<size_t> pinned_bytes_;              // per device: the bytes of those runs
+  std::map<std::pair<int, uintptr_t>, std::vector<uintptr_t>> block_runs_;  // each block's runs
   std::vector<size_t> inflight_;
   std::map<int64_t, Ticket> tickets_;
   int64_t next_ticket_ = 1;
@@ -3190,7 +3232,7 @@ struct Shared {
   Shared(World& world, int threads)
       : world(world),
         threads(threads),
-        blocks(world.devices, world.granularity),
+        blocks(world),
         barrier(threads + 1),
         captures(world.devices),
         capture_attempts(world.devices),
@@ -3810,7 +3852,7 @@ class Worker {
     Call(
         "tidepool_free", kOK, [&] { return tidepool_free(reinterpret_cast<void*>(block.address)); },
         /*compare=*/false);
-    s_.blocks.Unpin(block.address, block.size, block.device);
+    s_.blocks.Unpin(block.address, block.device);
     blocks_.erase(block.address);
     if (block.callback == nullptr) my_device_bytes_ -= block.size;
     if (block.exclusive) {
@@ -4175,15 +4217,13 @@ class Worker {
         if (it != blocks_.end() && it->first < start + size) expected += size;
       }
     } else {
-      std::set<uintptr_t> granules;
+      std::vector<std::pair<int, const WBlock*>> mine;
       for (const auto& [address, block] : blocks_) {
-        if (block.device != pool.device || !SamePool(block.pool, pool.id)) continue;
-        for (uintptr_t g = address / w_.granularity;
-             g <= (address + block.size - 1) / w_.granularity; ++g) {
-          granules.insert(g);
+        if (block.device == pool.device && SamePool(block.pool, pool.id)) {
+          mine.push_back({block.device, &block});
         }
       }
-      expected = granules.size() * w_.granularity;
+      expected = PinnedRunBytes(w_, mine);
     }
     if (static_cast<size_t>(stats.reserved) != expected) {
       rep_.Fail(
