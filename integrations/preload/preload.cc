@@ -146,9 +146,14 @@ const Driver& TheDriver() {
 
 // Set in a child after fork: everything goes to the real driver there.
 std::atomic<bool> forked{false};
-// Counts for TIDEPOOL_STATS.
+// Counts for TIDEPOOL_STATS, kept only when it asks for them: a shared counter bumped on every
+// allocation is a locked instruction on the pair's hot path (and a contended line across threads).
+std::atomic<bool> counting{false};
 std::atomic<int64_t> served_allocations{0};
 std::atomic<int64_t> passed_frees{0};
+inline void Count(std::atomic<int64_t>& counter) {
+  if (counting.load(std::memory_order_relaxed)) counter.fetch_add(1, std::memory_order_relaxed);
+}
 // Bumped whenever a stream is destroyed: per-thread caches of a stream's device compare it.
 std::atomic<uint64_t> stream_generation{1};
 
@@ -204,7 +209,10 @@ void Initialize() {
   static const bool done = [] {
     pthread_atfork(nullptr, nullptr, &OnFork);
     const char* stats = std::getenv("TIDEPOOL_STATS");
-    if (stats != nullptr && std::strcmp(stats, "1") == 0) std::atexit(&PrintStats);
+    if (stats != nullptr && std::strcmp(stats, "1") == 0) {
+      counting.store(true, std::memory_order_relaxed);
+      std::atexit(&PrintStats);
+    }
     return true;
   }();
   (void)done;
@@ -293,7 +301,7 @@ CUresult AllocateOn(CUdeviceptr* dptr, size_t bytes, int device, CUstream stream
   void* block = nullptr;
   const tidepool_status status = tidepool_malloc(&block, bytes, device, stream);
   if (status != TIDEPOOL_OK) return ToCuResult(status);
-  served_allocations.fetch_add(1, std::memory_order_relaxed);
+  Count(served_allocations);
   *dptr = reinterpret_cast<CUdeviceptr>(block);
   return CUDA_SUCCESS;
 }
@@ -327,7 +335,7 @@ CUresult SynchronousFree(CUdeviceptr dptr) {
     for (CUstream stream : streams) tidepool_record_stream(ptr, stream);
     return ToCuResult(tidepool_free(ptr));
   }
-  if (ptr != nullptr) passed_frees.fetch_add(1, std::memory_order_relaxed);
+  if (ptr != nullptr) Count(passed_frees);
   const Driver& d = TheDriver();
   return d.mem_free != nullptr ? d.mem_free(dptr) : CUDA_ERROR_NOT_INITIALIZED;
 }
@@ -352,7 +360,7 @@ CUresult AsyncFree(CUdeviceptr dptr, CUstream stream, bool per_thread) {
     const tidepool_status status = tidepool_free_async(ptr, stream);
     if (status != TIDEPOOL_INVALID_ARGUMENT) return ToCuResult(status);
   }
-  if (ptr != nullptr) passed_frees.fetch_add(1, std::memory_order_relaxed);
+  if (ptr != nullptr) Count(passed_frees);
   const Driver& d = TheDriver();
   auto real = per_thread ? d.mem_free_async_ptsz : d.mem_free_async;
   return real != nullptr ? real(dptr, stream) : CUDA_ERROR_NOT_INITIALIZED;
