@@ -409,6 +409,7 @@ absl::StatusOr<StreamId> CachingAllocator::StreamIdOf(Stream stream) const {
 absl::StatusOr<size_t> CachingAllocator::BlockSize(const void* ptr) const {
   return impl_->BlockSize(ptr);
 }
+bool CachingAllocator::Holds(const void* ptr) const { return impl_->Holds(ptr); }
 absl::StatusOr<CachingAllocator::SegmentRange> CachingAllocator::SegmentOf(const void* ptr) const {
   return impl_->RangeOf(ptr);
 }

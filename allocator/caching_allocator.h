@@ -125,6 +125,10 @@ class CachingAllocator {
 
   // Size of the live block at ptr (its rounded size), or an error as for Free.
   absl::StatusOr<size_t> BlockSize(const void* ptr) const;
+  // Whether `ptr` lies in memory this allocator holds now: one read of the page map, no error
+  // spelled out. For a caller with other owners to ask (another device, an external pool), so
+  // that a pointer of theirs costs no message built only to be dropped.
+  bool Holds(const void* ptr) const;
   // The segment that holds the live block at `ptr` (errors as for Free): its base and size, and
   // whether it is expandable (then the range is reserved address space, mapped in part).
   // PyTorch's base_alloc hook asks it, to share a block's whole allocation between processes.

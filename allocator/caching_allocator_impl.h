@@ -103,6 +103,9 @@ class CachingAllocatorImpl {
     return memory_limit_;
   }
   absl::StatusOr<size_t> BlockSize(const void* ptr) const;
+  bool Holds(const void* ptr) const {
+    return page_map_.Lookup(reinterpret_cast<uintptr_t>(ptr)) != nullptr;
+  }
   absl::StatusOr<CachingAllocator::SegmentRange> RangeOf(const void* ptr) const;
   void NoteCaptureBegin() ABSL_LOCKS_EXCLUDED(growth_mu_);
   absl::Status NoteCaptureEnd() ABSL_LOCKS_EXCLUDED(growth_mu_);

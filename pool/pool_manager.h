@@ -100,6 +100,8 @@ class PoolManager {
   // record_stream that no arena answers. INVALID_ARGUMENT when none does. Cheap when the device
   // has no external pool (one atomic load).
   absl::StatusOr<ExternalPool*> ExternalOwnerOf(const void* ptr) ABSL_LOCKS_EXCLUDED(mu_);
+  // Whether any external pool was ever attached (one relaxed read).
+  bool has_external() const { return external_count_.load(std::memory_order_relaxed) != 0; }
   // A pool with a graph id ({n, 0}) never shares its free memory, whatever `options` say.
   absl::Status Begin(PoolId pool, const RouteFilter& filter, const PoolOptions& options = {})
       ABSL_LOCKS_EXCLUDED(mu_);

@@ -152,6 +152,7 @@ absl::Status Runtime::FreeOnOtherDevices(void* ptr, absl::Status first) {
   // lookup instead of two, and an address outside an allocator's memory changes nothing there.
   if (!absl::IsInvalidArgument(first)) return first;
   for (size_t device = 1; device < devices_.size(); ++device) {
+    if (!devices_[device].allocator->Holds(ptr)) continue;
     absl::Status freed = devices_[device].allocator->Free(ptr);
     if (!absl::IsInvalidArgument(freed)) return freed;
   }
@@ -177,6 +178,8 @@ absl::Status Runtime::FreeOnStream(void* ptr, Stream stream) {
     return FreeRecorded(ptr);
   }
   for (const PerDevice& per_device : devices_) {
+    // A pointer the allocator does not hold is another owner's: no refusal spelled out for it.
+    if (OthersMayOwn() && !per_device.allocator->Holds(ptr)) continue;
     absl::Status freed = per_device.allocator->FreeOnStream(ptr, stream);
     if (!absl::IsInvalidArgument(freed)) return freed;
   }

@@ -106,8 +106,13 @@ class Runtime {
   // Frees a block of any device (the allocator's Free: see caching_allocator.h); errors as for
   // DeviceOf, and nothing changes on error.
   // Inline, as Allocate: device 0's allocator first, the others only if it does not own `ptr`.
+  // Where other owners exist, a pointer device 0 does not hold goes to them at once: the
+  // allocator's refusal would spell out a message only to be dropped (a symmetric pool's free).
   absl::Status Free(void* ptr) {
     if (ABSL_PREDICT_FALSE(recorder_ != nullptr)) return FreeRecorded(ptr);
+    if (ABSL_PREDICT_FALSE(OthersMayOwn()) && !devices_[0].allocator->Holds(ptr)) {
+      return FreeOnOtherDevices(ptr, NotDeviceZeros());
+    }
     absl::Status freed = devices_[0].allocator->Free(ptr);
     if (ABSL_PREDICT_TRUE(freed.ok())) return freed;
     return FreeOnOtherDevices(ptr, std::move(freed));
@@ -153,6 +158,12 @@ class Runtime {
                                          absl::StatusOr<void*> block);
   ABSL_ATTRIBUTE_NOINLINE absl::Status FreeRecorded(void* ptr);
   ABSL_ATTRIBUTE_NOINLINE absl::Status FreeOnOtherDevices(void* ptr, absl::Status first);
+  // Whether anything besides device 0's allocator may own a pointer: another device, or an
+  // external pool (a symmetric NCCL pool) on device 0.
+  bool OthersMayOwn() const { return devices_.size() > 1 || devices_[0].pools->has_external(); }
+  // Device 0's answer for a pointer it does not hold, as FreeOnOtherDevices reads it: no message
+  // (nobody sees it; the runtime's own says what went wrong).
+  static absl::Status NotDeviceZeros() { return absl::InvalidArgumentError(""); }
   // The error for a free of a pointer no allocator and no external pool of the runtime owns.
   absl::Status ForeignFree(const void* ptr) const;
   // The error for an ordinal the runtime does not have (see the file comment).
