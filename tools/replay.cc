@@ -1,9 +1,8 @@
-// Trace replay (see replay.h): the replay loop, its clean-up, and the table it prints.
+// Trace replay (see replay.h): tidepool through the shared loop (bench/replay_loop.h), the
+// clean-up after it, and the table it prints.
 #include "tools/replay.h"
 
 #include <algorithm>
-#include <chrono>
-#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <memory>
@@ -17,33 +16,14 @@
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "allocator/caching_allocator.h"
+#include "bench/replay_loop.h"
 
 namespace tidepool {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 
-// A trace pointer's replayed block: tidepool's pointer and the size the trace asked for.
-struct ReplayedBlock {
-  void* block = nullptr;
-  size_t requested_bytes = 0;
-  int64_t allocated_at_line = 0;
-};
-
-// Nearest-rank percentile (`fraction` in (0, 1]) of unsorted samples; sorts them.
-int64_t Percentile(std::vector<int64_t>& samples, double fraction) {
-  if (samples.empty()) return 0;
-  const size_t rank = static_cast<size_t>(std::ceil(fraction * samples.size()));
-  const size_t index = std::min(samples.size() - 1, rank == 0 ? 0 : rank - 1);
-  std::nth_element(samples.begin(), samples.begin() + index, samples.end());
-  return samples[index];
-}
-
-LatencySummary Summarize(std::vector<int64_t>& samples_ns) {
-  LatencySummary summary;
-  summary.p50_ns = Percentile(samples_ns, 0.50);
-  summary.p99_ns = Percentile(samples_ns, 0.99);
-  return summary;
+LatencySummary ToSummary(const bench::LoopLatency& latency) {
+  return LatencySummary{latency.p50_ns, latency.p99_ns, latency.max_ns};
 }
 
 // Keeps the first error of several steps: a clean-up failure must not hide the failure that
@@ -52,80 +32,42 @@ void KeepFirstError(absl::Status* first, absl::Status next) {
   if (first->ok()) *first = std::move(next);
 }
 
-// Adds where in the trace a failure happened.
-absl::Status AtLine(const TraceEvent& event, absl::string_view what, const absl::Status& status) {
-  return absl::Status(status.code(), absl::StrCat("trace line ", event.line, " (", what, "): ",
-                                                  status.message()));
-}
+// tidepool as bench/replay_loop.h drives it: a CachingAllocator and the stream made for each
+// trace stream.
+class LoopAllocator {
+ public:
+  LoopAllocator(CachingAllocator& allocator, const absl::flat_hash_map<uint64_t, Stream>& streams)
+      : allocator_(allocator), streams_(streams) {}
 
-// The replay proper: runs every event through `allocator`, filling `result` and `live`.
-absl::Status ReplayEvents(const Trace& trace, CachingAllocator& allocator,
-                          const absl::flat_hash_map<uint64_t, Stream>& streams,
-                          absl::flat_hash_map<uintptr_t, ReplayedBlock>& live,
-                          ReplayResult& result) {
-  std::vector<int64_t> malloc_ns;
-  std::vector<int64_t> free_ns;
-  malloc_ns.reserve(trace.events.size());
-  free_ns.reserve(trace.events.size());
-  int64_t live_bytes = 0;
-  const int64_t events = static_cast<int64_t>(trace.events.size());
-  const int64_t bucket =
-      std::max<int64_t>(1, (events + ReplayResult::kTimelinePoints - 1) /
-                               ReplayResult::kTimelinePoints);
-  int64_t index = 0;
-  int64_t bucket_live = 0;
-  for (const TraceEvent& event : trace.events) {
-    if (event.action == TraceAction::kAllocate) {
-      const std::string what =
-          absl::StrFormat("allocate %u bytes as 0x%x on stream 0x%x", event.size, event.pointer,
-                          event.stream);
-      auto existing = live.find(event.pointer);
-      if (existing != live.end()) {
-        return AtLine(event, what,
-                      absl::InvalidArgumentError(absl::StrCat(
-                          "the trace allocates a pointer that is still live (allocated at line ",
-                          existing->second.allocated_at_line, ")")));
-      }
-      const Stream stream = streams.at(event.stream);
-      const Clock::time_point start = Clock::now();
-      absl::StatusOr<void*> block = allocator.Allocate(event.size, stream);
-      const Clock::time_point end = Clock::now();
-      if (!block.ok()) return AtLine(event, what, block.status());
-      malloc_ns.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(end - start).count());
-      live[event.pointer] = ReplayedBlock{*block, event.size, event.line};
-      live_bytes += static_cast<int64_t>(event.size);
-      result.peak_live_bytes = std::max(result.peak_live_bytes, live_bytes);
-      ++result.allocations;
-    } else {
-      const std::string what = absl::StrFormat("free 0x%x", event.pointer);
-      auto freed = live.find(event.pointer);
-      if (freed == live.end()) {
-        return AtLine(event, what,
-                      absl::InvalidArgumentError(
-                          "the trace frees a pointer it never allocated, or already freed"));
-      }
-      const Clock::time_point start = Clock::now();
-      absl::Status status = allocator.Free(freed->second.block);
-      const Clock::time_point end = Clock::now();
-      if (!status.ok()) return AtLine(event, what, status);
-      free_ns.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(end - start).count());
-      live_bytes -= static_cast<int64_t>(freed->second.requested_bytes);
-      live.erase(freed);
-      ++result.frees;
+  bool Allocate(size_t bytes, uint64_t trace_stream, void** block, std::string* error) {
+    absl::StatusOr<void*> allocated = allocator_.Allocate(bytes, streams_.at(trace_stream));
+    if (!allocated.ok()) {
+      *error = allocated.status().ToString();
+      failure_ = allocated.status();
+      return false;
     }
-    bucket_live = std::max(bucket_live, live_bytes);
-    ++index;
-    if (index % bucket == 0 || index == events) {
-      result.timeline.push_back(
-          TimelinePoint{index, bucket_live, allocator.GetStats().reserved_bytes.current});
-      bucket_live = live_bytes;
-    }
+    *block = *allocated;
+    return true;
   }
-  result.stats = allocator.GetStats();
-  result.malloc_latency = Summarize(malloc_ns);
-  result.free_latency = Summarize(free_ns);
-  return absl::OkStatus();
-}
+  bool Free(void* block, std::string* error) {
+    absl::Status freed = allocator_.Free(block);
+    if (!freed.ok()) {
+      *error = freed.ToString();
+      failure_ = freed;
+    }
+    return freed.ok();
+  }
+  int64_t ReservedBytes() { return allocator_.GetStats().reserved_bytes.current; }
+  // The code of the allocator's failure, if it was the allocator that failed.
+  absl::StatusCode failure_code() const {
+    return failure_.ok() ? absl::StatusCode::kInvalidArgument : failure_.code();
+  }
+
+ private:
+  CachingAllocator& allocator_;
+  const absl::flat_hash_map<uint64_t, Stream>& streams_;
+  absl::Status failure_;
+};
 
 // Reads `"key": number` from a small flat JSON object. The reference files are written by a
 // script with one number per key, so a full JSON parser would add a dependency for nothing.
@@ -192,11 +134,32 @@ absl::StatusOr<ReplayResult> ReplayTrace(const Trace& trace, GraphDevice* device
   }
   result.streams = static_cast<int64_t>(created_streams.size());
 
-  absl::flat_hash_map<uintptr_t, ReplayedBlock> live;
-  if (status.ok()) status = ReplayEvents(trace, **allocator, streams, live, result);
+  bench::LoopResult loop;
+  if (status.ok()) {
+    std::vector<bench::LoopEvent> events;
+    events.reserve(trace.events.size());
+    for (const TraceEvent& event : trace.events) {
+      events.push_back(bench::LoopEvent{event.action == TraceAction::kAllocate, event.pointer,
+                                        event.size, event.stream, event.line});
+    }
+    LoopAllocator adapter(**allocator, streams);
+    std::string error;
+    if (!bench::ReplayLoop(events, adapter, &loop, &error)) {
+      status = absl::Status(adapter.failure_code(), error);
+    }
+    result.allocations = loop.allocations;
+    result.frees = loop.frees;
+    result.peak_live_bytes = loop.peak_live_bytes;
+    result.malloc_latency = ToSummary(loop.malloc_latency);
+    result.free_latency = ToSummary(loop.free_latency);
+    for (const bench::LoopPoint& point : loop.timeline) {
+      result.timeline.push_back(TimelinePoint{point.event, point.live_bytes, point.reserved_bytes});
+    }
+    result.stats = (*allocator)->GetStats();
+  }
 
   // Clean-up, whether or not the replay got to the end.
-  for (const auto& [trace_pointer, replayed] : live) {
+  for (const auto& [trace_pointer, replayed] : loop.live) {
     KeepFirstError(&status, (*allocator)->Free(replayed.block));
   }
   KeepFirstError(&status, (*allocator)->EmptyCache());
@@ -228,19 +191,20 @@ PytorchReference ReadPytorchReference(const std::string& trace_path) {
 std::string FormatReplayTable(const std::vector<ReplayRow>& rows) {
   std::string table =
       "| trace | allocations | peak live | peak reserved | reserved / live | PyTorch "
-      "| PyTorch expandable | device allocations | malloc p50 | malloc p99 | free p50 "
-      "| free p99 |\n"
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+      "| PyTorch expandable | device allocations | malloc p50 | malloc p99 | malloc max "
+      "| free p50 | free p99 |\n"
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
   for (const ReplayRow& row : rows) {
     const ReplayResult& result = row.result;
     absl::StrAppendFormat(
-        &table, "| %s | %d | %s | %s | %.3f | %s | %s | %d | %d ns | %d ns | %d ns | %d ns |\n",
+        &table,
+        "| %s | %d | %s | %s | %.3f | %s | %s | %d | %d ns | %d ns | %d ns | %d ns | %d ns |\n",
         row.trace_name, result.allocations, FormatGiB(result.peak_live_bytes),
         FormatGiB(result.stats.reserved_bytes.peak), result.reserved_over_live(),
         FormatRatio(row.pytorch.reserved_over_live),
         FormatRatio(row.pytorch.expandable_reserved_over_live), result.stats.device_allocations,
-        result.malloc_latency.p50_ns, result.malloc_latency.p99_ns, result.free_latency.p50_ns,
-        result.free_latency.p99_ns);
+        result.malloc_latency.p50_ns, result.malloc_latency.p99_ns, result.malloc_latency.max_ns,
+        result.free_latency.p50_ns, result.free_latency.p99_ns);
   }
   return table;
 }

@@ -29,6 +29,7 @@ namespace tidepool {
 struct LatencySummary {
   int64_t p50_ns = 0;
   int64_t p99_ns = 0;
+  int64_t max_ns = 0;
 };
 
 // Live and reserved bytes over a replay, one point per bucket of consecutive events: the most
