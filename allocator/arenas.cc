@@ -14,8 +14,9 @@ std::vector<Shard*> Arena::Shards() const {
   std::vector<Shard*> result;
   result.reserve(shards.size());
   for (const auto& [id, shard] : shards) result.push_back(shard.get());
-  std::sort(result.begin(), result.end(),
-            [](const Shard* a, const Shard* b) { return a->stream_id < b->stream_id; });
+  std::sort(result.begin(), result.end(), [](const Shard* a, const Shard* b) {
+    return a->stream_id != b->stream_id ? a->stream_id < b->stream_id : a->lane < b->lane;
+  });
   return result;
 }
 

@@ -29,7 +29,8 @@ std::atomic<uint64_t> next_allocator_serial{1};
 // does; past this many growths for one request, something is wrong with growth itself.
 constexpr int kMaxGrowthsPerAllocation = 64;
 
-// Per-thread cache of (arena, stream id) -> shard, so the hot path skips the shard table's lock.
+// Per-thread cache of (arena, stream id) -> shard (of the thread's lane), so the hot path skips
+// the shard table's lock.
 struct ShardCacheEntry {
   uint64_t serial = 0;
   const Arena* arena = nullptr;
@@ -39,6 +40,11 @@ struct ShardCacheEntry {
 constexpr int kShardCacheSize = 4;
 thread_local ShardCacheEntry shard_cache[kShardCacheSize];
 thread_local int shard_cache_next = 0;
+
+// Lanes (caching_allocator_impl.h): the calling thread's, 0 until it meets a contended shard.
+constexpr uint32_t kLanes = 16;
+std::atomic<uint32_t> next_thread_ordinal{0};
+thread_local uint32_t thread_lane = 0;
 
 }  // namespace
 
@@ -87,7 +93,7 @@ CachingAllocatorImpl::~CachingAllocatorImpl() {
   // Shards are destroyed outside their arena's shards_mu: a shard's mutex is never taken under
   // it.
   for (const auto& arena : arenas_) {
-    absl::flat_hash_map<StreamId, std::unique_ptr<Shard>> shards;
+    decltype(arena->shards) shards;
     {
       MutexLock lock(&arena->shards_mu);
       shards.swap(arena->shards);
@@ -108,9 +114,9 @@ absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Arena* arena, Stream strea
   Shard* shard;
   {
     MutexLock lock(&arena->shards_mu);
-    std::unique_ptr<Shard>& slot = arena->shards[*id];
+    std::unique_ptr<Shard>& slot = arena->shards[{*id, thread_lane}];
     if (slot == nullptr) {
-      slot = std::make_unique<Shard>(device_, arena, *id,
+      slot = std::make_unique<Shard>(device_, arena, *id, thread_lane,
                                      arena->expandable ? SIZE_MAX : config_.max_split_size,
                                      &free_epoch_, &captures_underway_);
     }
@@ -122,15 +128,44 @@ absl::StatusOr<Shard*> CachingAllocatorImpl::ShardFor(Arena* arena, Stream strea
   return shard;
 }
 
+Shard* CachingAllocatorImpl::LockShardToAllocate(Arena* arena, Stream stream,
+                                                absl::Status* status) {
+  absl::StatusOr<Shard*> found = ShardFor(arena, stream);
+  if (!found.ok()) {
+    *status = found.status();
+    return nullptr;
+  }
+  Shard* shard = *found;
+  if (ABSL_PREDICT_TRUE(shard->mu.TryLock())) return shard;
+  if (thread_lane == 0) {
+    found = MoveToLane(arena, stream);
+    if (!found.ok()) {
+      *status = found.status();
+      return nullptr;
+    }
+    shard = *found;
+  }
+  shard->mu.Lock();
+  return shard;
+}
+
+ABSL_ATTRIBUTE_NOINLINE absl::StatusOr<Shard*> CachingAllocatorImpl::MoveToLane(Arena* arena,
+                                                                               Stream stream) {
+  thread_lane = 1 + next_thread_ordinal.fetch_add(1, std::memory_order_relaxed) % (kLanes - 1);
+  for (ShardCacheEntry& entry : shard_cache) entry = ShardCacheEntry{};  // lane 0's shards
+  return ShardFor(arena, stream);
+}
+
 absl::StatusOr<void*> CachingAllocatorImpl::Allocate(Arena* arena, size_t bytes,
                                                      Stream stream) {
   absl::StatusOr<size_t> rounded = RoundRequest(bytes);
   if (!rounded.ok()) return rounded.status();
-  absl::StatusOr<Shard*> found = ShardFor(arena, stream);
-  if (!found.ok()) return found.status();
-  Shard& shard = **found;
+  absl::Status status;
+  Shard* const locked = LockShardToAllocate(arena, stream, &status);
+  if (locked == nullptr) return status;
+  Shard& shard = *locked;
   {
-    MutexLock lock(&shard.mu);
+    MutexLock lock(&shard.mu, std::adopt_lock);
     // Read under the shard's lock: RetireArena stores the state before it takes this lock to
     // count live blocks, so an allocation either sees the arena retired here or holds a block
     // that count sees. No block ever comes from an arena that is gone.

@@ -25,6 +25,18 @@
 // The machinery is one class whose methods live in files by job: caching_allocator.cc (the hot
 // paths), arenas.cc (arenas and capture marks), growth.cc, release.cc and observation.cc.
 //
+// Lanes. Threads that allocate on one stream share its shard, and so its lock; on a contended
+// lock (an inference server's workers on one stream) they would take turns, each handing the
+// shard's cache lines to the next. So a thread that finds a shard's lock taken when it allocates
+// moves, for good, to a lane of its own: another shard of the same stream, picked by the
+// thread's ordinal among 15, with its own lock, free lists and segments. Lanes are the stream's
+// shards like any other: every block is freed to the shard it came from, and growth takes free
+// runs back from every lane. A thread that never meets contention stays on lane 0, so a program
+// whose threads do not allocate on one stream at once behaves as if lanes did not exist. What a
+// lane costs: a block freed in one lane is reused by allocations in that lane only (reusing it
+// in another would be allowed by the stream-ordering contract, never required), so threads in
+// different lanes cache apart, as threads on different streams do.
+//
 // Lock order: growth_mu_, then one shard's mu (never two at once), then an arena's shards_mu (a
 // leaf). The public entry points take what they need themselves: none may be called with any of
 // these held (ABSL_LOCKS_EXCLUDED).
@@ -34,6 +46,7 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -77,9 +90,11 @@ class Arena {
 
   // A leaf lock: nothing is acquired while it is held.
   mutable Mutex shards_mu;
-  absl::flat_hash_map<StreamId, std::unique_ptr<Shard>> shards ABSL_GUARDED_BY(shards_mu);
+  // By stream id and lane.
+  absl::flat_hash_map<std::pair<StreamId, uint32_t>, std::unique_ptr<Shard>> shards
+      ABSL_GUARDED_BY(shards_mu);
 
-  // This arena's shards, ordered by stream id.
+  // This arena's shards, ordered by stream id, then lane.
   std::vector<Shard*> Shards() const ABSL_LOCKS_EXCLUDED(shards_mu);
 };
 
@@ -137,9 +152,16 @@ class CachingAllocatorImpl {
   const Config& config() const { return config_; }
 
  private:
-  // The shard of `stream` in `arena`, made on first use. Hot: a per-thread cache answers most
-  // calls.
+  // The shard of `stream` in `arena` for the calling thread's lane, made on first use. Hot: a
+  // per-thread cache answers most calls.
   absl::StatusOr<Shard*> ShardFor(Arena* arena, Stream stream);
+  // Allocate's shard, its lock taken: the thread's shard of the stream, or, if that one's lock
+  // was taken, the thread's own lane from now on (see lanes, above). Null with `status` set on
+  // error.
+  Shard* LockShardToAllocate(Arena* arena, Stream stream, absl::Status* status)
+      ABSL_NO_THREAD_SAFETY_ANALYSIS;
+  // The slow part of the above: moves the thread to its lane and returns that shard, unlocked.
+  absl::StatusOr<Shard*> MoveToLane(Arena* arena, Stream stream);
   // Allocate's slow path: the growth lock, growth, out-of-memory recovery. Out of line.
   absl::StatusOr<void*> AllocateSlow(Arena& arena, Shard& shard, size_t bytes, size_t rounded,
                                      Stream stream) ABSL_LOCKS_EXCLUDED(growth_mu_);
@@ -219,9 +241,10 @@ class CachingAllocatorImpl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   absl::Status MapExpandable(Shard& shard, const ExpandablePlacement& placement, Stream stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  // Records the fence of every shard of `stream` (one per arena that has served it): the handle
-  // of an allocation under way is alive. `renew`: Shard::RenewFence, else RecordFence. A record
-  // that fails leaves that shard without a fence (its memory is then only left alone).
+  // Records the fence of every shard of `stream` (one per arena and lane that served it) whose
+  // lock is free: the handle of an allocation under way is alive. `renew`: Shard::RenewFence,
+  // else RecordFence. A shard skipped, or a record that fails, leaves that shard without a new
+  // fence (its memory is then only left alone).
   void FenceStream(StreamId id, Stream stream, bool renew) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Whether the device (and the memory limit) can supply `bytes` more without taking cached
   // memory back.

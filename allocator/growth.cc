@@ -159,15 +159,14 @@ absl::Status CachingAllocatorImpl::ReserveExpandable(Shard& shard, size_t rounde
 
 void CachingAllocatorImpl::FenceStream(StreamId id, Stream stream, bool renew) {
   for (Arena* arena : live_arenas_) {
-    Shard* shard = nullptr;
-    {
-      MutexLock lock(&arena->shards_mu);
-      auto it = arena->shards.find(id);
-      if (it != arena->shards.end()) shard = it->second.get();
+    for (Shard* shard : arena->Shards()) {  // every lane of the stream
+      if (shard->stream_id != id) continue;
+      // A shard busy with an allocation gets no fence now: waiting for it would stall growth
+      // behind another thread's cached path (its memory is then only left alone).
+      if (!shard->mu.TryLock()) continue;
+      MutexLock lock(&shard->mu, std::adopt_lock);
+      (renew ? shard->RenewFence(stream) : shard->RecordFence(stream)).IgnoreError();
     }
-    if (shard == nullptr) continue;
-    MutexLock lock(&shard->mu);
-    (renew ? shard->RenewFence(stream) : shard->RecordFence(stream)).IgnoreError();
   }
 }
 
@@ -329,7 +328,10 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, const Block
       for (Shard* other : arena->Shards()) {
         if (reclaim->missing() == 0) return absl::OkStatus();
         if (other == &shard) continue;
-        MutexLock lock(&other->mu);
+        // A shard busy with an allocation is passed over rather than waited for (its memory
+        // stays; an out-of-memory retry takes every lock).
+        if (!other->mu.TryLock()) continue;
+        MutexLock lock(&other->mu, std::adopt_lock);
         absl::Status s = ReclaimFreeRuns(*other, nullptr, reclaim, release_oversized, mode);
         if (!s.ok()) return s;
       }

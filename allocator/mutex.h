@@ -15,6 +15,7 @@ namespace tidepool {
 class ABSL_LOCKABLE Mutex {
  public:
   void Lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() { mu_.lock(); }
+  bool TryLock() ABSL_EXCLUSIVE_TRYLOCK_FUNCTION(true) { return mu_.try_lock(); }
   void Unlock() ABSL_UNLOCK_FUNCTION() { mu_.unlock(); }
 
  private:
@@ -24,6 +25,9 @@ class ABSL_LOCKABLE Mutex {
 class ABSL_SCOPED_LOCKABLE MutexLock {
  public:
   explicit MutexLock(Mutex* mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : mu_(mu) { mu_->Lock(); }
+  // Takes over a lock the caller already holds (taken by a function the analysis cannot follow,
+  // such as one that picks which mutex to lock), and releases it at the end of the scope.
+  MutexLock(Mutex* mu, std::adopt_lock_t) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : mu_(mu) {}
   ~MutexLock() ABSL_UNLOCK_FUNCTION() { mu_->Unlock(); }
   MutexLock(const MutexLock&) = delete;
   MutexLock& operator=(const MutexLock&) = delete;

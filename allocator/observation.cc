@@ -61,10 +61,10 @@ std::string CachingAllocatorImpl::SnapshotJson(const Arena* only) const {
       for (const Segment* segment : shard->segments()) {
         absl::StrAppendFormat(
             &json,
-            R"(%s{"pool":"%s","address":%u,"size":%u,"stream":%u,"expandable":%s,"small":%s,)"
-            R"("blocks":[)",
+            R"(%s{"pool":"%s","address":%u,"size":%u,"stream":%u,"lane":%u,"expandable":%s,)"
+            R"("small":%s,"blocks":[)",
             first_segment ? "" : ",", arena->label, segment->base, segment->size,
-            shard->stream_id, segment->expandable ? "true" : "false",
+            shard->stream_id, shard->lane, segment->expandable ? "true" : "false",
             segment->small ? "true" : "false");
         first_segment = false;
         for (const Block* block = segment->first; block != nullptr; block = block->next) {

@@ -9,11 +9,13 @@
 
 namespace tidepool {
 
-Shard::Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size,
+Shard::Shard(Device* device, Arena* arena, StreamId stream_id, uint32_t lane,
+             size_t max_split_size,
              std::atomic<uint64_t>* free_epoch,
              const std::atomic<int>* captures_underway)
     : arena(arena),
       stream_id(stream_id),
+      lane(lane),
       device_(device),
       max_split_size_(max_split_size),
       free_epoch_(free_epoch),

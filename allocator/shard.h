@@ -60,7 +60,7 @@ class alignas(64) Shard {
  public:
   // `free_epoch` is the allocator's epoch counter (see CachingAllocatorImpl::free_epoch_), and
   // `captures_underway` its count of captures running on the device (read under `mu`).
-  Shard(Device* device, Arena* arena, StreamId stream_id, size_t max_split_size,
+  Shard(Device* device, Arena* arena, StreamId stream_id, uint32_t lane, size_t max_split_size,
         std::atomic<uint64_t>* free_epoch, const std::atomic<int>* captures_underway);
   ~Shard();
   Shard(const Shard&) = delete;
@@ -71,6 +71,9 @@ class alignas(64) Shard {
 
   Arena* const arena;
   const StreamId stream_id;
+  // Which of the stream's shards this is: 0, the one every thread starts on, or the lane of the
+  // threads that found it contended (caching_allocator_impl.h, lanes).
+  const uint32_t lane;
   // The stream handle allocations last reached this shard with, so that a free on the same
   // handle (FreeOnStream) need not ask the device for the stream's id. A handle reused by a
   // later stream after this one was destroyed only makes such a free skip recording: the block

@@ -358,7 +358,7 @@ tidepool_status tidepool_symmetric_end(int device, tidepool_pool_id pool);
 tidepool_status tidepool_stats_json(int device, const tidepool_pool_id* pool, char* buffer,
                                     size_t capacity, size_t* needed);
 
-// Every segment (its pool, address, size and stream) with its blocks (address, size, size
+// Every segment (its pool, address, size, stream and lane) with its blocks (address, size, size
 // requested, state).
 tidepool_status tidepool_snapshot_json(int device, const tidepool_pool_id* pool, char* buffer,
                                        size_t capacity, size_t* needed);

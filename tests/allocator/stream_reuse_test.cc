@@ -27,6 +27,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -675,6 +676,49 @@ TEST_CASE("EmptyCache does not give back a block freed on another stream after i
   CHECK(h.device.used_bytes() == 0);
   CHECK(h.device.live_segments() == 0);
   CHECK(h.violations.size() == violations_during_empty);  // none during the clean-up
+}
+
+TEST_CASE("a thread that finds its stream's shard busy allocates from a lane of its own") {
+  // Thread A allocates on S while the shard's lock is held for long: inside the lock, its
+  // allocation harvests a pending event, and the device's event query waits for the test. Thread
+  // B allocates on S meanwhile: it must not wait for A, but take its block from a lane of its
+  // own, and every block must go back to where it came from.
+  ReclaimHarness h;
+  void* used_elsewhere = h.Allocate(4096, h.s);
+  const uint64_t u_work = h.device.Enqueue(h.u);
+  REQUIRE(h.allocator->RecordStream(used_elsewhere, h.u).ok());
+  REQUIRE(h.allocator->Free(used_elsewhere).ok());  // pending on U's event: A will query it
+
+  std::promise<void> a_inside;
+  std::promise<void> release_a;
+  std::shared_future<void> released = release_a.get_future().share();
+  std::atomic<bool> first{true};
+  h.intercepting.after_event_check = [&] {
+    if (!first.exchange(false)) return;
+    a_inside.set_value();
+    released.wait();
+  };
+  std::future<void*> a = std::async(std::launch::async, [&] { return h.Allocate(8192, h.s); });
+  a_inside.get_future().wait();
+  std::future<void*> b = std::async(std::launch::async, [&] { return h.Allocate(8192, h.s); });
+  const bool b_waited_for_a = b.wait_for(std::chrono::seconds(20)) != std::future_status::ready;
+  release_a.set_value();
+  void* from_a = a.get();
+  void* from_b = b.get();
+  h.intercepting.after_event_check = nullptr;
+  CHECK_FALSE(b_waited_for_a);
+  CHECK(from_a != from_b);
+  // The snapshot shows B's block in a segment of another lane of the same stream.
+  const std::string snapshot = h.allocator->SnapshotJson();
+  INFO(snapshot);
+  CHECK(snapshot.find("\"lane\":0,") != std::string::npos);   // A's, the shard it waited in
+  CHECK(std::regex_search(snapshot, std::regex("\"lane\":[1-9]")));  // B's own
+  h.device.Complete(h.u, u_work);
+  REQUIRE(h.allocator->Free(from_a).ok());
+  REQUIRE(h.allocator->Free(from_b).ok());
+  REQUIRE(h.allocator->EmptyCache().ok());
+  CHECK(h.device.used_bytes() == 0);
+  CHECK(h.allocator->GetStats().active_blocks.current == 0);
 }
 
 }  // namespace
