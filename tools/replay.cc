@@ -152,9 +152,7 @@ absl::StatusOr<ReplayResult> ReplayTrace(const Trace& trace, GraphDevice* device
     result.peak_live_bytes = loop.peak_live_bytes;
     result.malloc_latency = ToSummary(loop.malloc_latency);
     result.free_latency = ToSummary(loop.free_latency);
-    for (const bench::LoopPoint& point : loop.timeline) {
-      result.timeline.push_back(TimelinePoint{point.event, point.live_bytes, point.reserved_bytes});
-    }
+    result.timeline = std::move(loop.timeline);
     result.stats = (*allocator)->GetStats();
   }
 

@@ -21,6 +21,7 @@
 #include "allocator/device.h"
 #include "allocator/graph_device.h"
 #include "allocator/stats.h"
+#include "bench/replay_loop.h"
 #include "trace/trace.h"
 
 namespace tidepool {
@@ -35,11 +36,8 @@ struct LatencySummary {
 // Live and reserved bytes over a replay, one point per bucket of consecutive events: the most
 // bytes live in the bucket (exact: the trace's own sizes) and tidepool's reserved bytes at its
 // end (the allocator's statistics, read between events, outside the timed calls).
-struct TimelinePoint {
-  int64_t event = 0;  // the bucket's last event, counted from 1
-  int64_t live_bytes = 0;
-  int64_t reserved_bytes = 0;
-};
+// The replay loop's own point (bench/replay_loop.h), which every allocator's replay shares.
+using TimelinePoint = bench::LoopPoint;
 
 struct ReplayResult {
   int64_t allocations = 0;
