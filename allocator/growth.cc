@@ -164,8 +164,8 @@ void CachingAllocatorImpl::FenceStream(StreamId id, Stream stream, bool renew) {
       // A shard busy with an allocation gets no fence now: waiting for it would stall growth
       // behind another thread's cached path (its memory is then only left alone).
       if (!shard->mu.TryLock()) continue;
-      MutexLock lock(&shard->mu, std::adopt_lock);
       (renew ? shard->RenewFence(stream) : shard->RecordFence(stream)).IgnoreError();
+      shard->mu.Unlock();
     }
   }
 }
@@ -331,8 +331,8 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, const Block
         // A shard busy with an allocation is passed over rather than waited for (its memory
         // stays; an out-of-memory retry takes every lock).
         if (!other->mu.TryLock()) continue;
-        MutexLock lock(&other->mu, std::adopt_lock);
         absl::Status s = ReclaimFreeRuns(*other, nullptr, reclaim, release_oversized, mode);
+        other->mu.Unlock();
         if (!s.ok()) return s;
       }
     }
