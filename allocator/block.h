@@ -45,7 +45,8 @@ struct Block {
   Block* next = nullptr;
   BlockState state = BlockState::kFree;
   // The allocator's free epoch when this memory was last freed (0: never used). Its memory may
-  // go back to the device once a device synchronization has started after that epoch.
+  // go back to the device, or move, once its shard's fence recorded after that epoch has
+  // completed, or a device synchronization has started after it (shard.h, the stream fence).
   uint64_t freed_epoch = 0;
   absl::InlinedVector<StreamUse, 1> uses;
 };
