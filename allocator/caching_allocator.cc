@@ -226,7 +226,7 @@ ABSL_ATTRIBUTE_NOINLINE absl::StatusOr<void*> CachingAllocatorImpl::AllocateSlow
       if (retries == 0) {
         // The allocating stream is alive: its free memory, in every arena, needs no more than
         // its fences.
-        FenceStream(shard.stream_id, stream, /*renew=*/false);
+        FenceStream(shard.stream_id, stream);
         left_unfinished_ = false;
       } else if (left_unfinished_) {
         mode = Unfinished::kSynchronize;

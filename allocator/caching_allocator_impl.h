@@ -13,10 +13,12 @@
 //
 // Waiting for freed work. The allocator never synchronizes the whole device to grow. Each shard
 // keeps a stream fence (shard.h): an event on its stream, recorded while an allocation on the
-// stream proves its handle alive. Growth takes back only chunks whose fence has completed, at no
-// cost; it waits for fences (one stream's event each) only when the device or the memory limit
-// cannot supply the rest; chunks no fence covers yet are left alone, and their shard is asked
-// for a fence. The whole device is synchronized only where nothing narrower is sound, each
+// stream proves its handle alive. Growth records the growing stream's fences and takes back its
+// free memory once they pass, waiting for that at most 100 µs (long enough on an idle stream,
+// never long for a busy one); from other streams it takes only chunks whose fence has completed.
+// It waits for fences (one stream's event each) only when the device or the memory limit cannot
+// supply the rest; chunks no fence covers yet are left alone, and their shard is asked for a
+// fence. The whole device is synchronized only where nothing narrower is sound, each
 // documented at its Unfinished mode below: an out-of-memory allocation's last retry, EmptyCache
 // and trimming (explicit calls that must give everything back), a retired pool's last free, a
 // graph pool's release (graph replays free nothing the allocator sees), and the end of a capture
@@ -216,6 +218,10 @@ class CachingAllocatorImpl {
     // Take only memory known idle (a completed fence, a synchronization since): growth first
     // looks for chunks this way, so that it never waits while the device has memory to give.
     kSkip,
+    // As kSkip, but a fence still running gets a brief wait (Shard::FenceWait::kBrief): for the
+    // growing stream's own memory, whose fence growth has just recorded; on an idle stream it
+    // passes within microseconds, and a busy stream is not waited for.
+    kBriefWait,
     // Wait for the fence that covers it (one stream's event); leave memory no fence covers
     // and ask its shard for a fence. Growth when the device cannot supply the rest, and an
     // out-of-memory allocation's first retry.
@@ -242,10 +248,9 @@ class CachingAllocatorImpl {
   absl::Status MapExpandable(Shard& shard, const ExpandablePlacement& placement, Stream stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Records the fence of every shard of `stream` (one per arena and lane that served it) whose
-  // lock is free: the handle of an allocation under way is alive. `renew`: Shard::RenewFence,
-  // else RecordFence. A shard skipped, or a record that fails, leaves that shard without a new
-  // fence (its memory is then only left alone).
-  void FenceStream(StreamId id, Stream stream, bool renew) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // lock is free: the handle of an allocation under way is alive. A shard skipped, or a record
+  // that fails, leaves that shard without a new fence (its memory is then only left alone).
+  void FenceStream(StreamId id, Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Whether the device (and the memory limit) can supply `bytes` more without taking cached
   // memory back.
   bool DeviceHasRoom(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
@@ -285,7 +290,9 @@ class CachingAllocatorImpl {
                                bool release_oversized, Unfinished mode)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_, shard.mu);
   // The same over the growing shard, then every other shard of every expandable arena that
-  // shares its free memory, each locked alone: first runs that fit, then oversized ones.
+  // shares its free memory, each locked alone: first runs that fit, then oversized ones. Under
+  // kSkip the shards of the growing stream itself get kBriefWait: growth has just recorded their
+  // fences.
   absl::Status ReclaimAcrossShards(Shard& shard, const Block* keep, Reclaim* reclaim,
                                    Unfinished mode) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Unmaps the runs of granules [first, first + count) of `segment` (whole runs) and gives them

@@ -157,14 +157,14 @@ absl::Status CachingAllocatorImpl::ReserveExpandable(Shard& shard, size_t rounde
   return absl::OkStatus();
 }
 
-void CachingAllocatorImpl::FenceStream(StreamId id, Stream stream, bool renew) {
+void CachingAllocatorImpl::FenceStream(StreamId id, Stream stream) {
   for (Arena* arena : live_arenas_) {
     for (Shard* shard : arena->Shards()) {  // every lane of the stream
       if (shard->stream_id != id) continue;
       // A shard busy with an allocation gets no fence now: waiting for it would stall growth
       // behind another thread's cached path (its memory is then only left alone).
       if (!shard->mu.TryLock()) continue;
-      (renew ? shard->RenewFence(stream) : shard->RecordFence(stream)).IgnoreError();
+      shard->RecordFence(stream).IgnoreError();
       shard->mu.Unlock();
     }
   }
@@ -183,14 +183,14 @@ absl::Status CachingAllocatorImpl::MapExpandable(Shard& shard,
   const size_t g = granularity_;
   Reclaim reclaim;
   reclaim.wanted = placement.to_map / g;
-  // Reclaiming queries and waits for events, which a capture forbids. First the runs known
-  // idle; then, only if the device cannot supply the rest, those a fence covers, waiting for it
-  // (this stream's fences recorded anew, so that they cover all its free memory).
+  // Reclaiming queries and waits for events, which a capture forbids. First this stream's free
+  // runs, after fences recorded now (so they cover all of it), and other streams' runs known
+  // idle; then, only if the device cannot supply the rest, other streams' runs a fence covers,
+  // waiting for it.
   if (config_.release_free_chunks_on_growth && captures_underway_.load() == 0) {
-    FenceStream(shard.stream_id, stream, /*renew=*/true);
+    FenceStream(shard.stream_id, stream);
     absl::Status s = ReclaimAcrossShards(shard, placement.target, &reclaim, Unfinished::kSkip);
     if (s.ok() && reclaim.missing() > 0 && !DeviceHasRoom(reclaim.missing() * g)) {
-      FenceStream(shard.stream_id, stream, /*renew=*/false);
       s = ReclaimAcrossShards(shard, placement.target, &reclaim, Unfinished::kWaitFence);
     }
     DeviceStats(arena).reserved_bytes.Increase(static_cast<int64_t>(reclaim.taken * g));
@@ -317,10 +317,16 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, const Block
   // ones go back. An arena that keeps its memory (a graph's pool) gives none of it up, not even
   // to itself: a graph replays into the addresses it captured, so a run must never move from
   // one address of its pool to another.
+  // The growing stream's own memory gets a brief wait for its fresh fences (see the
+  // declaration).
+  auto mode_for = [&](const Shard& owner) {
+    return owner.stream_id == shard.stream_id && mode == Unfinished::kSkip ? Unfinished::kBriefWait
+                                                                          : mode;
+  };
   for (bool release_oversized : {false, true}) {
     if (shard.arena->shares_free_memory) {
       MutexLock lock(&shard.mu);
-      absl::Status s = ReclaimFreeRuns(shard, keep, reclaim, release_oversized, mode);
+      absl::Status s = ReclaimFreeRuns(shard, keep, reclaim, release_oversized, mode_for(shard));
       if (!s.ok()) return s;
     }
     for (Arena* arena : live_arenas_) {  // a gone arena has no free runs, only ranges
@@ -331,7 +337,8 @@ absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, const Block
         // A shard busy with an allocation is passed over rather than waited for (its memory
         // stays; an out-of-memory retry takes every lock).
         if (!other->mu.TryLock()) continue;
-        absl::Status s = ReclaimFreeRuns(*other, nullptr, reclaim, release_oversized, mode);
+        absl::Status s =
+            ReclaimFreeRuns(*other, nullptr, reclaim, release_oversized, mode_for(*other));
         other->mu.Unlock();
         if (!s.ok()) return s;
       }

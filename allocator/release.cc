@@ -113,9 +113,12 @@ absl::StatusOr<bool> CachingAllocatorImpl::FreedWorkDone(Shard& shard, const Blo
                                                          Unfinished mode) {
   if (block.freed_epoch < quiet_before_) return true;
   if (shard.FenceCovers(block)) {
-    absl::StatusOr<bool> done = shard.FenceDone(/*wait=*/mode != Unfinished::kSkip);
+    const Shard::FenceWait how = mode == Unfinished::kSkip        ? Shard::FenceWait::kQuery
+                                 : mode == Unfinished::kBriefWait ? Shard::FenceWait::kBrief
+                                                                  : Shard::FenceWait::kBlock;
+    absl::StatusOr<bool> done = shard.FenceDone(how);
     if (!done.ok() || *done) return done;
-    left_unfinished_ = true;  // kSkip: the fence is still running
+    left_unfinished_ = true;  // kSkip, kBriefWait: the fence is still running
     return false;
   }
   if (mode == Unfinished::kSynchronize) {

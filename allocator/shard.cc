@@ -2,6 +2,7 @@
 #include "allocator/shard.h"
 
 #include <algorithm>
+#include <chrono>
 #include <utility>
 
 #include "absl/strings/str_format.h"
@@ -366,28 +367,25 @@ absl::Status Shard::RecordFence(Stream stream) {
   return absl::OkStatus();
 }
 
-absl::Status Shard::RenewFence(Stream stream) {
-  if (fence_epoch_ != 0 && !fence_complete_) {
-    absl::StatusOr<bool> done = FenceDone(/*wait=*/false);
-    if (!done.ok()) return done.status();
-    if (!*done) return absl::OkStatus();
-  }
-  return RecordFence(stream);
-}
-
-absl::StatusOr<bool> Shard::FenceDone(bool wait) {
+absl::StatusOr<bool> Shard::FenceDone(FenceWait how) {
   if (fence_epoch_ == 0) return false;
   if (fence_complete_) return true;
   if (Capturing()) return false;
-  if (wait) {
+  if (how == FenceWait::kBlock) {
     if (absl::Status s = device_->SynchronizeEvent(fence_); !s.ok()) return s;
     fence_complete_ = true;
     return true;
   }
-  absl::StatusOr<bool> done = device_->QueryEvent(fence_);
-  if (!done.ok()) return done.status();
-  fence_complete_ = *done;
-  return *done;
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::nanoseconds(kBriefFenceWaitNs);
+  while (true) {
+    absl::StatusOr<bool> done = device_->QueryEvent(fence_);
+    if (!done.ok()) return done.status();
+    fence_complete_ = *done;
+    if (*done || how == FenceWait::kQuery || std::chrono::steady_clock::now() >= deadline) {
+      return *done;
+    }
+  }
 }
 
 absl::Status Shard::WaitForEvents() {

@@ -117,17 +117,19 @@ class alignas(64) Shard {
   // allocation under way came with), never during a capture. A fence already recorded is
   // recorded again: it then covers everything freed so far, and completes later.
   absl::Status RecordFence(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
-  // RecordFence unless the fence is still running (it keeps covering what it covers, and will be
-  // done sooner than a new one): what growth does on the shard it grows.
-  absl::Status RenewFence(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // Whether the fence was recorded after free block `block` (of this shard) was freed.
   bool FenceCovers(const Block& block) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     return fence_epoch_ != 0 && block.freed_epoch < fence_epoch_;
   }
-  // Whether the fence has completed, waiting for it if `wait` (one stream's work, never the
-  // device's). False while a capture is underway, when an event may be neither queried nor
-  // waited for.
-  absl::StatusOr<bool> FenceDone(bool wait) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // How long FenceDone may wait: not at all (one query); briefly (queries for up to
+  // kBriefFenceWait, long enough for a fence just recorded on an idle stream to pass, far
+  // shorter than any stream's queued work); or until the fence has passed (one stream's work,
+  // never the device's).
+  enum class FenceWait { kQuery, kBrief, kBlock };
+  static constexpr int64_t kBriefFenceWaitNs = 100'000;
+  // Whether the fence has completed, waiting as `how` says. False while a capture is underway,
+  // when an event may be neither queried nor waited for.
+  absl::StatusOr<bool> FenceDone(FenceWait how) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
 
   // Harvests completed events without blocking. `all` scans every pending block; otherwise it
   // stops at the first one still waiting (cheap enough for every allocation). Does nothing while

@@ -5,7 +5,9 @@
 // that work is certainly still running: a block freed on its own stream is handed out again at
 // once (stream order makes that safe, and nothing waits), while a block that RecordStream says is
 // used on another stream is not handed out until that stream's work has completed, and is handed
-// out again after it has. A last test runs threads on their own streams at once, checking data.
+// out again after it has. A growth that takes free memory back waits for its own stream's fence,
+// never for another stream's work. A last test runs threads on their own streams at once,
+// checking data.
 #include <cuda.h>
 
 #include <functional>
@@ -63,6 +65,60 @@ TEST_CASE("a block freed on its own stream is reused at once, without waiting fo
   TIDEPOOL_REQUIRE_OK(device->DestroyEvent(*spun));
   TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
   TIDEPOOL_REQUIRE_OK(device->DestroyStream(stream));
+}
+
+TEST_CASE("a growth that takes free memory back waits for no other stream's work") {
+  // U runs a long spin kernel that uses none of T's memory. T frees a 16 MiB run and then grows
+  // by 64 MiB: the growth takes the free run back (it moves whole) once T's own fresh fence has
+  // passed (T is idle). Before stream fences, that took a device synchronization, which waited
+  // for U's kernel too.
+  std::unique_ptr<CudaDevice> device = RequireDevice();
+  SpinKernel spin(*device);
+  std::unique_ptr<CachingAllocator> allocator = RequireAllocator(*device, /*expandable=*/true);
+  Stream t = RequireStream(*device);
+  Stream u = RequireStream(*device);
+  absl::StatusOr<Event> spun = device->CreateEvent();
+  TIDEPOOL_REQUIRE_OK(spun);
+
+  absl::StatusOr<void*> target = allocator->Allocate(4096, u);
+  TIDEPOOL_REQUIRE_OK(target);
+  absl::StatusOr<void*> freed = allocator->Allocate(16 * kMiB, t);
+  TIDEPOOL_REQUIRE_OK(freed);
+  absl::StatusOr<void*> kept = allocator->Allocate(16 * kMiB, t);
+  TIDEPOOL_REQUIRE_OK(kept);
+  FillPattern(*device, reinterpret_cast<uintptr_t>(*kept), 16 * kMiB, 0xfe11ce00u, t);
+  TIDEPOOL_REQUIRE_OK(allocator->Free(*freed));
+  // T idle: the fence the growth records on it passes within its brief wait.
+  TIDEPOOL_REQUIRE_OK(device->SynchronizeStream(t));
+  const AllocatorStats before = allocator->GetStats();
+
+  spin.Launch(reinterpret_cast<uintptr_t>(*target), kSpinNanoseconds, 7, u);
+  TIDEPOOL_REQUIRE_OK(device->RecordEvent(*spun, u));
+  absl::StatusOr<void*> grown = allocator->Allocate(64 * kMiB, t);
+  TIDEPOOL_REQUIRE_OK(grown);
+  absl::StatusOr<bool> spin_done = device->QueryEvent(*spun);
+  TIDEPOOL_REQUIRE_OK(spin_done);
+  const AllocatorStats after = allocator->GetStats();
+  INFO("device allocations " << before.device_allocations << " -> " << after.device_allocations
+                             << ", reserved " << before.reserved_bytes.current << " -> "
+                             << after.reserved_bytes.current);
+  // The free run was taken back: 64 MiB took 48 MiB of new memory (three runs), not 64.
+  CHECK(after.reserved_bytes.current - before.reserved_bytes.current ==
+        static_cast<int64_t>(48 * kMiB));
+  // And U's kernel is still running: nothing waited for it.
+  CHECK_FALSE(*spin_done);
+
+  FillPattern(*device, reinterpret_cast<uintptr_t>(*grown), 64 * kMiB, 0x9e0e0000u, t);
+  CHECK(CountMismatches(*device, reinterpret_cast<uintptr_t>(*grown), 64 * kMiB, 0x9e0e0000u,
+                        t) == 0);
+  CHECK(CountMismatches(*device, reinterpret_cast<uintptr_t>(*kept), 16 * kMiB, 0xfe11ce00u,
+                        t) == 0);
+  TIDEPOOL_REQUIRE_OK(device->SynchronizeStream(u));
+  for (void* ptr : {*grown, *kept, *target}) TIDEPOOL_REQUIRE_OK(allocator->Free(ptr));
+  TIDEPOOL_REQUIRE_OK(device->DestroyEvent(*spun));
+  TIDEPOOL_REQUIRE_OK(allocator->EmptyCache());
+  TIDEPOOL_REQUIRE_OK(device->DestroyStream(t));
+  TIDEPOOL_REQUIRE_OK(device->DestroyStream(u));
 }
 
 TEST_CASE("a block used on another stream is reused only after that stream's work completes") {
