@@ -74,16 +74,11 @@ CachingAllocatorImpl::~CachingAllocatorImpl() {
     if (!segment->live) continue;
     if (segment->expandable) {
       // Run by run (block.h): each is unmapped and released whole, once.
-      for (size_t i = 0; i < segment->chunks.size();) {
-        const PhysicalHandle handle = segment->chunks[i];
-        size_t end = i + 1;
-        while (end < segment->chunks.size() && segment->chunks[end] == handle) ++end;
-        if (handle != 0) {
-          device_->Unmap(segment->base + i * granularity_, (end - i) * granularity_)
-              .IgnoreError();
-          device_->ReleasePhysical(handle).IgnoreError();
-        }
-        i = end;
+      for (const Segment::Run& run :
+           segment->RunsInside(segment->base, segment->base + segment->size, granularity_)) {
+        device_->Unmap(segment->base + run.first * granularity_, run.count * granularity_)
+            .IgnoreError();
+        device_->ReleasePhysical(segment->chunks[run.first]).IgnoreError();
       }
       device_->ReleaseAddressRange(segment->base, segment->size).IgnoreError();
     } else {

@@ -295,9 +295,13 @@ class CachingAllocatorImpl {
   // fences.
   absl::Status ReclaimAcrossShards(Shard& shard, const Block* keep, Reclaim* reclaim,
                                    Unfinished mode) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
-  // Unmaps the runs of granules [first, first + count) of `segment` (whole runs) and gives them
-  // back to the device, counting them off `arena`'s reserved bytes. Stops at the first failure;
-  // `released` says how many granules, from `first`, are unmapped.
+  // Unmaps the runs of granules [first, first + count) of `segment` (whole runs), in address
+  // order, clearing their chunk-table entries and appending them to `runs`. Stops at the first
+  // failure: `runs` then holds those unmapped before it.
+  absl::Status UnmapRuns(Segment& segment, size_t first, size_t count,
+                         std::vector<PhysicalRun>* runs) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
+  // UnmapRuns, then gives the runs back to the device, counting them off `arena`'s reserved
+  // bytes; `released` says how many granules, from `first`, are unmapped.
   absl::Status ReleaseRuns(Arena& arena, Segment& segment, size_t first, size_t count,
                            size_t* released) ABSL_EXCLUSIVE_LOCKS_REQUIRED(growth_mu_);
   // Returns every whole free segment and free mapped granule of every arena that shares its

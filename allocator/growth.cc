@@ -290,25 +290,38 @@ absl::Status CachingAllocatorImpl::RejectGrowth(Arena& arena, const Block* targe
   return cause;
 }
 
-absl::Status CachingAllocatorImpl::ReleaseRuns(Arena& arena, Segment& segment, size_t first,
-                                               size_t count, size_t* released) {
+absl::Status CachingAllocatorImpl::UnmapRuns(Segment& segment, size_t first, size_t count,
+                                             std::vector<PhysicalRun>* runs) {
   const size_t g = granularity_;
-  *released = 0;
-  for (size_t i = first; i < first + count;) {
-    const PhysicalHandle handle = segment.chunks[i];
-    size_t end = i + 1;
-    while (end < first + count && segment.chunks[end] == handle) ++end;
-    if (absl::Status s = device_->Unmap(segment.base + i * g, (end - i) * g); !s.ok()) return s;
-    std::fill(segment.chunks.begin() + i, segment.chunks.begin() + end, 0);
-    *released += end - i;
-    // Unmapped either way: a run the device would not take back is lost, not left mapped.
-    absl::Status s = device_->ReleasePhysical(handle);
+  for (const Segment::Run& run :
+       segment.RunsInside(segment.base + first * g, segment.base + (first + count) * g, g)) {
+    const PhysicalHandle handle = segment.chunks[run.first];
+    absl::Status s = device_->Unmap(segment.base + run.first * g, run.count * g);
     if (!s.ok()) return s;
-    ++DeviceStats(arena).device_frees;
-    DeviceStats(arena).reserved_bytes.Decrease(static_cast<int64_t>((end - i) * g));
-    i = end;
+    std::fill(segment.chunks.begin() + run.first,
+              segment.chunks.begin() + run.first + run.count, 0);
+    runs->push_back(PhysicalRun{handle, run.count});
   }
   return absl::OkStatus();
+}
+
+absl::Status CachingAllocatorImpl::ReleaseRuns(Arena& arena, Segment& segment, size_t first,
+                                               size_t count, size_t* released) {
+  std::vector<PhysicalRun> runs;
+  absl::Status status = UnmapRuns(segment, first, count, &runs);
+  *released = 0;
+  for (const PhysicalRun& run : runs) {
+    // Unmapped either way: a run the device would not take back is lost, not left mapped.
+    *released += run.granules;
+    absl::Status s = device_->ReleasePhysical(run.handle);
+    if (!s.ok()) {
+      if (status.ok()) status = s;
+      continue;
+    }
+    ++DeviceStats(arena).device_frees;
+    DeviceStats(arena).reserved_bytes.Decrease(static_cast<int64_t>(run.granules * granularity_));
+  }
+  return status;
 }
 
 absl::Status CachingAllocatorImpl::ReclaimAcrossShards(Shard& shard, const Block* keep,
@@ -402,18 +415,10 @@ absl::Status CachingAllocatorImpl::ReclaimFreeRuns(Shard& shard, const Block* ke
       status = ReleaseRuns(*shard.arena, segment, first, count, &unmapped);
       reclaim->released += std::min(unmapped, reclaim->missing());
     } else {
-      for (size_t i = first; i < first + count;) {
-        const PhysicalHandle handle = segment.chunks[i];
-        size_t end = i + 1;
-        while (end < first + count && segment.chunks[end] == handle) ++end;
-        status = device_->Unmap(segment.base + i * g, (end - i) * g);
-        if (!status.ok()) break;
-        std::fill(segment.chunks.begin() + i, segment.chunks.begin() + end, 0);
-        reclaim->runs.push_back(PhysicalRun{handle, end - i});
-        reclaim->taken += end - i;
-        unmapped += end - i;
-        i = end;
-      }
+      const size_t had = reclaim->runs.size();
+      status = UnmapRuns(segment, first, count, &reclaim->runs);
+      for (size_t i = had; i < reclaim->runs.size(); ++i) unmapped += reclaim->runs[i].granules;
+      reclaim->taken += unmapped;
       // The runs now belong to the growing arena, which counts them when it maps them.
       DeviceStats(*shard.arena).reserved_bytes.Decrease(static_cast<int64_t>(unmapped * g));
     }

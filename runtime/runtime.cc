@@ -177,9 +177,10 @@ absl::Status Runtime::FreeOnStream(void* ptr, Stream stream) {
     if (absl::Status recorded = RecordStream(ptr, stream); !recorded.ok()) return recorded;
     return FreeRecorded(ptr);
   }
+  // A pointer an allocator does not hold is another owner's: no refusal spelled out for it.
+  const bool others_may_own = OthersMayOwn();
   for (const PerDevice& per_device : devices_) {
-    // A pointer the allocator does not hold is another owner's: no refusal spelled out for it.
-    if (OthersMayOwn() && !per_device.allocator->Holds(ptr)) continue;
+    if (others_may_own && !per_device.allocator->Holds(ptr)) continue;
     absl::Status freed = per_device.allocator->FreeOnStream(ptr, stream);
     if (!absl::IsInvalidArgument(freed)) return freed;
   }
