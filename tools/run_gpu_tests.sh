@@ -8,7 +8,9 @@
 #
 # Prints `PASS name` or `FAIL name` per test, the whole output of each failing test, and last a
 # line `N passed, M failed`; exits non-zero if any test failed or none was found.
-# Environment: TIDEPOOL_TEST_TIMEOUT (seconds per test, default 900); TIDEPOOL_LIBCUDA (another
+# Environment: TIDEPOOL_TEST_TIMEOUT (seconds per test, default 900); TIDEPOOL_TEST_LOG_DIR (a
+# folder to keep every test's whole output in, as NAME.log, passing tests' too: what a closing
+# note quotes); TIDEPOOL_LIBCUDA (another
 # driver library than libcuda.so.1) and TIDEPOOL_NCCL_LIBRARY (found below when unset) reach the
 # tests unchanged.
 set -uo pipefail
@@ -50,6 +52,8 @@ command -v timeout >/dev/null 2>&1 && runner=(timeout "$timeout_s")
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
+log_dir="${TIDEPOOL_TEST_LOG_DIR:-}"
+[ -n "$log_dir" ] && mkdir -p "$log_dir"
 passed=0
 failed=0
 for name in "${names[@]}"; do
@@ -59,10 +63,12 @@ for name in "${names[@]}"; do
     failed=$((failed + 1))
     continue
   fi
+  start_s=$SECONDS
   "${runner[@]}" "./tests/$name" >"$log" 2>&1
   status=$?
+  [ -n "$log_dir" ] && cp "$log" "$log_dir/$name.log"
   if [ $status -eq 0 ]; then
-    echo "PASS $name"
+    echo "PASS $name ($((SECONDS - start_s)) s)"
     passed=$((passed + 1))
   else
     echo "FAIL $name"

@@ -13,6 +13,13 @@ fi
 venv="$(mktemp -d)/venv"
 trap 'rm -rf "$(dirname "$venv")"' EXIT
 python3 -m venv --system-site-packages "$venv" || { echo "FAIL python3 -m venv"; exit 1; }
+# Where python3 is itself a virtual environment's (as on the GPU host), --system-site-packages
+# reaches the base interpreter's packages, not that environment's: a .pth file adds the folder
+# torch is in, after the new environment's own site-packages (so the wheel's tidepool wins).
+torch_site="$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')" ||
+  { echo "FAIL python3 cannot import torch"; exit 1; }
+venv_site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "$torch_site" >"$venv_site/zz_host_packages.pth"
 # The bundle's own package must not shadow the installed one.
 unset PYTHONPATH TIDEPOOL_LIBRARY
 "$venv/bin/pip" install --no-index --no-deps "$wheel" >/dev/null ||
