@@ -164,11 +164,8 @@ int Replay(const std::vector<std::string>& traces, const std::string& timeline_d
     }
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(0);
     const int64_t peak_reserved = stats.reserved_bytes[0].peak;
-    const int64_t operations = result.allocations + result.frees;
-    const double wall_per_op =
-        operations == 0 ? 0.0
-                        : static_cast<double>(result.malloc_latency.total_ns +
-                                              result.free_latency.total_ns) / operations;
+    const double wall_per_op = tidepool::bench::WallPerOperationNs(
+        result.malloc_latency, result.free_latency, result.allocations + result.frees);
     const double gib = static_cast<double>(int64_t{1} << 30);
     std::printf("| %s | %lld | %.2f GiB | %.2f GiB | %.3f | %lld | %.0f ns | %lld ns | %lld ns | "
                 "%lld ns | %lld ns | %lld ns |\n",

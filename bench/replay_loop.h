@@ -47,6 +47,7 @@ struct LoopLatency {
   int64_t p99_ns = 0;
   int64_t max_ns = 0;
   int64_t total_ns = 0;
+  int64_t max_line = 0;  // the trace line of the slowest call (the first, on a tie)
 };
 
 struct LoopPoint {
@@ -75,6 +76,15 @@ struct LoopResult {
   std::unordered_map<uintptr_t, LoopBlock> live;
 };
 
+// The time spent inside the allocator's calls, mallocs and frees, per call: a replay's wall time
+// per operation (the loop's own bookkeeping between calls is not counted).
+inline double WallPerOperationNs(const LoopLatency& malloc_latency,
+                                 const LoopLatency& free_latency, int64_t operations) {
+  if (operations == 0) return 0.0;
+  return static_cast<double>(malloc_latency.total_ns + free_latency.total_ns) /
+         static_cast<double>(operations);
+}
+
 // Nearest-rank percentile (`fraction` in (0, 1]) of unsorted samples; reorders them.
 inline int64_t Percentile(std::vector<int64_t>& samples, double fraction) {
   if (samples.empty()) return 0;
@@ -84,11 +94,15 @@ inline int64_t Percentile(std::vector<int64_t>& samples, double fraction) {
   return samples[index];
 }
 
-inline LoopLatency Summarize(std::vector<int64_t>& samples_ns) {
+// `lines[i]` is the trace line of `samples_ns[i]`.
+inline LoopLatency Summarize(std::vector<int64_t>& samples_ns, const std::vector<int64_t>& lines) {
   LoopLatency latency;
-  for (int64_t sample : samples_ns) {
-    latency.total_ns += sample;
-    latency.max_ns = std::max(latency.max_ns, sample);
+  for (size_t i = 0; i < samples_ns.size(); ++i) {
+    latency.total_ns += samples_ns[i];
+    if (samples_ns[i] > latency.max_ns) {
+      latency.max_ns = samples_ns[i];
+      latency.max_line = lines[i];
+    }
   }
   latency.p50_ns = Percentile(samples_ns, 0.50);
   latency.p99_ns = Percentile(samples_ns, 0.99);
@@ -110,8 +124,12 @@ bool ReplayLoop(const std::vector<LoopEvent>& events, Allocator& allocator, Loop
   };
   std::vector<int64_t> malloc_ns;
   std::vector<int64_t> free_ns;
+  std::vector<int64_t> malloc_lines;
+  std::vector<int64_t> free_lines;
   malloc_ns.reserve(events.size());
   free_ns.reserve(events.size());
+  malloc_lines.reserve(events.size());
+  free_lines.reserve(events.size());
   const int64_t count = static_cast<int64_t>(events.size());
   const int64_t bucket = std::max<int64_t>(
       1, (count + LoopResult::kTimelinePoints - 1) / LoopResult::kTimelinePoints);
@@ -141,6 +159,7 @@ bool ReplayLoop(const std::vector<LoopEvent>& events, Allocator& allocator, Loop
         break;
       }
       malloc_ns.push_back(nanoseconds(start, end));
+      malloc_lines.push_back(event.line);
       result->live[event.pointer] = LoopBlock{block, event.size, event.line};
       live_bytes += static_cast<int64_t>(event.size);
       result->peak_live_bytes = std::max(result->peak_live_bytes, live_bytes);
@@ -163,6 +182,7 @@ bool ReplayLoop(const std::vector<LoopEvent>& events, Allocator& allocator, Loop
         break;
       }
       free_ns.push_back(nanoseconds(start, end));
+      free_lines.push_back(event.line);
       live_bytes -= static_cast<int64_t>(freed->second.requested_bytes);
       result->live.erase(freed);
       ++result->frees;
@@ -174,8 +194,8 @@ bool ReplayLoop(const std::vector<LoopEvent>& events, Allocator& allocator, Loop
       bucket_live = live_bytes;
     }
   }
-  result->malloc_latency = Summarize(malloc_ns);
-  result->free_latency = Summarize(free_ns);
+  result->malloc_latency = Summarize(malloc_ns, malloc_lines);
+  result->free_latency = Summarize(free_ns, free_lines);
   return ok;
 }
 

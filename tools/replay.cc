@@ -22,10 +22,6 @@ namespace tidepool {
 namespace {
 
 
-LatencySummary ToSummary(const bench::LoopLatency& latency) {
-  return LatencySummary{latency.p50_ns, latency.p99_ns, latency.max_ns};
-}
-
 // Keeps the first error of several steps: a clean-up failure must not hide the failure that
 // caused the clean-up.
 void KeepFirstError(absl::Status* first, absl::Status next) {
@@ -107,6 +103,10 @@ std::string TraceStem(const std::string& trace_path) {
 
 }  // namespace
 
+double ReplayResult::wall_per_op_ns() const {
+  return bench::WallPerOperationNs(malloc_latency, free_latency, allocations + frees);
+}
+
 double ReplayResult::reserved_over_live() const {
   if (peak_live_bytes == 0) return 0.0;
   return static_cast<double>(stats.reserved_bytes.peak) / static_cast<double>(peak_live_bytes);
@@ -150,8 +150,8 @@ absl::StatusOr<ReplayResult> ReplayTrace(const Trace& trace, GraphDevice* device
     result.allocations = loop.allocations;
     result.frees = loop.frees;
     result.peak_live_bytes = loop.peak_live_bytes;
-    result.malloc_latency = ToSummary(loop.malloc_latency);
-    result.free_latency = ToSummary(loop.free_latency);
+    result.malloc_latency = loop.malloc_latency;
+    result.free_latency = loop.free_latency;
     result.timeline = std::move(loop.timeline);
     result.stats = (*allocator)->GetStats();
   }
@@ -189,19 +189,20 @@ PytorchReference ReadPytorchReference(const std::string& trace_path) {
 std::string FormatReplayTable(const std::vector<ReplayRow>& rows) {
   std::string table =
       "| trace | allocations | peak live | peak reserved | reserved / live | PyTorch "
-      "| PyTorch expandable | device allocations | malloc p50 | malloc p99 | malloc max "
-      "| free p50 | free p99 |\n"
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+      "| PyTorch expandable | device allocations | wall per op | malloc p50 | malloc p99 "
+      "| malloc max | free p50 | free p99 |\n"
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
   for (const ReplayRow& row : rows) {
     const ReplayResult& result = row.result;
     absl::StrAppendFormat(
         &table,
-        "| %s | %d | %s | %s | %.3f | %s | %s | %d | %d ns | %d ns | %d ns | %d ns | %d ns |\n",
+        "| %s | %d | %s | %s | %.3f | %s | %s | %d | %.0f ns | %d ns | %d ns | %d ns | %d ns "
+        "| %d ns |\n",
         row.trace_name, result.allocations, FormatGiB(result.peak_live_bytes),
         FormatGiB(result.stats.reserved_bytes.peak), result.reserved_over_live(),
         FormatRatio(row.pytorch.reserved_over_live),
         FormatRatio(row.pytorch.expandable_reserved_over_live), result.stats.device_allocations,
-        result.malloc_latency.p50_ns, result.malloc_latency.p99_ns, result.malloc_latency.max_ns,
+        result.wall_per_op_ns(), result.malloc_latency.p50_ns, result.malloc_latency.p99_ns, result.malloc_latency.max_ns,
         result.free_latency.p50_ns, result.free_latency.p99_ns);
   }
   return table;

@@ -26,12 +26,8 @@
 
 namespace tidepool {
 
-// Percentiles of the wall time of one kind of call, in nanoseconds.
-struct LatencySummary {
-  int64_t p50_ns = 0;
-  int64_t p99_ns = 0;
-  int64_t max_ns = 0;
-};
+// Percentiles and total of the wall time of one kind of call, in nanoseconds: the loop's own.
+using LatencySummary = bench::LoopLatency;
 
 // Live and reserved bytes over a replay, one point per bucket of consecutive events: the most
 // bytes live in the bucket (exact: the trace's own sizes) and tidepool's reserved bytes at its
@@ -58,6 +54,9 @@ struct ReplayResult {
 
   // Peak reserved bytes over peak live bytes: 1.0 is the floor, lower is better.
   double reserved_over_live() const;
+  // Time inside the allocator's calls (mallocs and frees) over the calls: the replay's wall time
+  // per operation, as the PyTorch anchor (bench/pytorch_anchor.cc) prints it.
+  double wall_per_op_ns() const;
 };
 
 // Replays `trace` on `device` with a new CachingAllocator configured by `config`. The device is a

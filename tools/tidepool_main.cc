@@ -157,9 +157,13 @@ absl::Status RunReplay(const ReplayCommand& command) {
       return absl::Status(result.status().code(),
                           absl::StrCat(path, ": ", result.status().message()));
     }
-    std::fprintf(stderr, "replayed %s: %lld events on %lld streams\n", path.c_str(),
-                 static_cast<long long>(trace->events.size()),
-                 static_cast<long long>(result->streams));
+    std::fprintf(stderr,
+                 "replayed %s: %lld events on %lld streams; slowest malloc at trace line %lld "
+                 "(%lld ns)\n",
+                 path.c_str(), static_cast<long long>(trace->events.size()),
+                 static_cast<long long>(result->streams),
+                 static_cast<long long>(result->malloc_latency.max_line),
+                 static_cast<long long>(result->malloc_latency.max_ns));
     if (!command.plot_path.empty()) {
       if (absl::Status s = WritePlot(command, path, *result); !s.ok()) return s;
     }

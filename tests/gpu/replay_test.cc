@@ -1,4 +1,4 @@
-// Replays the four bundled PyTorch traces on the real GPU, and checks that the CUDA device gives
+// Replays the bundled PyTorch traces on the real GPU, and checks that the CUDA device gives
 // the same answer as the simulated one.
 //
 // Placement in tidepool depends on the sequence of calls, the device's granularity, and (to break
@@ -27,7 +27,9 @@ namespace {
 
 TEST_CASE("bundled traces replay on the GPU exactly as on the simulated device", "[gpu]") {
   const std::string name = GENERATE(as<std::string>{}, "gpt2_train", "gpt2_varlen_infer",
-                                    "resnet18_prefetch_train", "resnet50_train");
+                                    "resnet18_prefetch_train", "resnet50_train",
+                                    "varlen_small_infer", "generate_tokens",
+                                    "checkpoint_amp_train");
   const bool expandable = GENERATE(true, false);
   INFO("trace " << name << (expandable ? " (expandable segments)" : " (plain segments)"));
   absl::StatusOr<Trace> trace = ReadTrace("traces/" + name + ".csv.gz");

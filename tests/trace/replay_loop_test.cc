@@ -4,9 +4,11 @@
 // latency summaries, the blocks left live, and the errors that name a trace line.
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bench/replay_loop.h"
@@ -24,6 +26,7 @@ class FakeAllocator {
       *error = "refused on purpose";
       return false;
     }
+    if (bytes == slow_size) std::this_thread::sleep_for(std::chrono::milliseconds(5));
     next_ += 0x1000;
     *block = reinterpret_cast<void*>(next_);
     blocks_[next_] = bytes;
@@ -43,6 +46,7 @@ class FakeAllocator {
   int64_t ReservedBytes() { return reserved; }
 
   size_t fail_at_size = 0;
+  size_t slow_size = 0;  // an allocation of this size takes 5 ms
   int64_t reserved = 0;
   std::vector<uint64_t> streams;
 
@@ -82,6 +86,12 @@ TEST_CASE("the loop counts, keeps the live floor, and leaves the unfreed blocks 
   CHECK(result.malloc_latency.max_ns >= result.malloc_latency.p99_ns);
   CHECK(result.malloc_latency.p99_ns >= result.malloc_latency.p50_ns);
   CHECK(result.malloc_latency.total_ns >= result.malloc_latency.max_ns);
+  // Wall time per operation: the calls' time, mallocs and frees, over the 5 calls.
+  const double per_op = bench::WallPerOperationNs(result.malloc_latency, result.free_latency, 5);
+  CHECK(per_op * 5 == Approx(static_cast<double>(result.malloc_latency.total_ns +
+                                                 result.free_latency.total_ns)));
+  CHECK(per_op > 0);
+  CHECK(bench::WallPerOperationNs(result.malloc_latency, result.free_latency, 0) == 0.0);
 }
 
 TEST_CASE("the timeline has at most kTimelinePoints points, each a bucket's most live bytes") {
@@ -97,6 +107,19 @@ TEST_CASE("the timeline has at most kTimelinePoints points, each a bucket's most
   CHECK(result.timeline.size() <= static_cast<size_t>(LoopResult::kTimelinePoints));
   CHECK(result.timeline.back().event == 5000);
   for (const bench::LoopPoint& point : result.timeline) CHECK(point.live_bytes > 0);
+}
+
+TEST_CASE("the latency summary names the slowest call's trace line") {
+  FakeAllocator fake;
+  fake.slow_size = 300;
+  LoopResult result;
+  std::string error;
+  REQUIRE(bench::ReplayLoop({Allocate(0xa, 100, 0, 2), Allocate(0xb, 300, 0, 3),
+                             Allocate(0xc, 50, 0, 4), Free(0xb, 5)},
+                            fake, &result, &error));
+  CHECK(result.malloc_latency.max_line == 3);
+  CHECK(result.malloc_latency.max_ns >= 5'000'000);
+  CHECK(result.free_latency.max_line == 5);  // the only free
 }
 
 TEST_CASE("a trace's own mistakes and the allocator's refusals stop the loop at their line") {

@@ -17,7 +17,10 @@ namespace {
 TEST_CASE("the anchor's reader and tidepool's read the bundled traces alike") {
   const char* const traces[] = {"traces/gpt2_train.csv.gz", "traces/gpt2_varlen_infer.csv.gz",
                                 "traces/resnet18_prefetch_train.csv.gz",
-                                "traces/resnet50_train.csv.gz"};
+                                "traces/resnet50_train.csv.gz",
+                                "traces/varlen_small_infer.csv.gz",
+                                "traces/generate_tokens.csv.gz",
+                                "traces/checkpoint_amp_train.csv.gz"};
   for (const char* path : traces) {
     INFO(path);
     absl::StatusOr<Trace> ours = ReadTrace(path);
