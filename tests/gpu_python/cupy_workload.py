@@ -8,6 +8,12 @@ memory as CuPy's OutOfMemoryError; then the same computations with CuPy's defaul
 uninstall(), compared with tidepool's. Prints one PASS / FAIL line per check and tidepool's
 statistics (allocations served > 0), and exits 1 if anything failed.
 
+With --interposed, the same program unmodified, for a run under LD_PRELOAD=libtidepool_preload.so
+(tests/gpu_python/cupy_interposed.py starts it so): tidepool.cupy is not installed, and CuPy's
+own pool is turned off (cupy.cuda.set_allocator(None)) so that each array is a cudaMalloc, which
+the interposer serves. The record_stream part and the comparison with CuPy's pool need
+tidepool.cupy and are left out; out of memory must still be CuPy's OutOfMemoryError.
+
 Needs CuPy and a GPU. The runner sets PYTHONPATH (the tidepool package, integrations/python) and
 TIDEPOOL_LIBRARY (libtidepool.so.1). Runs in well under a minute.
 """
@@ -29,18 +35,24 @@ def close(name, got, want, rtol=1e-4, atol=1e-4):
     check(name, ok, detail)
 
 
-def main():
+def main(interposed):
     started = time.time()
     import numpy as np
     import cupy as cp
-    import tidepool.cupy
 
-    allocator = tidepool.cupy.install()
-    print("tidepool.cupy installed from %s (C entry points: %s)"
-          % (tidepool.library_path(), allocator.functions.native))
-    check("install makes tidepool CuPy's allocator", cp.cuda.get_allocator() is allocator)
-    device = cp.cuda.Device().id
-    before = tidepool.cupy.memory_stats(device)
+    if interposed:
+        cp.cuda.set_allocator(None)  # every array a cudaMalloc: the interposer's to serve
+        allocator = None
+        print("CuPy's pool off; allocations go to cudaMalloc (LD_PRELOAD=%s)"
+              % os.environ.get("LD_PRELOAD", ""))
+    else:
+        import tidepool.cupy
+        allocator = tidepool.cupy.install()
+        print("tidepool.cupy installed from %s (C entry points: %s)"
+              % (tidepool.library_path(), allocator.functions.native))
+        check("install makes tidepool CuPy's allocator", cp.cuda.get_allocator() is allocator)
+        device = cp.cuda.Device().id
+        before = tidepool.cupy.memory_stats(device)
 
     square = cp.ElementwiseKernel("float32 x, float32 y", "float32 z", "z = x * x + y",
                                   "tidepool_square_add")
@@ -98,8 +110,10 @@ def main():
             got, host = workload("own stream")
             stream.synchronize()
         verify("tidepool, own stream:", got, host)
-        check("allocations followed the stream change",
-              (device, stream.ptr) in allocator.cached_streams(), str(allocator.cached_streams()))
+        if allocator is not None:
+            check("allocations followed the stream change",
+                  (device, stream.ptr) in allocator.cached_streams(),
+                  str(allocator.cached_streams()))
     run("workload on a stream of its own", own_stream)
 
     def cross_stream():
@@ -114,7 +128,8 @@ def main():
         close("record_stream: work on the other stream saw intact data", cp.asnumpy(y[:5]),
               np.arange(5, dtype=np.float32) * 2)
         check("record_stream: new block zeroed", float(z.sum()) == 0.0)
-    run("a block used on two streams, declared with record_stream", cross_stream)
+    if not interposed:
+        run("a block used on two streams, declared with record_stream", cross_stream)
 
     def churn():
         rng = np.random.default_rng(7)
@@ -134,13 +149,21 @@ def main():
             cp.empty(1 << 50, dtype=cp.uint8)
         except cp.cuda.memory.OutOfMemoryError as error:
             check("out of memory raises CuPy's OutOfMemoryError",
-                  isinstance(error.__cause__, tidepool.OutOfMemoryError), repr(error.__cause__))
+                  interposed or isinstance(error.__cause__, tidepool.OutOfMemoryError),
+                  repr(error.__cause__))
+        except cp.cuda.runtime.CUDARuntimeError as error:
+            # Without a pool CuPy passes cudaMalloc's own error up: the interposer's answer.
+            check("out of memory is cudaMalloc's cudaErrorMemoryAllocation",
+                  interposed and "cudaErrorMemoryAllocation" in str(error), str(error))
         else:
             check("out of memory raises CuPy's OutOfMemoryError", False, "nothing raised")
     run("out of memory", out_of_memory)
 
     gc.collect()
     cp.cuda.Device().synchronize()
+    if interposed:  # the interposer prints its statistics at exit (TIDEPOOL_STATS=1)
+        print("elapsed %.1f s" % (time.time() - started))
+        return finish()
     after = tidepool.cupy.memory_stats(device)
     served = after["active_blocks"]["added"] - before["active_blocks"]["added"]
     check("tidepool served the allocations", served > 0, "active_blocks.added grew by %d" % served)
@@ -168,4 +191,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(interposed="--interposed" in sys.argv[1:]))
