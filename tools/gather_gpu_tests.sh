@@ -8,6 +8,7 @@
 #   tools/gather_gpu_tests.sh OUTDIR          e.g. tools/gather_gpu_tests.sh gpu_bundle
 #
 # Layout of OUTDIR: run_gpu_tests.sh, tests/<test>, <program> (tidepool, benchmarks), traces/,
+# symmetric_ranks_test with run_symmetric_ranks.sh (two or more GPUs: tests/gpu_multi),
 # installed/ (libtidepool.so.1 and libtidepool_preload.so as tools/install lays them out, and a
 # C program built against it, which tests/installed_program runs with an empty environment),
 # python/ (the tidepool package, for the PyTorch, CuPy and Numba scripts in tests/), wheel/ (the
@@ -62,7 +63,9 @@ fi
 library_label=//integrations/c_api:libtidepool.so.1
 preload_label=//integrations/preload:libtidepool_preload.so
 wheel_label=//integrations/python/wheel:wheel
-bazel build "${tests[@]}" "${programs[@]}" "$library_label" "$preload_label" "$wheel_label"
+multi_gpu_label=//tests/gpu_multi:symmetric_ranks_test
+bazel build "${tests[@]}" "${programs[@]}" "$library_label" "$preload_label" "$wheel_label" \
+  "$multi_gpu_label"
 bin_dir="$(bazel info bazel-bin)"
 
 # The shared libraries a binary may need on the GPU host: the C and C++ runtimes only.
@@ -106,6 +109,10 @@ done
 for label in "${programs[@]}"; do
   copy_binary "$label" "$outdir/${label#*:}"
 done
+# The multi-GPU test (symmetric pools across ranks) and its launcher, outside tests/: it needs a
+# host with two or more GPUs, so the one-GPU runner leaves it out.
+copy_binary "$multi_gpu_label" "$outdir/symmetric_ranks_test"
+install -m 755 tests/gpu_multi/run_symmetric_ranks.sh "$outdir/run_symmetric_ranks.sh"
 # The installed library, and a C program built against it the way a user outside Bazel builds
 # one (pkg-config), that finds the library beside it ($ORIGIN): run_gpu_tests.sh runs it with an
 # empty environment, so it proves the library needs nothing on the GPU host but the driver.

@@ -47,9 +47,11 @@ void RequireSuccess(const CudaDevice& device, CUresult result, const char* what)
 
 }  // namespace
 
-std::unique_ptr<CudaDevice> RequireDevice() {
-  absl::StatusOr<std::unique_ptr<CudaDevice>> device = CudaDevice::Create(0);
-  INFO("CudaDevice::Create(0) -> " << device.status().ToString()
+std::unique_ptr<CudaDevice> RequireDevice() { return RequireDeviceAt(0); }
+
+std::unique_ptr<CudaDevice> RequireDeviceAt(int ordinal) {
+  absl::StatusOr<std::unique_ptr<CudaDevice>> device = CudaDevice::Create(ordinal);
+  INFO("CudaDevice::Create(" << ordinal << ") -> " << device.status().ToString()
                                    << "\nThese tests need an NVIDIA GPU and its driver "
                                       "(libcuda.so.1, or TIDEPOOL_LIBCUDA naming it).");
   REQUIRE(device.ok());

@@ -50,6 +50,8 @@ const absl::Status& StatusOf(const absl::StatusOr<T>& status_or) {
 // Device 0 with its primary context current on the calling thread; the test fails here, with the
 // driver's reason, when there is no usable GPU.
 std::unique_ptr<CudaDevice> RequireDevice();
+// As RequireDevice, for device `ordinal` (the multi-GPU tests: one rank per device).
+std::unique_ptr<CudaDevice> RequireDeviceAt(int ordinal);
 
 // A CachingAllocator on `device` with expandable_segments set to `expandable`.
 std::unique_ptr<CachingAllocator> RequireAllocator(CudaDevice& device, bool expandable);
