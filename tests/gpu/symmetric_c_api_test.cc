@@ -21,6 +21,7 @@
 #include "allocator/cuda_device.h"
 #include "catch2/catch.hpp"
 #include "integrations/c_api/tidepool.h"
+#include "tests/gpu/c_api_checks.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tests/gpu/one_rank_nccl.h"
 
@@ -34,17 +35,11 @@ using gpu_test::RequireDevice;
 using gpu_test::RequireFreeBytes;
 using gpu_test::RequireOneRankCommunicator;
 using gpu_test::RequireStream;
+using gpu_test::StatField;
+using gpu_test::StatsOf;
 
 constexpr size_t kKiB = size_t{1} << 10;
 constexpr size_t kMiB = size_t{1} << 20;
-
-#define REQUIRE_TP(call)                                                   \
-  do {                                                                     \
-    const tidepool_status tp_status = (call);                             \
-    INFO(#call << ": " << tidepool_status_name(tp_status) << ": "         \
-               << tidepool_last_error());                                  \
-    REQUIRE(tp_status == TIDEPOOL_OK);                                     \
-  } while (0)
 
 bool SamePool(tidepool_pool_id a, tidepool_pool_id b) {
   return a.first == b.first && a.second == b.second;
@@ -56,21 +51,6 @@ tidepool_pool_id PoolOf(void* ptr) {
   REQUIRE_TP(tidepool_pool_of(ptr, &device, &pool));
   CHECK(device == 0);
   return pool;
-}
-
-std::string StatsOf(tidepool_pool_id pool) {
-  std::vector<char> json(1 << 14);
-  REQUIRE_TP(tidepool_stats_json(0, &pool, json.data(), json.size(), nullptr));
-  return json.data();
-}
-
-// A number from the stats JSON: `field`'s "current" (for a Stat) or its value.
-long long StatField(const std::string& json, const std::string& field) {
-  const size_t at = json.find("\"" + field + "\":");
-  REQUIRE(at != std::string::npos);
-  size_t value = at + field.size() + 3;
-  if (json[value] == '{') value = json.find("\"current\":", value) + 10;
-  return std::stoll(json.substr(value));
 }
 
 void AllReduce(const OneRank& one, void* send, void* receive, size_t bytes, Stream stream) {
@@ -135,7 +115,7 @@ TEST_CASE("symmetric pool through the C API: windows, all-reduce from 4 KiB to 2
                 sizes[i], offset, wrong);
     CHECK(wrong == 0);
   }
-  const std::string stats = StatsOf(pool);
+  const std::string stats = StatsOf(0, pool);
   std::printf("symmetric pool stats: %s\n", stats.c_str());
   const long long segments = StatField(stats, "segments");
   CHECK(segments >= 3);  // the reserve and at least two growths (64 MiB and 256 MiB pairs)
@@ -155,7 +135,7 @@ TEST_CASE("symmetric pool through the C API: windows, all-reduce from 4 KiB to 2
   CHECK(tidepool_free(sends[0]) == TIDEPOOL_FAILED_PRECONDITION);  // a double free
   REQUIRE_TP(tidepool_free(ordinary));
   REQUIRE_TP(tidepool_symmetric_pool_trim(0, pool));
-  const std::string trimmed = StatsOf(pool);
+  const std::string trimmed = StatsOf(0, pool);
   std::printf("after trim: %s\n", trimmed.c_str());
   CHECK(StatField(trimmed, "segments") == 0);
   CHECK(StatField(trimmed, "device_frees") == StatField(trimmed, "device_allocations"));

@@ -48,6 +48,7 @@
 #include "nccl/symmetric_group.h"
 #include "nccl/symmetric_pool.h"
 #include "nccl/symmetric_segments.h"
+#include "tests/gpu/c_api_checks.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace tidepool {
@@ -60,14 +61,8 @@ using gpu_test::kMiB;
 using gpu_test::RequireDeviceAt;
 using gpu_test::RequireFreeBytes;
 using gpu_test::RequireStream;
-
-#define REQUIRE_TP(call)                                                   \
-  do {                                                                     \
-    const tidepool_status tp_status = (call);                             \
-    INFO(#call << ": " << tidepool_status_name(tp_status) << ": "         \
-               << tidepool_last_error());                                  \
-    REQUIRE(tp_status == TIDEPOOL_OK);                                     \
-  } while (0)
+using gpu_test::StatField;
+using gpu_test::StatsOf;
 
 double MillisecondsSince(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
@@ -181,20 +176,6 @@ uint32_t SumOf(int ranks, uint32_t base) {
   return base * static_cast<uint32_t>(ranks * (ranks + 1) / 2);
 }
 
-std::string StatsOf(int device, tidepool_pool_id pool) {
-  std::vector<char> json(1 << 14);
-  REQUIRE_TP(tidepool_stats_json(device, &pool, json.data(), json.size(), nullptr));
-  return json.data();
-}
-
-long long StatField(const std::string& json, const std::string& field) {
-  const size_t at = json.find("\"" + field + "\":");
-  REQUIRE(at != std::string::npos);
-  size_t value = at + field.size() + 3;
-  if (json[value] == '{') value = json.find("\"current\":", value) + 10;
-  return std::stoll(json.substr(value));
-}
-
 // Every rank's `values`, in rank order, through an all-gather of 64-bit words on the device.
 std::vector<uint64_t> AllGather(const Nccl& nccl, CudaDevice& device, ncclComm_t comm,
                                 const std::vector<uint64_t>& values, int ranks, Stream stream) {
@@ -221,22 +202,48 @@ std::vector<uint64_t> AllGather(const Nccl& nccl, CudaDevice& device, ncclComm_t
   return all;
 }
 
+// One rank's process in a [processes] test: its device, current, and a stream on it; then one
+// or more communicators (Connect) and symmetric pools on them (Pool).
+struct RankProcess {
+  RankProcess() : me(ThisRank()), nccl(RequireNccl()), device(RequireDeviceAt(me.rank)) {
+    REQUIRE(device->MakeCurrent().ok());
+    stream = RequireStream(*device);
+  }
+  ncclComm_t Connect(const std::string& name) { return RequireCommunicator(nccl, me, name); }
+  // A symmetric pool on `comm` that grows by `growth_bytes` (0: never on its own), with a first
+  // segment of `reserve` bytes (none for 0).
+  tidepool_pool_id Pool(ncclComm_t comm, size_t growth_bytes, size_t reserve, double timeout_s) {
+    tidepool_pool_id pool{};
+    REQUIRE_TP(tidepool_symmetric_pool_create(me.rank, comm, growth_bytes, timeout_s, &pool));
+    if (reserve > 0) REQUIRE_TP(tidepool_symmetric_pool_reserve(me.rank, pool, reserve));
+    return pool;
+  }
+  // Destroys `pool`, then `comm`.
+  void Close(tidepool_pool_id pool, ncclComm_t comm) {
+    REQUIRE_TP(tidepool_symmetric_pool_destroy(me.rank, pool));
+    REQUIRE(nccl.library->Check(nccl.destroy(comm), "ncclCommDestroy").ok());
+  }
+  void End() { REQUIRE(device->DestroyStream(stream).ok()); }
+
+  const Rank me;
+  const Nccl& nccl;
+  std::unique_ptr<CudaDevice> device;
+  Stream stream = nullptr;
+};
+
 TEST_CASE("ranks, one process each: offsets alike, sums right, windows == segments, trim",
           "[processes]") {
-  const Rank me = ThisRank();
-  const Nccl& nccl = RequireNccl();
-  std::unique_ptr<CudaDevice> device = RequireDeviceAt(me.rank);
-  REQUIRE(device->MakeCurrent().ok());
-  Stream stream = RequireStream(*device);
+  RankProcess process;
+  const Rank& me = process.me;
+  const Nccl& nccl = process.nccl;
+  CudaDevice* device = process.device.get();
+  Stream stream = process.stream;
   int devices = 0;
   REQUIRE_TP(tidepool_device_count(&devices));
   const size_t free_before = RequireFreeBytes(*device);
-  ncclComm_t comm = RequireCommunicator(nccl, me, "correctness");
+  ncclComm_t comm = process.Connect("correctness");
   const size_t free_with_comm = RequireFreeBytes(*device);
-
-  tidepool_pool_id pool{};
-  REQUIRE_TP(tidepool_symmetric_pool_create(me.rank, comm, 64 * kMiB, 30.0, &pool));
-  REQUIRE_TP(tidepool_symmetric_pool_reserve(me.rank, pool, 64 * kMiB));
+  const tidepool_pool_id pool = process.Pool(comm, 64 * kMiB, 64 * kMiB, 30.0);
   const std::vector<size_t> sizes = {4 * kKiB, kMiB, 16 * kMiB, 64 * kMiB, 256 * kMiB};
   std::vector<void*> sends, receives;
   REQUIRE_TP(tidepool_symmetric_begin(me.rank, pool));
@@ -300,27 +307,24 @@ TEST_CASE("ranks, one process each: offsets alike, sums right, windows == segmen
   const std::string trimmed = StatsOf(me.rank, pool);
   CHECK(StatField(trimmed, "segments") == 0);
   CHECK(StatField(trimmed, "device_frees") == StatField(trimmed, "device_allocations"));
-  REQUIRE_TP(tidepool_symmetric_pool_destroy(me.rank, pool));
   REQUIRE_TP(tidepool_empty_cache(me.rank));
   const size_t free_after = RequireFreeBytes(*device);
   std::printf("rank %d/%d: free bytes before the communicator %zu, with it %zu, after trim %zu\n",
               me.rank, me.ranks, free_before, free_with_comm, free_after);
   CHECK(free_after + 64 * kMiB >= free_with_comm);  // NCCL keeps window resources with the comm
-  REQUIRE(nccl.library->Check(nccl.destroy(comm), "ncclCommDestroy").ok());
-  REQUIRE(device->DestroyStream(stream).ok());
+  process.Close(pool, comm);
+  process.End();
 }
 
 TEST_CASE("ranks, one process each: a capture allocates symmetric buffers, 100 replays",
           "[processes]") {
-  const Rank me = ThisRank();
-  const Nccl& nccl = RequireNccl();
-  std::unique_ptr<CudaDevice> device = RequireDeviceAt(me.rank);
-  REQUIRE(device->MakeCurrent().ok());
-  Stream stream = RequireStream(*device);
-  ncclComm_t comm = RequireCommunicator(nccl, me, "capture");
-  tidepool_pool_id pool{};
-  REQUIRE_TP(tidepool_symmetric_pool_create(me.rank, comm, 64 * kMiB, 30.0, &pool));
-  REQUIRE_TP(tidepool_symmetric_pool_reserve(me.rank, pool, 64 * kMiB));  // before capturing
+  RankProcess process;
+  const Rank& me = process.me;
+  CudaDevice* device = process.device.get();
+  Stream stream = process.stream;
+  ncclComm_t comm = process.Connect("capture");
+  // Reserved before capturing: a growth would register a window inside the capture.
+  const tidepool_pool_id pool = process.Pool(comm, 64 * kMiB, 64 * kMiB, 30.0);
 
   constexpr size_t kBytes = 8 * kMiB;
   constexpr uint32_t kBase = 0x00020003u;
@@ -334,7 +338,7 @@ TEST_CASE("ranks, one process each: a capture allocates symmetric buffers, 100 r
   REQUIRE_TP(tidepool_malloc(&receive, kBytes, me.rank, stream));
   // Each replay writes the receive buffer anew: zeroed in the graph, then the all-reduce.
   FillPattern(*device, reinterpret_cast<uintptr_t>(receive), kBytes, 0, stream);
-  AllReduceU32(nccl, send, receive, kBytes, comm, stream);
+  AllReduceU32(process.nccl, send, receive, kBytes, comm, stream);
   REQUIRE_TP(tidepool_symmetric_end(me.rank, pool));
   tidepool_graph* graph = nullptr;
   REQUIRE_TP(tidepool_capture_end(capture, &graph));
@@ -357,22 +361,19 @@ TEST_CASE("ranks, one process each: a capture allocates symmetric buffers, 100 r
   REQUIRE(device->SynchronizeStream(stream).ok());
   REQUIRE_TP(tidepool_free(send));
   REQUIRE_TP(tidepool_free(receive));
-  REQUIRE_TP(tidepool_symmetric_pool_destroy(me.rank, pool));
-  REQUIRE(nccl.library->Check(nccl.destroy(comm), "ncclCommDestroy").ok());
-  REQUIRE(device->DestroyStream(stream).ok());
+  process.Close(pool, comm);
+  process.End();
 }
 
 TEST_CASE("ranks, one process each: all-reduce latency, symmetric pool against cuMemAlloc",
           "[processes]") {
-  const Rank me = ThisRank();
-  const Nccl& nccl = RequireNccl();
-  std::unique_ptr<CudaDevice> device = RequireDeviceAt(me.rank);
-  REQUIRE(device->MakeCurrent().ok());
-  Stream stream = RequireStream(*device);
-  ncclComm_t comm = RequireCommunicator(nccl, me, "benchmark");
-  tidepool_pool_id pool{};
-  REQUIRE_TP(tidepool_symmetric_pool_create(me.rank, comm, 0, 30.0, &pool));
-  REQUIRE_TP(tidepool_symmetric_pool_reserve(me.rank, pool, 160 * kMiB));
+  RankProcess process;
+  const Rank& me = process.me;
+  const Nccl& nccl = process.nccl;
+  CudaDevice* device = process.device.get();
+  Stream stream = process.stream;
+  ncclComm_t comm = process.Connect("benchmark");
+  const tidepool_pool_id pool = process.Pool(comm, 0, 160 * kMiB, 30.0);
   const CudaDriver& driver = device->driver();
   if (me.rank == 0) {
     std::printf("\n| size | symmetric pool | cuMemAlloc | symmetric / cuMemAlloc |\n"
@@ -407,9 +408,8 @@ TEST_CASE("ranks, one process each: all-reduce latency, symmetric pool against c
     REQUIRE(driver.cuMemFree(plain) == CUDA_SUCCESS);
   }
   REQUIRE(device->SynchronizeStream(stream).ok());
-  REQUIRE_TP(tidepool_symmetric_pool_destroy(me.rank, pool));
-  REQUIRE(nccl.library->Check(nccl.destroy(comm), "ncclCommDestroy").ok());
-  REQUIRE(device->DestroyStream(stream).ok());
+  process.Close(pool, comm);
+  process.End();
 }
 
 // Divergence needs a second rank. The communicators are fresh and warmed by one all-reduce, so a
@@ -421,12 +421,12 @@ TEST_CASE("ranks, one process each: diverging ranks fail cleanly within the time
     WARN("SKIPPED: divergence needs at least two ranks (TIDEPOOL_RANKS=" << me.ranks << ")");
     return;
   }
-  const Nccl& nccl = RequireNccl();
-  std::unique_ptr<CudaDevice> device = RequireDeviceAt(me.rank);
-  REQUIRE(device->MakeCurrent().ok());
-  Stream stream = RequireStream(*device);
+  RankProcess process;
+  const Nccl& nccl = process.nccl;
+  CudaDevice* device = process.device.get();
+  Stream stream = process.stream;
   auto warmed = [&](const std::string& name) {
-    ncclComm_t comm = RequireCommunicator(nccl, me, name);
+    ncclComm_t comm = process.Connect(name);
     void* buffer = nullptr;
     REQUIRE_TP(tidepool_malloc(&buffer, kMiB, me.rank, stream));
     AllReduceU32(nccl, buffer, buffer, kMiB, comm, stream);
@@ -437,8 +437,7 @@ TEST_CASE("ranks, one process each: diverging ranks fail cleanly within the time
 
   SECTION("the ranks reserve different sizes") {
     ncclComm_t comm = warmed("diverge-sizes");
-    tidepool_pool_id pool{};
-    REQUIRE_TP(tidepool_symmetric_pool_create(me.rank, comm, 0, 5.0, &pool));
+    const tidepool_pool_id pool = process.Pool(comm, 0, 0, 5.0);
     const auto start = std::chrono::steady_clock::now();
     const tidepool_status status =
         tidepool_symmetric_pool_reserve(me.rank, pool, (me.rank == 0 ? 32 : 64) * kMiB);
@@ -450,13 +449,11 @@ TEST_CASE("ranks, one process each: diverging ranks fail cleanly within the time
     // The pool is broken, everywhere alike: a later step fails at once.
     CHECK(tidepool_symmetric_pool_reserve(me.rank, pool, 32 * kMiB) ==
           TIDEPOOL_FAILED_PRECONDITION);
-    REQUIRE_TP(tidepool_symmetric_pool_destroy(me.rank, pool));
-    REQUIRE(nccl.library->Check(nccl.destroy(comm), "ncclCommDestroy").ok());
+    process.Close(pool, comm);
   }
   SECTION("one rank skips a growth") {
     ncclComm_t comm = warmed("diverge-skip");
-    tidepool_pool_id pool{};
-    REQUIRE_TP(tidepool_symmetric_pool_create(me.rank, comm, 0, 5.0, &pool));
+    const tidepool_pool_id pool = process.Pool(comm, 0, 0, 5.0);
     // Rank 0 reserves; the others skip that step and come to the next one after rank 0 gave up.
     if (me.rank != 0) std::this_thread::sleep_for(std::chrono::seconds(7));
     const auto start = std::chrono::steady_clock::now();
@@ -471,7 +468,7 @@ TEST_CASE("ranks, one process each: diverging ranks fail cleanly within the time
     // The communicator was aborted by the agreement's timeout (nccl/nccl_agreement.h), or is out
     // of step with its peers: it is not destroyed again.
   }
-  REQUIRE(device->DestroyStream(stream).ok());
+  process.End();
 }
 
 TEST_CASE("one process drives every GPU: a group reserves for every local rank at once",
