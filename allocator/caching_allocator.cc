@@ -250,12 +250,7 @@ absl::Status CachingAllocatorImpl::Free(void* ptr) {
     // A racing release may have given the segment back since the lookup.
     if (!(*segment)->live) return NotHeld(address, "free");
     Block* block = shard.FindLive(address);
-    if (block == nullptr) {
-      return absl::FailedPreconditionError(absl::StrFormat(
-          "tidepool: free of %#x, which is not a live allocation (a double free, or a pointer "
-          "into the middle of a block); nothing was changed",
-          address));
-    }
+    if (block == nullptr) return NotLive(address);
     if (absl::Status s = shard.FreeLive(block); !s.ok()) return s;
   }
   if (shard.arena->state.load(std::memory_order_acquire) == Arena::kRetired) {
@@ -282,12 +277,7 @@ absl::Status CachingAllocatorImpl::FreeOnStream(void* ptr, Stream stream) {
     MutexLock lock(&shard.mu);
     if (!(*segment)->live) return NotHeld(address, "free");
     Block* block = shard.FindLive(address);
-    if (block == nullptr) {
-      return absl::FailedPreconditionError(absl::StrFormat(
-          "tidepool: free of %#x, which is not a live allocation (a double free, or a pointer "
-          "into the middle of a block); nothing was changed",
-          address));
-    }
+    if (block == nullptr) return NotLive(address);
     if (other_stream) {
       bool recorded = false;
       for (const StreamUse& use : block->uses) recorded = recorded || use.id == other_id;
@@ -383,6 +373,13 @@ absl::Status CachingAllocatorImpl::NotHeld(uintptr_t address, const char* operat
       "allocated by tidepool, or its memory has gone back to the device since it was freed (a "
       "double free after empty_cache, a pool's release or trim, say); nothing was changed",
       operation, address, device_->ordinal()));
+}
+
+absl::Status CachingAllocatorImpl::NotLive(uintptr_t address) {
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "tidepool: free of %#x, which is not a live allocation (a double free, or a pointer into "
+      "the middle of a block); nothing was changed",
+      address));
 }
 
 absl::Status CachingAllocatorImpl::Retired(const Arena& arena) const {

@@ -185,6 +185,9 @@ class CachingAllocatorImpl {
   // INVALID_ARGUMENT for an address outside the memory tidepool holds: never allocated, or given
   // back to the device since (the segment that held it is dead).
   absl::Status NotHeld(uintptr_t address, const char* operation) const;
+  // FAILED_PRECONDITION for a free of an address in held memory that is not a live block's start:
+  // a double free, or a pointer into the middle of a block.
+  static absl::Status NotLive(uintptr_t address);
   // Every arena, in creation order, gone ones included: for observation only. Growth, release
   // and capture marks walk live_arenas_ and gone_holding_, so their cost follows the pools in
   // use, not every pool there ever was (a program that captures often makes one per graph).
